@@ -1,0 +1,217 @@
+"""Public perturbation ops: checks, layouts, and the call into a backend.
+
+The kernels (C++, CUDA, Triton) want every tensor in one dense layout:
+delta's (contiguous NCHW or channels_last). Inputs in another layout are
+copied into it first and outputs copied back: slower, never wrong.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .backends import resolve_backend
+
+PIXEL_MODES = reference.PIXEL_MODES
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_X_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_constants: dict = {}
+
+
+def _check_mode(mode):
+    if mode not in PIXEL_MODES:
+        raise ValueError(f"unknown pixel mode {mode!r}: choose one of {', '.join(PIXEL_MODES)}")
+
+
+def _check_range(pixel_range):
+    lo, hi = (float(v) for v in pixel_range)
+    if not lo < hi:
+        raise ValueError(f"pixel_range must be (lo, hi) with lo < hi, got {tuple(pixel_range)}")
+    return lo, hi
+
+
+def _check_pair(x, delta, grad=None):
+    if x.dim() < 2:
+        raise ValueError(f"x must have a channel dimension (dim 1), got shape {tuple(x.shape)}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"x must be uint8 or floating point, got {x.dtype}")
+    if delta.dtype != torch.float32:
+        raise TypeError(f"delta must be float32 (pixel units), got {delta.dtype}")
+    if delta.shape != x.shape:
+        raise ValueError(f"delta shape {tuple(delta.shape)} does not match x shape {tuple(x.shape)}; "
+                         "for a smaller last batch pass the leading slice delta[:len(x)]")
+    for name, t in (("delta", delta), ("grad", grad)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if grad is not None:
+        if grad.shape != x.shape:
+            raise ValueError(f"grad shape {tuple(grad.shape)} does not match x shape {tuple(x.shape)}")
+        if grad.dtype not in _GRAD_DTYPES:
+            raise TypeError(f"grad must be float32, bfloat16 or float16, got {grad.dtype}")
+
+
+def _check_out_dtype(dtype):
+    dtype = dtype or torch.float32
+    if dtype not in _GRAD_DTYPES:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+def channel_param(value, name: str, channels: int, device, *, positive=False) -> torch.Tensor:
+    """A scalar, sequence or tensor as a contiguous float32 tensor of one value
+    per channel on ``device`` -- the form the kernels take. Python numbers are
+    checked and cached, so a training loop makes each constant once."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to(device=device, dtype=torch.float32).reshape(-1)
+        if t.numel() not in (1, channels):
+            raise ValueError(f"{name} has {t.numel()} values; expected 1 or {channels} (one per channel)")
+        return t.expand(channels).contiguous() if t.numel() == 1 else t.contiguous()
+    values = tuple(float(v) for v in (value if isinstance(value, (tuple, list)) else (value,)))
+    if len(values) not in (1, channels):
+        raise ValueError(f"{name} has {len(values)} values; expected 1 or {channels} (one per channel)")
+    bad = [v for v in values if not (v > 0 if positive else v >= 0) or v != v]
+    if bad:
+        raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'}, got {bad[0]}")
+    values = values * channels if len(values) == 1 else values
+    device = torch.device(device)
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    key = (values, device)
+    if key not in _constants:
+        _constants[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _constants[key]
+
+
+def layout_of(t: torch.Tensor):
+    """The dense memory format of ``t`` (contiguous or channels_last), or None."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def _in_layout(t, fmt):
+    if t is None or t.is_contiguous(memory_format=fmt):
+        return t
+    return t.contiguous(memory_format=fmt)
+
+
+def _run_kernel(backend, x, delta, grad, out, *, step, eps, mean, std, lo, hi, mode, update):
+    """Runs the fused op with every tensor brought into delta's dense layout.
+    ``step, eps, mean, std`` are per-channel tensors from channel_param."""
+    fmt = layout_of(delta) or torch.contiguous_format
+    work_delta = _in_layout(delta, fmt)
+    if x.dtype not in (torch.uint8, torch.float32):
+        x = x.float()  # exactly what the reference does
+    x = _in_layout(x, fmt)
+    grad = _in_layout(grad, fmt)
+    work_out = out
+    if out is not None and not out.is_contiguous(memory_format=fmt):
+        work_out = torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=fmt)
+    mode_id = PIXEL_MODES.index(mode)
+    if backend == "triton":
+        channel_stride = 1 if fmt == torch.channels_last else x[0, 0].numel()
+        torch.ops.freeadv_fast.perturb_triton(x, work_delta, grad, work_out, step, eps, mean, std, lo, hi, mode_id,
+                                              update, channel_stride)
+    else:
+        torch.ops.freeadv_fast.perturb(x, work_delta, grad, work_out, step, eps, mean, std, lo, hi, mode_id, update)
+    if work_delta is not delta:
+        delta.copy_(work_delta)
+    if work_out is not out:
+        out.copy_(work_out)
+
+
+def _params(x, **values):
+    """Checks the named scalar/per-channel values and returns them as tensors."""
+    C, dev = x.shape[1], x.device
+    names = {"step_size": "step", "epsilon": "eps", "mean": "mean", "std": "std"}
+    return {names[k]: channel_param(v, k, C, dev, positive=(k == "std")) for k, v in values.items()}
+
+
+def _new_out(x, delta, out, out_dtype, memory_format):
+    if out is not None:
+        if out.shape != x.shape or out.device != x.device:
+            raise ValueError(f"out must have x's shape {tuple(x.shape)} and device {x.device}, "
+                             f"got {tuple(out.shape)} on {out.device}")
+        _check_out_dtype(out.dtype)
+        return out
+    fmt = memory_format or layout_of(delta) or torch.contiguous_format
+    return torch.empty(x.shape, dtype=_check_out_dtype(out_dtype), device=x.device, memory_format=fmt)
+
+
+def make_input(x, delta, *, mean, std, pixel_range=(0.0, 1.0), mode="clamp_input", out_dtype=None,
+               memory_format=None, out=None, backend="auto"):
+    """``normalize(clamp(x + delta, lo, hi))`` as the model's input.
+
+    ``out_dtype`` (default float32) may be bfloat16 or float16;
+    ``memory_format`` defaults to delta's layout. ``delta`` may be a leading
+    slice of a larger buffer.
+    """
+    _check_mode(mode)
+    lo, hi = _check_range(pixel_range)
+    _check_pair(x, delta)
+    result = _new_out(x, delta, out, out_dtype, memory_format)
+    p = _params(x, mean=mean, std=std)
+    be = resolve_backend(backend, x.device)
+    if be == "torch":
+        result.copy_(reference.make_input(x, delta, pixel_range=(lo, hi), mode=mode, out_dtype=result.dtype, **p))
+    else:  # step and eps are not read without an update
+        _run_kernel(be, x, delta, None, result, step=p["mean"], eps=p["mean"], lo=lo, hi=hi, mode=mode,
+                    update=False, **p)
+    return result
+
+
+def update_delta_(delta, grad, x, *, step_size, epsilon, pixel_range=(0.0, 1.0), mode="clamp_input",
+                  backend="auto"):
+    """``delta <- clip(delta + step * sign(grad) [* mask], -eps, eps)`` in place
+    (see reference.update_delta_ for both modes); returns delta."""
+    _check_mode(mode)
+    lo, hi = _check_range(pixel_range)
+    _check_pair(x, delta, grad)
+    p = _params(x, step_size=step_size, epsilon=epsilon)
+    be = resolve_backend(backend, x.device)
+    if be == "torch":
+        return reference.update_delta_(delta, grad, x, step_size=p["step"], epsilon=p["eps"], pixel_range=(lo, hi),
+                                       mode=mode)
+    # mean and std are not read without an output
+    _run_kernel(be, x, delta, grad, None, mean=p["eps"], std=p["eps"], lo=lo, hi=hi, mode=mode, update=True, **p)
+    return delta
+
+
+def update_and_make_input_(delta, grad, x, *, step_size, epsilon, mean, std, pixel_range=(0.0, 1.0),
+                           mode="clamp_input", out_dtype=None, memory_format=None, out=None, backend="auto"):
+    """update_delta_ and make_input in one pass over memory; returns the next model input."""
+    _check_mode(mode)
+    lo, hi = _check_range(pixel_range)
+    _check_pair(x, delta, grad)
+    result = _new_out(x, delta, out, out_dtype, memory_format)
+    p = _params(x, step_size=step_size, epsilon=epsilon, mean=mean, std=std)
+    be = resolve_backend(backend, x.device)
+    if be == "torch":
+        result.copy_(reference.update_and_make_input_(
+            delta, grad, x, step_size=p["step"], epsilon=p["eps"], mean=p["mean"], std=p["std"],
+            pixel_range=(lo, hi), mode=mode, out_dtype=result.dtype))
+    else:
+        _run_kernel(be, x, delta, grad, result, lo=lo, hi=hi, mode=mode, update=True, **p)
+    return result
+
+
+def random_init_(delta, x, *, epsilon, pixel_range=(0.0, 1.0), mode="clamp_input", generator=None,
+                 backend="auto"):
+    """Uniform start in [-eps, eps] (projected into the pixel range in "project"
+    mode), for PGD restarts and FGSM-RS; returns delta.
+
+    The random draw is torch's, so every backend gives the same start for the
+    same generator state; only the projection runs in the chosen backend.
+    """
+    _check_mode(mode)
+    lo, hi = _check_range(pixel_range)
+    _check_pair(x, delta)
+    eps = _params(x, epsilon=epsilon)["eps"]
+    be = resolve_backend(backend, x.device)
+    if be == "torch" or mode == "clamp_input":  # nothing to fuse without a projection
+        return reference.random_init_(delta, x, epsilon=eps, pixel_range=(lo, hi), mode=mode, generator=generator)
+    delta.uniform_(-1.0, 1.0, generator=generator).mul_(reference.per_channel(eps, delta))
+    # with no gradient the update is only the clip and the projection
+    _run_kernel(be, x, delta, None, None, step=eps, eps=eps, mean=eps, std=eps, lo=lo, hi=hi, mode=mode, update=True)
+    return delta

@@ -1,0 +1,226 @@
+// CUDA implementation of the fused perturbation kernel (see csrc/perturb.h and
+// the spec in freeadv_fast/ops/reference.py).
+//
+// Plain CUDA, no torch headers: the host glue in csrc/ops.cpp hands over raw
+// pointers and the stream. Each thread handles packs of kVec elements with
+// one 16-byte load of delta (and matching vector loads of x, grad and out)
+// in a grid-stride loop; a scalar loop finishes unaligned or ragged ends.
+// No atomics: every element is independent.
+#include "perturb.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace freeadv {
+namespace {
+
+struct NoTensor {};  // stands for an absent grad or out
+
+constexpr int kVec = 4;
+constexpr int kThreads = 256;
+
+// Correctly rounded division, matching the fp32 reference bit for bit even if
+// a build adds --use_fast_math.
+__device__ __forceinline__ float to_float(uint8_t v) { return __fdiv_rn(static_cast<float>(v), 255.0f); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+template <>
+struct Pack<NoTensor> {
+  NoTensor v[kVec];
+};
+
+struct Params {
+  const float* __restrict__ step;
+  const float* __restrict__ eps;
+  const float* __restrict__ mean;
+  const float* __restrict__ std;
+  float lo, hi;
+  int64_t channels, channel_stride;
+  bool project;
+  bool index32;  // numel < 2^32: cheaper 32-bit index arithmetic
+};
+
+__device__ __forceinline__ int64_t channel_of(const Params& p, int64_t i) {
+  if (p.index32)
+    return (static_cast<uint32_t>(i) / static_cast<uint32_t>(p.channel_stride)) %
+           static_cast<uint32_t>(p.channels);
+  return (i / p.channel_stride) % p.channels;
+}
+
+__device__ __forceinline__ float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// The spec for one element: updates d in place (if kUpdate) and returns the
+// normalised model input made from the (new) delta.
+template <bool kUpdate>
+__device__ __forceinline__ float element(const Params& p, int64_t c, float xv, float& d, float sign) {
+  if (kUpdate) {
+    const float e = p.eps[c];
+    if (p.project) {
+      d = clampf(d + p.step[c] * sign, -e, e);
+      d = clampf(xv + d, p.lo, p.hi) - xv;
+    } else {
+      const float s = xv + d;
+      const float mask = (s > p.lo && s < p.hi) ? 1.f : 0.f;
+      d = clampf(d + p.step[c] * sign * mask, -e, e);
+    }
+  }
+  float v = xv + d;
+  if (!p.project) v = clampf(v, p.lo, p.hi);
+  return __fdiv_rn(v - p.mean[c], p.std[c]);
+}
+
+template <typename GT>
+__device__ __forceinline__ float sign_of(GT g) {
+  if constexpr (std::is_same_v<GT, NoTensor>) {
+    return 0.f;
+  } else {
+    const float f = to_float(g);
+    return static_cast<float>((f > 0.f) - (f < 0.f));  // sign(NaN) = 0
+  }
+}
+
+template <typename XT, typename GT, typename OT, bool kUpdate>
+__global__ void __launch_bounds__(kThreads)
+    perturb_kernel(const XT* __restrict__ x, float* __restrict__ delta, const GT* __restrict__ grad,
+                   OT* __restrict__ out, Params p, int64_t numel, bool vectorized) {
+  constexpr bool kGrad = !std::is_same_v<GT, NoTensor>;
+  constexpr bool kOut = !std::is_same_v<OT, NoTensor>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+
+  const int64_t vec_end = vectorized ? numel / kVec * kVec : 0;
+  for (int64_t base = tid * kVec; base < vec_end; base += stride * kVec) {
+    const Pack<XT> xp = *reinterpret_cast<const Pack<XT>*>(x + base);
+    Pack<float> dp = *reinterpret_cast<const Pack<float>*>(delta + base);
+    Pack<GT> gp;
+    if constexpr (kGrad) gp = *reinterpret_cast<const Pack<GT>*>(grad + base);
+    Pack<OT> op;
+    // Walk the channel from one division per pack instead of one per element.
+    int64_t c = channel_of(p, base);
+    int64_t r = p.index32 ? static_cast<uint32_t>(base) % static_cast<uint32_t>(p.channel_stride)
+                          : base % p.channel_stride;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const float o = element<kUpdate>(p, c, to_float(xp.v[k]), dp.v[k], sign_of<GT>(gp.v[k]));
+      if constexpr (kOut) op.v[k] = from_float<OT>(o);
+      if (++r == p.channel_stride) {
+        r = 0;
+        if (++c == p.channels) c = 0;
+      }
+    }
+    if constexpr (kUpdate) *reinterpret_cast<Pack<float>*>(delta + base) = dp;
+    if constexpr (kOut) *reinterpret_cast<Pack<OT>*>(out + base) = op;
+  }
+  for (int64_t i = vec_end + tid; i < numel; i += stride) {
+    float d = delta[i];
+    float sign = 0.f;
+    if constexpr (kGrad) sign = sign_of<GT>(grad[i]);
+    const float o = element<kUpdate>(p, channel_of(p, i), to_float(x[i]), d, sign);
+    if constexpr (kUpdate) delta[i] = d;
+    if constexpr (kOut) out[i] = from_float<OT>(o);
+  }
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>{}) for the element type of a float tensor (or NoTensor).
+template <typename F>
+void with_float_type(DType t, F&& f) {
+  switch (t) {
+    case DType::None: return f(Tag<NoTensor>{});
+    case DType::F32: return f(Tag<float>{});
+    case DType::F16: return f(Tag<__half>{});
+    case DType::BF16: return f(Tag<__nv_bfloat16>{});
+    default: throw std::invalid_argument("freeadv perturb (cuda): unsupported dtype");
+  }
+}
+
+int multiprocessors() {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms > 0 ? sms : 80;
+}
+
+bool aligned(const void* ptr, size_t bytes) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+template <typename XT, typename GT, typename OT, bool kUpdate>
+void launch(const PerturbArgs& a, const void* grad, void* out, cudaStream_t stream) {
+  Params p{a.step, a.eps, a.mean, a.std, a.lo, a.hi, a.channels, a.channel_stride,
+           a.mode == PixelMode::Project, a.numel < (int64_t(1) << 32)};
+  const bool vectorized = aligned(a.x, sizeof(XT) * kVec) && aligned(a.delta, sizeof(float) * kVec) &&
+                          aligned(grad, sizeof(GT) * kVec) && aligned(out, sizeof(OT) * kVec);
+  const int64_t work = (a.numel + kVec - 1) / kVec;
+  // Enough resident blocks to saturate memory; the grid-stride loop does the rest.
+  const int64_t max_blocks = int64_t(multiprocessors()) * 2048 / kThreads;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
+  perturb_kernel<XT, GT, OT, kUpdate><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      static_cast<const XT*>(a.x), a.delta, static_cast<const GT*>(grad), static_cast<OT*>(out), p, a.numel,
+      vectorized);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("freeadv perturb (cuda): launch failed: ") + cudaGetErrorString(err));
+}
+
+template <typename XT>
+void dispatch(const PerturbArgs& a, cudaStream_t s) {
+  if (!a.update) {
+    with_float_type(a.out_dtype, [&](auto o) { launch<XT, NoTensor, typename decltype(o)::type, false>(a, nullptr, a.out, s); });
+  } else if (a.out == nullptr) {
+    with_float_type(a.grad_dtype, [&](auto g) { launch<XT, typename decltype(g)::type, NoTensor, true>(a, a.grad, nullptr, s); });
+  } else if (a.grad_dtype == a.out_dtype) {
+    // The between-replays op: one pass over memory.
+    with_float_type(a.grad_dtype, [&](auto g) {
+      using T = typename decltype(g)::type;
+      launch<XT, T, T, true>(a, a.grad, a.out, s);
+    });
+  } else {
+    // Mixed grad/out dtypes are rare; two passes keep the instantiations few.
+    PerturbArgs update_only = a;
+    update_only.out = nullptr;
+    update_only.out_dtype = DType::None;
+    dispatch<XT>(update_only, s);
+    PerturbArgs make_only = a;
+    make_only.update = false;
+    dispatch<XT>(make_only, s);
+  }
+}
+
+}  // namespace
+
+void perturb_cuda(const PerturbArgs& a, void* stream) {
+  if (a.numel == 0 || (!a.update && a.out == nullptr)) return;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a.x_dtype == DType::U8)
+    dispatch<uint8_t>(a, s);
+  else if (a.x_dtype == DType::F32)
+    dispatch<float>(a, s);
+  else
+    throw std::invalid_argument("freeadv perturb (cuda): x must be uint8 or float32");
+}
+
+}  // namespace freeadv

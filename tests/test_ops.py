@@ -1,0 +1,279 @@
+"""Every backend of the perturbation ops against the reference (the spec)."""
+import math
+
+import pytest
+import torch
+from conftest import DEVICES
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import freeadv_fast.ops as ops
+from freeadv_fast.ops import reference
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+EPS = 8 / 255
+STEP = 2 / 255
+SHAPES = [(5, 3, 7, 9), (1, 3, 4, 4), (4, 3, 16, 16)]
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def device_backends():
+    for device in DEVICES:
+        marks = [pytest.mark.gpu] if device == "cuda" else []
+        for backend in ops.available_backends(device):
+            yield pytest.param(device, backend, id=f"{device}-{backend}", marks=marks)
+
+
+BACKENDS = list(device_backends())
+
+
+def batch(shape, x_dtype=torch.uint8, layout="nchw", device="cpu", grad_dtype=torch.float32, seed=0, eps=EPS):
+    """x, delta, grad with the edge cases planted: x at lo and hi, delta at
+    +-eps and 0, zero and NaN gradients."""
+    g = torch.Generator().manual_seed(seed)
+    if x_dtype == torch.uint8:
+        x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        x.view(-1)[::6] = 0
+        x.view(-1)[1::6] = 255
+    else:
+        x = torch.rand(shape, generator=g)
+        x.view(-1)[::6] = 0.0
+        x.view(-1)[1::6] = 1.0
+        x = x.to(x_dtype)
+    delta = (torch.rand(shape, generator=g) * 2 - 1) * eps
+    delta.view(-1)[::7] = eps
+    delta.view(-1)[3::7] = -eps
+    delta.view(-1)[5::17] = 0.0
+    grad = torch.randn(shape, generator=g)
+    grad.view(-1)[::5] = 0.0
+    grad.view(-1)[2::13] = float("nan")
+    fmt = LAYOUTS[layout]
+    return tuple(t.to(device).contiguous(memory_format=fmt) for t in (x, delta, grad.to(grad_dtype)))
+
+
+def ulp(t: torch.Tensor, dtype) -> torch.Tensor:
+    """The spacing of dtype at the magnitude of t (computed in float64)."""
+    mant, min_exp = {torch.bfloat16: (7, -126), torch.float16: (10, -14)}[dtype]
+    a = t.double().abs().clamp_min(2.0 ** min_exp)
+    return torch.exp2(torch.floor(torch.log2(a)) - mant)
+
+
+def assert_output_close(out, ref):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    else:
+        diff = (out.double() - ref.double()).abs()
+        assert bool((diff <= ulp(ref, out.dtype)).all()), f"max diff {diff.max().item()} exceeds one ulp"
+
+
+def assert_delta_matches(delta, ref, mode):
+    if mode == "clamp_input":  # bit-exact by contract
+        assert torch.equal(delta, ref), f"max diff {(delta - ref).abs().max().item()}"
+    else:
+        torch.testing.assert_close(delta, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("mode", ops.PIXEL_MODES)
+@pytest.mark.parametrize("x_dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_update_delta_matches_reference(device, backend, mode, x_dtype, layout, shape):
+    x, delta, grad = batch(shape, x_dtype, layout, device)
+    expected = reference.update_delta_(delta.clone(), grad, x, step_size=STEP, epsilon=EPS, mode=mode)
+    got = ops.update_delta_(delta, grad, x, step_size=STEP, epsilon=EPS, mode=mode, backend=backend)
+    assert got is delta
+    assert_delta_matches(delta, expected, mode)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("mode", ops.PIXEL_MODES)
+@pytest.mark.parametrize("x_dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_make_input_matches_reference(device, backend, mode, x_dtype, layout, out_dtype):
+    x, delta, _ = batch((5, 3, 7, 9), x_dtype, layout, device)
+    before = delta.clone()
+    out = ops.make_input(x, delta, mean=MEAN, std=STD, mode=mode, out_dtype=out_dtype, backend=backend)
+    expected = reference.make_input(x, delta, mean=MEAN, std=STD, mode=mode, out_dtype=out_dtype)
+    assert_output_close(out, expected)
+    assert out.is_contiguous(memory_format=LAYOUTS[layout])  # defaults to delta's layout
+    assert torch.equal(delta, before)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("mode", ops.PIXEL_MODES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("grad_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.float16, torch.float16), (torch.bfloat16, torch.float32)],
+                         ids=str)
+def test_update_and_make_input_matches_reference(device, backend, mode, layout, grad_dtype, out_dtype):
+    x, delta, grad = batch((5, 3, 7, 9), torch.uint8, layout, device, grad_dtype)
+    ref_delta = delta.clone()
+    expected = reference.update_and_make_input_(ref_delta, grad, x, step_size=STEP, epsilon=EPS, mean=MEAN, std=STD,
+                                                mode=mode, out_dtype=out_dtype)
+    out = ops.update_and_make_input_(delta, grad, x, step_size=STEP, epsilon=EPS, mean=MEAN, std=STD, mode=mode,
+                                     out_dtype=out_dtype, backend=backend)
+    assert_delta_matches(delta, ref_delta, mode)
+    assert_output_close(out, expected)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sliced_delta_updates_only_its_slice(device, backend, layout):
+    x, _, grad = batch((3, 3, 6, 5), torch.uint8, layout, device)
+    _, buffer, _ = batch((8, 3, 6, 5), torch.uint8, layout, device, seed=1)
+    untouched = buffer[3:].clone()
+    expected = reference.update_delta_(buffer[:3].clone(), grad, x, step_size=STEP, epsilon=EPS)
+    out = ops.update_and_make_input_(buffer[:3], grad, x, step_size=STEP, epsilon=EPS, mean=MEAN, std=STD,
+                                     backend=backend)
+    assert torch.equal(buffer[:3], expected)
+    assert torch.equal(buffer[3:], untouched)
+    assert_output_close(out, reference.make_input(x, expected, mean=MEAN, std=STD))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("mode", ops.PIXEL_MODES)
+def test_per_channel_step_and_epsilon(device, backend, mode):
+    x, delta, grad = batch((4, 3, 5, 5), torch.float32, "nhwc", device, eps=6 / 255)
+    eps = torch.tensor([2 / 255, 4 / 255, 6 / 255])
+    step = (1 / 255, 3 / 255, 0.0)
+    expected = reference.update_delta_(delta.clone(), grad, x, step_size=step, epsilon=eps, mode=mode)
+    ops.update_delta_(delta, grad, x, step_size=step, epsilon=eps, mode=mode, backend=backend)
+    assert_delta_matches(delta, expected, mode)
+    for c in range(3):
+        assert delta[:, c].abs().max() <= eps[c] + 1e-7
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("mode", ops.PIXEL_MODES)
+def test_zero_epsilon_zero_and_nan_gradients(device, backend, mode):
+    x, delta, grad = batch((2, 3, 4, 4), torch.uint8, "nchw", device)
+    ops.update_delta_(delta, grad, x, step_size=STEP, epsilon=0.0, mode=mode, backend=backend)
+    assert torch.equal(delta, torch.zeros_like(delta))
+    x, delta, _ = batch((2, 3, 4, 4), torch.uint8, "nchw", device)
+    before = delta.clone()
+    nan_and_zero = torch.full_like(delta, float("nan"))
+    nan_and_zero.view(-1)[::2] = 0.0
+    ops.update_delta_(delta, nan_and_zero, x, step_size=STEP, epsilon=EPS, mode="clamp_input", backend=backend)
+    assert torch.equal(delta, before)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_other_strides_and_out_layouts_take_the_slow_path(device, backend):
+    x, delta, grad = batch((3, 3, 8, 6), torch.uint8, "nchw", device)
+    x_t = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, odd strides
+    grad_t = grad.transpose(2, 3).contiguous().transpose(2, 3)
+    ref_delta = delta.clone()
+    expected = reference.update_and_make_input_(ref_delta, grad, x, step_size=STEP, epsilon=EPS, mean=MEAN, std=STD)
+    out = torch.empty(x.shape, device=device).contiguous(memory_format=torch.channels_last)
+    got = ops.update_and_make_input_(delta, grad_t, x_t, step_size=STEP, epsilon=EPS, mean=MEAN, std=STD, out=out,
+                                     backend=backend)
+    assert got is out
+    assert torch.equal(delta, ref_delta)
+    assert_output_close(out, expected)
+    # a delta that is itself not dense is updated in place too
+    big = torch.zeros(3, 3, 8, 12, device=device)
+    view = big[..., ::2]
+    view.copy_(ref_delta)
+    ops.update_delta_(view, grad, x, step_size=STEP, epsilon=EPS, backend=backend)
+    assert torch.equal(view, reference.update_delta_(ref_delta.clone(), grad, x, step_size=STEP, epsilon=EPS))
+    assert torch.equal(big[..., 1::2], torch.zeros_like(view))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_half_precision_and_float64_x_are_read_like_the_reference(device, backend):
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        x, delta, grad = batch((2, 3, 5, 4), dtype, "nchw", device)
+        expected = reference.update_delta_(delta.clone(), grad, x, step_size=STEP, epsilon=EPS)
+        ops.update_delta_(delta, grad, x, step_size=STEP, epsilon=EPS, backend=backend)
+        assert torch.equal(delta, expected)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("mode", ops.PIXEL_MODES)
+def test_random_init_is_the_same_start_for_every_backend(device, backend, mode):
+    x, delta, _ = batch((4, 3, 6, 6), torch.uint8, "nhwc", device)
+    ref = reference.random_init_(delta.clone(), x, epsilon=EPS, mode=mode,
+                                 generator=torch.Generator(device).manual_seed(3))
+    ops.random_init_(delta, x, epsilon=EPS, mode=mode, generator=torch.Generator(device).manual_seed(3),
+                     backend=backend)
+    torch.testing.assert_close(delta, ref, atol=1e-6, rtol=0)
+    assert delta.abs().max() <= EPS + 1e-7
+    assert delta.std() > EPS / 4  # actually random, not zeros
+    if mode == "project":
+        a = reference.pixels(x) + delta
+        assert a.min() >= 0 and a.max() <= 1
+
+
+def test_reference_semantics_by_hand():
+    """Pins the spec with values worked out on paper."""
+    x = torch.tensor([0.5, 0.5, 1.0, 0.0, 0.5, 0.98]).view(1, 6, 1, 1)
+    delta = torch.tensor([0.0, 0.04, 0.0, 0.0, 0.0, 0.03]).view(1, 6, 1, 1)
+    grad = torch.tensor([1.0, 1.0, 1.0, -1.0, float("nan"), 1.0]).view(1, 6, 1, 1)
+    d = reference.update_delta_(delta.clone(), grad, x, step_size=0.03, epsilon=0.05)
+    # step; clipped to eps; clamp active at hi (no gradient); at lo; NaN; x+delta>hi: masked
+    assert d.flatten().tolist() == pytest.approx([0.03, 0.05, 0.0, 0.0, 0.0, 0.03])
+    d = reference.update_delta_(delta.clone(), grad, x, step_size=0.03, epsilon=0.05, mode="project")
+    # project mode: no mask, then x + delta is kept inside [0, 1]
+    assert d.flatten().tolist() == pytest.approx([0.03, 0.05, 0.0, 0.0, 0.0, 0.02])
+    out = reference.make_input(x, delta, mean=0.5, std=0.25)
+    assert out.flatten().tolist() == pytest.approx([0.0, 0.16, 2.0, -2.0, 0.0, 2.0])
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_bad_arguments_are_named(device, backend):
+    x, delta, grad = batch((2, 3, 4, 4), device=device)
+    kw = dict(step_size=STEP, epsilon=EPS, backend=backend)
+    with pytest.raises(ValueError, match="pixel mode"):
+        ops.update_delta_(delta, grad, x, mode="clip", **kw)
+    with pytest.raises(ValueError, match="delta shape"):
+        ops.update_delta_(delta[:1], grad, x, **kw)
+    with pytest.raises(ValueError, match="epsilon must be non-negative"):
+        ops.update_delta_(delta, grad, x, step_size=STEP, epsilon=-1.0, backend=backend)
+    with pytest.raises(ValueError, match="std must be positive"):
+        ops.make_input(x, delta, mean=MEAN, std=(0.2, 0.0, 0.2), backend=backend)
+    with pytest.raises(ValueError, match="expected 1 or 3"):
+        ops.make_input(x, delta, mean=(0.5, 0.5), std=STD, backend=backend)
+    with pytest.raises(TypeError, match="grad must be"):
+        ops.update_delta_(delta, grad.to(torch.int32), x, **kw)
+    with pytest.raises(TypeError, match="delta must be float32"):
+        ops.update_delta_(delta.double(), grad, x, **kw)
+    with pytest.raises(ValueError, match="lo < hi"):
+        ops.update_delta_(delta, grad, x, pixel_range=(1.0, 0.0), **kw)
+
+
+def test_unavailable_backend_is_a_clear_error():
+    x, delta, grad = batch((2, 3, 4, 4))
+    with pytest.raises(ops.BackendUnavailableError, match="'cuda' is not available for cpu tensors"):
+        ops.update_delta_(delta, grad, x, step_size=STEP, epsilon=EPS, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.update_delta_(delta, grad, x, step_size=STEP, epsilon=EPS, backend="numba")
+
+
+def test_available_backends_on_cpu():
+    names = ops.available_backends("cpu")
+    assert names[0] == ("cpp" if "cpp" in names else "torch")
+    assert "torch" in names and "cuda" not in names
+    assert ops.resolve_backend("auto", torch.device("cpu")) == names[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 4), c=st.integers(1, 4), hw=st.lists(st.integers(1, 9), min_size=0, max_size=2),
+       mode=st.sampled_from(ops.PIXEL_MODES), u8=st.booleans(), seed=st.integers(0, 2**16),
+       eps=st.sampled_from([0.0, 1 / 255, 8 / 255, 0.3]))
+def test_compiled_cpu_backend_matches_reference_on_any_shape(n, c, hw, mode, u8, seed, eps):
+    backend = ops.available_backends("cpu")[0]
+    shape = (n, c, *hw)
+    x, delta, grad = batch(shape, torch.uint8 if u8 else torch.float32, seed=seed, eps=eps)
+    ref_delta = delta.clone()
+    mean, std = tuple(0.1 * i for i in range(c)), tuple(0.2 + 0.1 * i for i in range(c))
+    expected = reference.update_and_make_input_(ref_delta, grad, x, step_size=eps / 3, epsilon=eps, mean=mean,
+                                                std=std, mode=mode)
+    out = ops.update_and_make_input_(delta, grad, x, step_size=eps / 3, epsilon=eps, mean=mean, std=std, mode=mode,
+                                     backend=backend)
+    assert_delta_matches(delta, ref_delta, mode)
+    assert_output_close(out, expected)
+    assert not math.isnan(out.sum().item())
