@@ -27,11 +27,29 @@ def fail(message):
 
 
 def find_nvcc():
+    """nvcc of the CUDA toolkit to build with, or None for a CPU-only build.
+
+    The toolkit root is CUDA_HOME, else torch's guess, else /usr/local/cuda;
+    it must hold bin/nvcc and include/cuda_runtime.h (an nvcc wrapper script
+    in /usr/local/bin makes torch guess /usr/local, which is not a toolkit).
+    """
     if os.environ.get("FREEADV_NO_CUDA", "0") == "1":
         return None
-    from torch.utils.cpp_extension import CUDA_HOME
-    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        return os.path.join(CUDA_HOME, "bin", "nvcc")
+    from torch.utils import cpp_extension
+
+    def is_toolkit(root):
+        return root and all(os.path.exists(os.path.join(root, p)) for p in ("bin/nvcc", "include/cuda_runtime.h"))
+
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit and not is_toolkit(explicit):
+        fail(f"CUDA_HOME={explicit} is not a CUDA toolkit (no bin/nvcc or include/cuda_runtime.h); point it at "
+             "the toolkit root whose lib64 holds libcudart.so, or set FREEADV_NO_CUDA=1 for a CPU-only build")
+    for root in (explicit, cpp_extension.CUDA_HOME, "/usr/local/cuda"):
+        if is_toolkit(root):
+            root = os.path.realpath(root)
+            cpp_extension.CUDA_HOME = root  # what CUDAExtension compiles and links against
+            os.environ["CUDA_HOME"] = root
+            return os.path.join(root, "bin", "nvcc")
     return None
 
 

@@ -131,7 +131,7 @@ void perturb_meta_op(const at::Tensor&, const at::Tensor&, const std::optional<a
 TORCH_LIBRARY(freeadv_fast, m) {
   m.def(
       "perturb(Tensor x, Tensor(a!) delta, Tensor? grad, Tensor(b!)? out, Tensor step, Tensor eps, "
-      "Tensor mean, Tensor std, float lo, float hi, int mode, bool update) -> ()");
+      "Tensor mean, Tensor std, float lo, float hi, int pixel_mode, bool update) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(freeadv_fast, CPU, m) { m.impl("perturb", &freeadv::perturb_cpu_op); }

@@ -87,7 +87,7 @@ def _perturb_kernel(x_ptr, delta_ptr, grad_ptr, out_ptr, step_ptr, eps_ptr, mean
 @triton_op("freeadv_fast::perturb_triton", mutates_args={"delta", "out"})
 def perturb_triton(x: torch.Tensor, delta: torch.Tensor, grad: Optional[torch.Tensor], out: Optional[torch.Tensor],
                    step: torch.Tensor, eps: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                   lo: float, hi: float, mode: int, update: bool, channel_stride: int) -> None:
+                   lo: float, hi: float, pixel_mode: int, update: bool, channel_stride: int) -> None:
     """Arguments as freeadv_fast::perturb; tensors share one dense layout whose
     channel of element i is (i // channel_stride) % channels."""
     numel = x.numel()
@@ -98,4 +98,4 @@ def perturb_triton(x: torch.Tensor, delta: torch.Tensor, grad: Optional[torch.Te
         x, delta, grad if grad is not None else x, out if out is not None else delta,
         step, eps, mean, std, float(lo), float(hi), numel, x.shape[1], channel_stride,
         X_U8=x.dtype == torch.uint8, HAS_GRAD=grad is not None, HAS_OUT=out is not None,
-        UPDATE=update, PROJECT=mode == 1, INDEX64=numel >= 2**31)
+        UPDATE=update, PROJECT=pixel_mode == 1, INDEX64=numel >= 2**31)

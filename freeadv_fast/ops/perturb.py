@@ -7,6 +7,7 @@ copied into it first and outputs copied back: slower, never wrong.
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import reference
 from .backends import resolve_backend
@@ -73,7 +74,7 @@ def channel_param(value, name: str, channels: int, device, *, positive=False) ->
         raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'}, got {bad[0]}")
     values = values * channels if len(values) == 1 else values
     device = torch.device(device)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():  # tracing: no real tensors in the cache
         return torch.tensor(values, dtype=torch.float32, device=device)
     key = (values, device)
     if key not in _constants:

@@ -1,0 +1,67 @@
+# freeadv_fast -- quickstart: `make test` (and `make demo` once the training
+# command lands). Every target bootstraps .venv once; running it again does not
+# reinstall anything.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch this project is developed and tested against; the package itself
+# accepts any torch >= 2.6 (pyproject.toml).
+TORCH_PIN ?= torch==2.14.1
+# A CUDA toolkit (CUDA_HOME, the nvcc on the PATH, or /usr/local/cuda) gives
+# the CUDA extension, else a CPU one. The root is the folder whose lib64 holds
+# libcudart.so; an nvcc wrapper script on the PATH is looked through.
+ifeq ($(CUDA_HOME),)
+CUDA_HOME := $(shell for d in "$$(dirname "$$(command -v nvcc 2>/dev/null)")/.." /usr/local/cuda; do \
+	[ -e "$$d/lib64/libcudart.so" ] && [ -x "$$d/bin/nvcc" ] && { cd "$$d" && pwd -P; break; }; done)
+endif
+export CUDA_HOME
+NVCC := $(if $(CUDA_HOME),$(CUDA_HOME)/bin/nvcc,)
+EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu)
+
+.PHONY: env test test-gpu wheel cmake-test bench-kernels clean
+
+$(VENV)/.deps: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_PIN)" setuptools wheel ninja pybind11
+	@touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(EXT_SOURCES)
+	@echo "== building freeadv_fast._C$(if $(CUDA_HOME), with CUDA from $(CUDA_HOME),) (about a minute on 2 cores)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	@touch $@
+
+## env: the virtual environment with the package and its compiled extension
+env: $(VENV)/.built
+
+## test: build, then the whole test suite (GPU tests are skipped without a GPU)
+test: env
+	$(PY) -m pytest
+
+## test-gpu: the GPU-marked tests; uses a system python whose torch sees a GPU
+## (building the extension against it), else .venv
+test-gpu:
+	@if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+		echo "== using $(PYTHON) (torch with CUDA)"; \
+		$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e . && $(PYTHON) -m pytest -m gpu; \
+	else \
+		$(MAKE) env && $(PY) -m pytest -m gpu; \
+	fi
+
+## wheel: dist/freeadv_fast-*.whl with the compiled extension inside
+wheel: env
+	$(PY) -m pip wheel . --no-build-isolation --no-deps -w dist
+
+## cmake-test: the standalone CMake build against libtorch, and its CTest
+cmake-test: env
+	cmake -S . -B build -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		-Dpybind11_DIR="$$($(PY) -m pybind11 --cmakedir)" -DPython_EXECUTABLE=$(abspath $(PY)) \
+		$(if $(NVCC),-DCMAKE_CUDA_COMPILER=$(NVCC) -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME),-DFREEADV_CUDA=OFF)
+	cmake --build build -j2
+	ctest --test-dir build --output-on-failure
+
+## bench-kernels: the fused-kernel microbenchmark on this machine's device
+bench-kernels: env
+	$(PY) bench/kernels.py
+
+clean:
+	rm -rf build dist *.egg-info freeadv_fast/_C*.so

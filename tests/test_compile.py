@@ -1,0 +1,86 @@
+"""The fused ops inside torch.compile: no graph breaks, same numbers as eager."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import freeadv_fast.ops as ops
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def replay_loop(model, x, y, delta, params, backend, replays, loss_fn=None, update_fn=None):
+    """m replays of one minibatch, Algorithm 1 style, with pluggable (compiled) pieces."""
+    loss_fn = loss_fn or (lambda inp, y: F.cross_entropy(model(inp), y))
+    update_fn = update_fn or (lambda delta, g, x: ops.update_and_make_input_(
+        delta, g, x, step_size=params["step_size"], epsilon=params["epsilon"], mean=params["mean"],
+        std=params["std"], backend=backend))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    inp = ops.make_input(x, delta, mean=params["mean"], std=params["std"], backend=backend)
+    losses = []
+    for _ in range(replays):
+        inp.requires_grad_(True)
+        loss = loss_fn(inp, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        inp = update_fn(delta, inp.grad, x)
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def compile_cases():
+    for backend in ops.available_backends("cpu"):
+        if backend != "triton":  # interpreted Triton cannot run under fake tensors
+            yield pytest.param("cpu", backend, id=f"cpu-{backend}")
+    if torch.cuda.is_available():
+        for backend in ops.available_backends("cuda"):
+            yield pytest.param("cuda", backend, id=f"cuda-{backend}", marks=pytest.mark.gpu)
+
+
+@pytest.mark.parametrize("device,backend", list(compile_cases()))
+def test_compiled_replay_step_matches_eager(device, backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).to(device)
+    compiled_model = copy.deepcopy(model)
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 4, (6,), device=device)
+    params = {k: ops.channel_param(v, k, 3, device, positive=k == "std")
+              for k, v in dict(step_size=2 / 255, epsilon=8 / 255, mean=MEAN, std=STD).items()}
+
+    delta_eager = torch.zeros(6, 3, 8, 8, device=device)
+    losses_eager = replay_loop(model, x, y, delta_eager, params, backend, replays=3)
+
+    def update(delta, g, x):
+        return ops.update_and_make_input_(delta, g, x, step_size=params["step_size"], epsilon=params["epsilon"],
+                                          mean=params["mean"], std=params["std"], backend=backend)
+
+    # fullgraph=True: any graph break around the custom ops is an error
+    update_c = torch.compile(update, fullgraph=True)
+    loss_c = torch.compile(lambda inp, y: F.cross_entropy(compiled_model(inp), y), fullgraph=True)
+    delta_c = torch.zeros(6, 3, 8, 8, device=device)
+    losses_c = replay_loop(compiled_model, x, y, delta_c, params, backend, replays=3, loss_fn=loss_c,
+                           update_fn=update_c)
+
+    torch.testing.assert_close(losses_c, losses_eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta_c, delta_eager, atol=1e-6, rtol=0)
+    assert delta_c.abs().max() > 0  # the perturbation actually moved
+    for p_c, p_e in zip(compiled_model.parameters(), model.parameters()):
+        torch.testing.assert_close(p_c, p_e, atol=1e-5, rtol=1e-5)
+
+
+def test_fake_tensor_tracing_keeps_shapes():
+    """The registered fake/meta kernels let the ops trace without real data."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 4, 4, dtype=torch.uint8)
+        delta = torch.empty(2, 3, 4, 4)
+        grad = torch.empty(2, 3, 4, 4, dtype=torch.bfloat16)
+        # the Triton interpreter reads real memory, so it cannot trace fake tensors
+        for backend in [b for b in ops.available_backends("cpu") if b != "triton"]:
+            out = ops.update_and_make_input_(delta, grad, x, step_size=0.1, epsilon=0.1, mean=MEAN, std=STD,
+                                             out_dtype=torch.bfloat16, backend=backend)
+            assert out.shape == x.shape and out.dtype == torch.bfloat16
