@@ -53,11 +53,11 @@ wheel: env
 
 ## cmake-test: the standalone CMake build against libtorch, and its CTest
 cmake-test: env
-	cmake -S . -B build -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
 		-Dpybind11_DIR="$$($(PY) -m pybind11 --cmakedir)" -DPython_EXECUTABLE=$(abspath $(PY)) \
 		$(if $(NVCC),-DCMAKE_CUDA_COMPILER=$(NVCC) -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME),-DFREEADV_CUDA=OFF)
-	cmake --build build -j2
-	ctest --test-dir build --output-on-failure
+	cmake --build build/cmake -j2
+	ctest --test-dir build/cmake --output-on-failure
 
 ## bench-kernels: the fused-kernel microbenchmark on this machine's device
 bench-kernels: env

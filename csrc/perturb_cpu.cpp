@@ -10,6 +10,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 
@@ -43,23 +44,42 @@ void store(void* out, int64_t begin, int64_t len, const float* v) {
 
 struct Block {
   float x[kBlock], sign[kBlock], step[kBlock], eps[kBlock], mean[kBlock], std[kBlock], out[kBlock];
+  bool pattern_filled = false;
 };
 
-// Per-element copies of the per-channel parameters, walking the channel
-// index with counters rather than a division per element.
+// Block length: with channels innermost (channels_last) a multiple of the
+// channel count, so every block starts at channel 0 and shares one parameter
+// pattern, filled once per task.
+int64_t block_length(const PerturbArgs& a) {
+  if (a.channel_stride == 1 && a.channels <= kBlock) return kBlock - kBlock % a.channels;
+  return kBlock;
+}
+
+// Per-element copies of the per-channel parameters, so the arithmetic loop
+// reads plain arrays.
 void fill_params(const PerturbArgs& a, int64_t begin, int64_t len, Block& b) {
   const int64_t cs = a.channel_stride;
+  if (cs == 1 && a.channels <= kBlock) {
+    if (b.pattern_filled) return;
+    for (int64_t k = 0; k < kBlock; ++k) {
+      const int64_t c = k % a.channels;
+      b.step[k] = a.step[c], b.eps[k] = a.eps[c], b.mean[k] = a.mean[c], b.std[k] = a.std[c];
+    }
+    b.pattern_filled = true;
+    return;
+  }
+  // Channel-major: runs of one channel, each filled with its constants.
   int64_t c = (begin / cs) % a.channels;
   int64_t r = begin % cs;
-  for (int64_t k = 0; k < len; ++k) {
-    b.step[k] = a.step[c];
-    b.eps[k] = a.eps[c];
-    b.mean[k] = a.mean[c];
-    b.std[k] = a.std[c];
-    if (++r == cs) {
-      r = 0;
-      if (++c == a.channels) c = 0;
-    }
+  for (int64_t k = 0; k < len;) {
+    const int64_t n = std::min(cs - r, len - k);
+    std::fill_n(b.step + k, n, a.step[c]);
+    std::fill_n(b.eps + k, n, a.eps[c]);
+    std::fill_n(b.mean + k, n, a.mean[c]);
+    std::fill_n(b.std + k, n, a.std[c]);
+    k += n;
+    r = 0;
+    if (++c == a.channels) c = 0;
   }
 }
 
@@ -138,13 +158,14 @@ void perturb_cpu(const PerturbArgs& a) {
   if (a.numel == 0) return;
   if (a.x_dtype != DType::U8 && a.x_dtype != DType::F32)
     throw std::invalid_argument("freeadv perturb: x must be uint8 or float32");
-  const int64_t nblocks = (a.numel + kBlock - 1) / kBlock;
+  const int64_t block_len = block_length(a);
+  const int64_t nblocks = (a.numel + block_len - 1) / block_len;
   // 16 blocks (64 KiB of delta) per task keeps scheduling overhead small.
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
     Block block;
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t begin = blk * kBlock;
-      const int64_t len = begin + kBlock <= a.numel ? kBlock : a.numel - begin;
+      const int64_t begin = blk * block_len;
+      const int64_t len = std::min(block_len, a.numel - begin);
       if (a.x_dtype == DType::U8)
         run_block<uint8_t>(a, begin, len, block);
       else

@@ -1,0 +1,205 @@
+"""Microbenchmark of the fused perturbation ops.
+
+For each op (make_input, update_delta_, update_and_make_input_) and batch
+(ImageNet 256x3x224x224, CIFAR 512x3x32x32; uint8 x, bf16 channels_last
+grad/out) it times every available backend, the same computation as eager
+unfused PyTorch (the reference) and as torch.compile of the reference, and
+reports time, effective bandwidth (the minimum bytes the op must move / time)
+and that bandwidth as a fraction of a device-to-device copy timed in the same
+run.
+
+    python bench/kernels.py [--device cuda|cpu] [--quick] [--json PATH]
+
+--quick uses smaller batches and fewer repetitions (the CPU run in CI).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import freeadv_fast.ops as ops
+from freeadv_fast.ops import reference
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+EPS = STEP = 4 / 255
+# bytes per element each op must move at the least: uint8 x, fp32 delta, bf16 grad/out
+MIN_BYTES = {"make_input": 1 + 4 + 2, "update_delta_": 1 + 4 + 2 + 4, "update_and_make_input_": 1 + 4 + 2 + 4 + 2}
+
+
+def shapes(quick: bool, device: str):
+    if quick and device == "cpu":
+        return {"imagenet": (16, 3, 224, 224), "cifar": (128, 3, 32, 32)}
+    return {"imagenet": (256, 3, 224, 224), "cifar": (512, 3, 32, 32)}
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, fn, reps, warmup):
+        """Median milliseconds per call over reps, after warmup calls."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return times[len(times) // 2]
+
+
+def make_batch(shape, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last)  # as DALI delivers it (NHWC)
+    delta = torch.empty(shape, device=device).uniform_(-EPS, EPS, generator=g)
+    delta = delta.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape, device=device, generator=g).to(torch.bfloat16)
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    out = torch.empty(shape, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    return x, delta, grad, out
+
+
+def op_calls(x, delta, grad, out, backend):
+    kw = dict(step_size=STEP, epsilon=EPS)
+    norm = dict(mean=MEAN, std=STD, out_dtype=torch.bfloat16)
+    return {
+        "make_input": lambda: ops.make_input(x, delta, out=out, backend=backend, **norm),
+        "update_delta_": lambda: ops.update_delta_(delta, grad, x, backend=backend, **kw),
+        "update_and_make_input_": lambda: ops.update_and_make_input_(delta, grad, x, out=out, backend=backend,
+                                                                     **kw, **norm),
+    }
+
+
+def reference_calls(x, delta, grad, out, wrap):
+    """The same computation written as plain PyTorch, optionally compiled."""
+    mean, std = (torch.tensor(v, device=x.device) for v in (MEAN, STD))
+    norm = dict(mean=mean, std=std, out_dtype=torch.bfloat16, memory_format=torch.channels_last)
+    kw = dict(step_size=STEP, epsilon=EPS)
+    fns = {
+        "make_input": wrap(lambda x, delta, out: out.copy_(reference.make_input(x, delta, **norm))),
+        "update_delta_": wrap(lambda x, delta, grad: reference.update_delta_(delta, grad, x, **kw)),
+        "update_and_make_input_": wrap(lambda x, delta, grad, out: out.copy_(
+            reference.update_and_make_input_(delta, grad, x, **kw, **norm))),
+    }
+    return {
+        "make_input": lambda: fns["make_input"](x, delta, out),
+        "update_delta_": lambda: fns["update_delta_"](x, delta, grad),
+        "update_and_make_input_": lambda: fns["update_and_make_input_"](x, delta, grad, out),
+    }
+
+
+def git_commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="smaller CPU batches, fewer repetitions")
+    parser.add_argument("--json", type=Path, help="write the records here")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "bench/kernels.py: --device cuda asked for, but torch sees no GPU\n")
+    device = torch.device(args.device)
+    timer = Timer(device)
+    reps, warmup = (5, 2) if args.quick else (50, 10)
+
+    backends = [b for b in ops.available_backends(device) if b != "torch"]
+    if device.type == "cpu" and "triton" in backends:
+        backends.remove("triton")  # the interpreter is a correctness tool, not a speed one
+    variants = [(b, None) for b in backends] + [("eager", lambda f: f)]
+    if not args.no_compile:
+        variants.append(("compile", torch.compile))
+
+    records = []
+    print(f"device: {device_name(device)}; torch {torch.__version__}")
+    for shape_name, shape in shapes(args.quick, device.type).items():
+        x, delta, grad, out = make_batch(shape, device)
+        numel = x.numel()
+        src = torch.empty(numel, device=device)
+        dst = torch.empty_like(src)
+        copy_ms = timer(lambda: dst.copy_(src), reps, warmup)
+        copy_gbps = 2 * 4 * numel / copy_ms / 1e6
+        print(f"\n{shape_name} {'x'.join(map(str, shape))}: device-to-device copy {copy_gbps:.1f} GB/s")
+        print(f"  {'op':<24}{'variant':<10}{'ms':>10}{'GB/s':>10}{'of copy':>9}{'vs eager':>10}")
+        eager_ms = {}
+        for variant, wrap in sorted(variants, key=lambda v: v[0] != "eager"):
+            calls = op_calls(x, delta, grad, out, variant) if wrap is None else reference_calls(
+                x, delta, grad, out, wrap)
+            for op_name, fn in calls.items():
+                delta.uniform_(-EPS, EPS)
+                ms = timer(fn, reps, warmup)
+                gbps = MIN_BYTES[op_name] * numel / ms / 1e6
+                if variant == "eager":
+                    eager_ms[op_name] = ms
+                speedup = eager_ms[op_name] / ms
+                print(f"  {op_name:<24}{variant:<10}{ms:>10.3f}{gbps:>10.1f}{gbps / copy_gbps:>9.0%}{speedup:>9.1f}x")
+                records.append({"op": op_name, "backend": variant, "shape": shape_name, "dims": list(shape),
+                                "time_ms": ms, "gbps": gbps, "fraction_of_copy": gbps / copy_gbps,
+                                "speedup_vs_eager": speedup, "copy_gbps": copy_gbps})
+    if args.json:
+        meta = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+                "triton": _version("triton"), "cuda": torch.version.cuda,
+                "driver": _driver() if device.type == "cuda" else None, "git_commit": git_commit(),
+                "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "quick": args.quick, "reps": reps}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+        print(f"\nwrote {len(records)} records to {args.json}")
+    return 0
+
+
+def _version(name):
+    try:
+        return __import__(name).__version__
+    except Exception:
+        return None
+
+
+def _driver():
+    try:
+        return subprocess.check_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       text=True).strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The build and install paths: no extension, pure-Python install, arch checks."""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code, cwd, env=None, flags=()):
+    return subprocess.run([sys.executable, *flags, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_without_the_extension_the_torch_backend_works_and_it_is_said_once(tmp_path):
+    # sys.modules[name] = None makes `import freeadv_fast._C` fail, as in an install without it
+    result = run_python("""
+        import sys, warnings
+        sys.modules["freeadv_fast._C"] = None
+        import torch
+        import freeadv_fast
+        import freeadv_fast.ops as ops
+        print(ops.available_backends("cpu"))
+        x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+        delta = torch.zeros(2, 3, 4, 4)
+        out = ops.make_input(x, delta, mean=0.5, std=0.25)
+        print(out.shape)
+        try:
+            ops.make_input(x, delta, mean=0.5, std=0.25, backend="cpp")
+        except ops.BackendUnavailableError as e:
+            print("error:", e)
+    """, cwd=tmp_path, env={"TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr
+    assert "'torch'" in result.stdout and "'cpp'" not in result.stdout.splitlines()[0]
+    assert "torch.Size([2, 3, 4, 4])" in result.stdout
+    assert "compiled extension is not loaded" in result.stdout
+    assert result.stderr.count("compiled extension not available") == 1
+
+
+def test_pure_python_install_with_freeadv_no_ext(tmp_path):
+    target = tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                            "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "FREEADV_NO_EXT": "1"})
+    assert build.returncode == 0, build.stderr
+    assert not list(target.glob("freeadv_fast/_C*.so"))
+    assert (target / "freeadv_fast" / "kernels" / "triton_perturb.py").exists()
+    result = run_python("""
+        import freeadv_fast, freeadv_fast.ops as ops
+        print(freeadv_fast.__file__)
+        print(ops.available_backends("cpu"))
+    """, cwd=tmp_path, flags=["-S"],  # -S: no .pth files, so no editable install of the checkout either
+                        env={"PYTHONPATH": os.pathsep.join([str(target), sysconfig.get_paths()["purelib"]]),
+                             "FREEADV_NO_EXT": "1", "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr
+    assert str(target) in result.stdout
+    assert "['torch']" in result.stdout
+    assert "FREEADV_NO_EXT=1" in result.stderr
+
+
+@pytest.mark.skipif(not shutil.which("nvcc") and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                    reason="no CUDA toolkit on this machine")
+def test_an_arch_the_toolkit_cannot_build_is_refused_with_a_hint(tmp_path):
+    nvcc_version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
+    if "release 13." not in nvcc_version:
+        pytest.skip("the sm_60 refusal is specific to CUDA 13")
+    result = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TORCH_CUDA_ARCH_LIST": "6.0"})
+    assert result.returncode != 0
+    assert "sm_60" in result.stderr and "CUDA 12 toolkit" in result.stderr
+    assert "Traceback" not in result.stderr
