@@ -8,7 +8,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# GPU cases are collected on every machine so a CPU run lists them as skipped
+GPU_BACKENDS_WITHOUT_GPU = ("cuda", "triton", "torch")
+
+
+def backend_params(skip_interpreted_triton=False):
+    """pytest params (device, backend) for every backend of every device;
+    the CUDA ones carry the gpu mark."""
+    import freeadv_fast.ops as ops
+    for backend in ops.available_backends("cpu"):
+        if not (skip_interpreted_triton and backend == "triton"):
+            yield pytest.param("cpu", backend, id=f"cpu-{backend}")
+    gpu_backends = ops.available_backends("cuda") if torch.cuda.is_available() else GPU_BACKENDS_WITHOUT_GPU
+    for backend in gpu_backends:
+        yield pytest.param("cuda", backend, id=f"cuda-{backend}", marks=pytest.mark.gpu)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import freeadv_fast.ops as ops
+from conftest import backend_params
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -31,16 +32,7 @@ def replay_loop(model, x, y, delta, params, backend, replays, loss_fn=None, upda
     return torch.stack(losses)
 
 
-def compile_cases():
-    for backend in ops.available_backends("cpu"):
-        if backend != "triton":  # interpreted Triton cannot run under fake tensors
-            yield pytest.param("cpu", backend, id=f"cpu-{backend}")
-    if torch.cuda.is_available():
-        for backend in ops.available_backends("cuda"):
-            yield pytest.param("cuda", backend, id=f"cuda-{backend}", marks=pytest.mark.gpu)
-
-
-@pytest.mark.parametrize("device,backend", list(compile_cases()))
+@pytest.mark.parametrize("device,backend", list(backend_params(skip_interpreted_triton=True)))
 def test_compiled_replay_step_matches_eager(device, backend):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import backend_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,14 +18,7 @@ SHAPES = [(5, 3, 7, 9), (1, 3, 4, 4), (4, 3, 16, 16)]
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
-def device_backends():
-    for device in DEVICES:
-        marks = [pytest.mark.gpu] if device == "cuda" else []
-        for backend in ops.available_backends(device):
-            yield pytest.param(device, backend, id=f"{device}-{backend}", marks=marks)
-
-
-BACKENDS = list(device_backends())
+BACKENDS = list(backend_params())
 
 
 def batch(shape, x_dtype=torch.uint8, layout="nchw", device="cpu", grad_dtype=torch.float32, seed=0, eps=EPS):

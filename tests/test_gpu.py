@@ -1,0 +1,77 @@
+"""GPU-only behaviour: the GPU backends exist, and the fused ops can be
+captured in a CUDA graph. Skipped, with the reason shown, on CPU machines."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import freeadv_fast
+import freeadv_fast.ops as ops
+from freeadv_fast.ops import reference
+
+pytestmark = pytest.mark.gpu
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def test_the_cuda_extension_and_triton_serve_this_gpu():
+    assert freeadv_fast._ext.with_cuda(), "the extension was built without CUDA (no CUDA_HOME at build time?)"
+    assert ops.available_backends("cuda")[:2] == ["cuda", "triton"]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_replay_step_captured_in_a_cuda_graph_matches_eager(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10)).cuda().to(memory_format=torch.channels_last)
+    x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8, device="cuda").contiguous(
+        memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (32,), device="cuda")
+    kw = dict(step_size=2 / 255, epsilon=8 / 255, mean=MEAN, std=STD, backend=backend)
+
+    def replay(delta, inp):
+        """forward, backward to the input only, fused update into the next input"""
+        inp = inp.detach().requires_grad_(True)
+        loss = F.cross_entropy(model(inp), y)
+        (grad,) = torch.autograd.grad(loss, inp)
+        return ops.update_and_make_input_(delta, grad, x, **kw)
+
+    delta_eager = torch.zeros(x.shape, device="cuda").contiguous(memory_format=torch.channels_last)
+    inp = ops.make_input(x, delta_eager, mean=MEAN, std=STD, backend=backend)
+    eager_inputs = []
+    for _ in range(3):
+        inp = replay(delta_eager, inp)
+        eager_inputs.append(inp.clone())
+
+    delta = torch.zeros_like(delta_eager)
+    static_inp = ops.make_input(x, delta, mean=MEAN, std=STD, backend=backend)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (autotuning, parameter caches) outside the capture
+        replay(delta.clone(), static_inp.clone())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        next_inp = replay(delta, static_inp)
+    for step in range(3):
+        graph.replay()
+        static_inp.copy_(next_inp)
+        torch.testing.assert_close(static_inp, eager_inputs[step], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta, delta_eager, atol=1e-6, rtol=0)
+    assert delta.abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_imagenet_sized_bf16_channels_last_batch_matches_the_reference(backend):
+    shape = (8, 3, 224, 224)
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda").contiguous(memory_format=torch.channels_last)
+    delta = torch.empty(shape, device="cuda").uniform_(-4 / 255, 4 / 255).contiguous(
+        memory_format=torch.channels_last)
+    grad = torch.randn(shape, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    kw = dict(step_size=4 / 255, epsilon=4 / 255, mean=MEAN, std=STD, out_dtype=torch.bfloat16)
+    expected_delta = delta.clone()
+    expected = reference.update_and_make_input_(expected_delta, grad, x, **{**kw, "mean": torch.tensor(
+        MEAN, device="cuda"), "std": torch.tensor(STD, device="cuda")}, memory_format=torch.channels_last)
+    out = ops.update_and_make_input_(delta, grad, x, backend=backend, **kw)
+    assert torch.equal(delta, expected_delta)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.float(), expected.float(), atol=0, rtol=2 ** -7)  # one bf16 ulp
