@@ -1,0 +1,118 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped.
+
+One file holds the model, optimizer, scheduler and scaler states, the pass
+and step counters, the run's config, and for EVERY rank its perturbation
+buffer and random-number-generator states (free training's delta is per
+shard, so each rank resumes with its own). It is written atomically (temp
+file in the same folder, fsync, rename, fsync of the folder), so a crash
+mid-write leaves the previous checkpoint intact, and read with
+``weights_only=True``, so loading never runs code from the file.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed
+
+FORMAT = "freeadv_fast.checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, not ours, or for another run."""
+
+
+def rng_states(device: torch.device) -> dict:
+    """This process's RNG states, as plain types and tensors (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device: torch.device):
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def atomic_save(obj, path) -> Path:
+    """torch.save to ``path`` so that readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def save_checkpoint(path, trainer, *, config=None) -> Path | None:
+    """Collective: every rank calls it; rank 0 writes one file holding every
+    rank's delta and RNG states. Returns the path on rank 0, else None."""
+    rank_state = {**trainer.rank_state(), "rng": rng_states(trainer.device)}
+    ranks = distributed.all_gather_object(rank_state)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    state = {"format": FORMAT, **trainer.state_dict(), "ranks": ranks, "config": config or {}}
+    return atomic_save(state, path)
+
+
+def read_checkpoint(path) -> dict:
+    """The checkpoint's contents, refusing anything but plain tensors and containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncation, zip errors, refused globals
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a freeadv_fast checkpoint")
+    return state
+
+
+def load_checkpoint(path, trainer, *, rank: int | None = None, world_size: int | None = None) -> dict:
+    """Restores ``trainer`` (and this process's RNGs) from ``path``; returns the
+    checkpoint's config. Each rank takes its own delta, so the world size must
+    be the one the checkpoint was written with."""
+    state = read_checkpoint(path)
+    if rank is None:
+        dist_on = torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if dist_on else 0
+        world_size = torch.distributed.get_world_size() if dist_on else 1
+    ranks = state["ranks"]
+    if len(ranks) != world_size:
+        raise CheckpointError(f"checkpoint {path} was written by {len(ranks)} process(es) but this run has "
+                              f"{world_size}: each process resumes its own perturbation buffer")
+    try:
+        trainer.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: "
+                              f"{str(exc).strip().splitlines()[0]}") from exc
+    trainer.load_rank_state(ranks[rank])
+    set_rng_states(ranks[rank]["rng"], trainer.device)
+    return state.get("config", {})

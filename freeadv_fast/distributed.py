@@ -1,0 +1,124 @@
+"""One process per device: setup under torchrun or our own launcher, DDP.
+
+Under ``torchrun`` (any number of nodes, env:// rendezvous) the environment
+names this process's rank; ``launch`` starts N local workers itself with the
+same environment, so the training code is identical either way. GPUs use
+NCCL; CPU processes (``cpu=True``, how CI tests this path) use gloo.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def setup(cpu: bool = False, timeout_s: float = 600.0) -> Dist:
+    """Joins the process group named by the environment (if any) and picks
+    this process's device: cuda:LOCAL_RANK, or the CPU when ``cpu`` or
+    there is no GPU."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = not cpu and torch.cuda.is_available()
+    if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local} but this node has only {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://",
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": device} if use_cuda else {}))
+    return Dist(rank, world, local, device)
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(local_rank: int, fn, nproc: int, port: int, args):
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    fn(*args)
+
+
+def launch(fn, nproc: int, *args):
+    """Runs ``fn(*args)`` in ``nproc`` fresh processes on this machine, with the
+    environment torchrun would give them; returns when all have finished and
+    raises if any failed. ``fn`` must be importable (a module-level function)."""
+    if nproc == 1:
+        fn(*args)
+        return
+    mp.start_processes(_worker, args=(fn, nproc, free_port(), args), nprocs=nproc, join=True, start_method="spawn")
+
+
+def wrap_model(model: torch.nn.Module, d: Dist, *, sync_batchnorm: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel over the process group (the model unchanged when
+    there is one process)."""
+    if not d.distributed:
+        return model
+    if sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [d.device.index] if d.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside DDP and torch.compile wrappers."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (a list of one when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t

@@ -1,0 +1,409 @@
+"""The training engine: Free-m (Algorithm 1 of the paper) and the baselines
+(natural, PGD-k, FGSM-RS) on one piece of loop machinery.
+
+A replay of Free-m is one forward and ONE backward: the backward gives the
+weight gradients and, because the model input requires grad, the input
+gradient that moves the persistent perturbation ``delta``. No leaf tensor is
+made for delta and nothing in the loop waits for the device: losses and
+accuracies accumulate in device tensors that ``RunningMetrics.compute``
+reads at log intervals.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed, ops
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RunningMetrics:
+    """Loss and accuracy summed on the device; one sync (and all-reduce) per read."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        dtype = torch.float64 if self.device.type != "mps" else torch.float32
+        self.sums = torch.zeros(3, dtype=dtype, device=self.device)  # loss * n, correct, n
+        self._started = time.perf_counter()
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor):
+        n = y.numel()
+        correct = (logits.detach().argmax(1) == y).sum()
+        self.sums += torch.stack([loss.detach().to(self.sums.dtype) * n, correct.to(self.sums.dtype),
+                                  torch.tensor(n, dtype=self.sums.dtype, device=self.device)])
+
+    def compute(self, reset: bool = True) -> dict:
+        """Mean loss, accuracy and samples/s over every rank since the last reset."""
+        totals = distributed.all_reduce_sum(self.sums.clone()).tolist()
+        elapsed = time.perf_counter() - self._started
+        loss_sum, correct, n = totals
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        out = {"loss": loss_sum / n if n else math.nan, "acc": correct / n if n else math.nan, "samples": int(n),
+               "samples_per_s": n / elapsed if elapsed > 0 else math.nan, "world_size": world}
+        if reset:
+            self.sums.zero_()
+            self._started = time.perf_counter()
+        return out
+
+
+class Trainer:
+    """Shared machinery: device placement, precision (autocast, GradScaler),
+    channels_last, torch.compile, optimizer/scheduler steps, the pass loop and
+    checkpoint state. Subclasses define ``train_batch``."""
+
+    method = "base"
+
+    def __init__(self, model, optimizer, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32",
+                 channels_last=False, compile=False, scheduler=None, backend="auto", seed=0):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        self.lo, self.hi = (float(v) for v in pixel_range)
+        if not self.lo < self.hi:
+            raise ValueError(f"pixel_range must be (lo, hi) with lo < hi, got {tuple(pixel_range)}")
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.device = next(model.parameters()).device
+        self.backend = ops.resolve_backend(backend, self.device)
+        self.precision = precision
+        self.amp_dtype = PRECISIONS[precision]
+        # the model sees its input in the autocast dtype anyway; writing it so halves the traffic
+        self.input_dtype = self.amp_dtype or torch.float32
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self._to_channels_last(model)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.mean, self.std = mean, std
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.metrics = RunningMetrics(self.device)
+        self.step = 0  # optimizer steps taken
+        self.epoch = 0  # passes over the data completed
+        self.batch_in_epoch = 0  # batches of the current pass completed
+        self.compiled = compile
+        self._forward = torch.compile(self._forward_eager) if compile else self._forward_eager
+        self._constants: dict = {}
+
+    def _zeros(self, shape):
+        """A float32 zero buffer in the trainer's memory format."""
+        return torch.empty(shape, dtype=torch.float32, device=self.device, memory_format=self.memory_format).zero_()
+
+    @staticmethod
+    def _to_channels_last(model):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            if any(p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)
+                   for p in model.parameters()):
+                raise ValueError("channels_last: convert the model with "
+                                 "model.to(memory_format=torch.channels_last) before wrapping it in DDP")
+        else:
+            model.to(memory_format=torch.channels_last)
+
+    # -- pieces of a step ---------------------------------------------------
+    def _param(self, name, value, channels, positive=False):
+        """A per-channel float32 tensor on the device, made once."""
+        key = (name, channels)
+        if key not in self._constants:
+            self._constants[key] = ops.channel_param(value, name, channels, self.device, positive=positive)
+        return self._constants[key]
+
+    def _prepare(self, x, y):
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if x.dim() == 4 and not x.is_contiguous(memory_format=self.memory_format):
+            x = x.contiguous(memory_format=self.memory_format)  # once per batch, reused by every replay
+        return x, y
+
+    def _norm(self, x):
+        C = x.shape[1]
+        return dict(mean=self._param("mean", self.mean, C), std=self._param("std", self.std, C, positive=True),
+                    pixel_range=(self.lo, self.hi), out_dtype=self.input_dtype, memory_format=self.memory_format,
+                    backend=self.backend)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _forward_eager(self, inp, y):
+        with self._autocast():
+            logits = self.model(inp)
+        return F.cross_entropy(logits.float(), y), logits
+
+    def _scaled(self, loss):
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def _gradient_ok(self):
+        """A 0-dim device tensor: 1 when the scaler will take this step, 0 when it
+        will skip it (inf/NaN gradients). Unscales the gradients; no sync."""
+        self.scaler.unscale_(self.optimizer)
+        found_inf = sum(self.scaler._found_inf_per_device(self.optimizer).values())
+        return (found_inf == 0).float()
+
+    def _optimizer_step(self):
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.step += 1
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def _train_step(self, inp, y, *, input_grad):
+        """Forward, mean cross-entropy, zero grads, one backward; returns the
+        loss, the logits and (when ``input_grad``) the input gradient."""
+        if input_grad:
+            inp.requires_grad_(True)
+        loss, logits = self._forward(inp, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._scaled(loss).backward()
+        return loss, logits, (inp.grad if input_grad else None)
+
+    def train_batch(self, x, y) -> dict:
+        raise NotImplementedError
+
+    # -- the pass loop ----------------------------------------------------
+    def fit(self, loader, passes: int, *, log_every: int = 0, on_log=None, checkpoint_path=None,
+            checkpoint_every: int = 0, should_stop=None, config=None) -> bool:
+        """Trains until ``passes`` passes over ``loader`` are complete, resuming
+        from ``self.epoch`` / ``self.batch_in_epoch`` (set by a loaded
+        checkpoint). ``loader`` is iterable per pass and may define
+        ``set_epoch(epoch)`` (the shuffle of each pass) and ``skip(n)`` (start
+        the pass at batch n). Every ``log_every`` batches the metrics are read
+        (the only host sync) and given to ``on_log``. A checkpoint is written
+        every ``checkpoint_every`` batches, at the end of each pass and when
+        ``should_stop()`` turns true, which ends training early: the return
+        value says whether all passes completed."""
+        from .checkpoint import save_checkpoint
+
+        def checkpoint():
+            if checkpoint_path is not None:
+                save_checkpoint(checkpoint_path, self, config=config)
+
+        batches_done = 0
+        while self.epoch < passes:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.epoch)
+            start = self.batch_in_epoch
+            if start and hasattr(loader, "skip"):
+                batches = loader.skip(start)
+            else:
+                batches = (b for i, b in enumerate(loader) if i >= start)
+            for x, y in batches:
+                self.train_batch(x, y)
+                self.batch_in_epoch += 1
+                batches_done += 1
+                if log_every and on_log is not None and batches_done % log_every == 0:
+                    on_log(self.log_record())
+                if should_stop is not None and should_stop():
+                    checkpoint()
+                    return False
+                if checkpoint_every and batches_done % checkpoint_every == 0:
+                    checkpoint()
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            checkpoint()
+        return True
+
+    def log_record(self) -> dict:
+        record = {"step": self.step, "epoch": self.epoch, "batch": self.batch_in_epoch,
+                  "lr": self.optimizer.param_groups[0]["lr"], **self.metrics.compute()}
+        if self.scaler is not None:
+            record["loss_scale"] = self.scaler.get_scale()
+        return record
+
+    # -- checkpoint state -------------------------------------------------
+    def rank_state(self) -> dict:
+        """What differs between ranks: the perturbation buffer and the RNGs."""
+        return {"delta": None, "generator": self.generator.get_state()}
+
+    def load_rank_state(self, state: dict):
+        self.generator.set_state(state["generator"])
+
+    def state_dict(self) -> dict:
+        return {"method": self.method, "model": distributed.unwrap(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict):
+        if state.get("method") != self.method:
+            raise ValueError(f"the checkpoint was written by {state.get('method')!r} training, not {self.method!r}")
+        distributed.unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+class FreeAdversarialTrainer(Trainer):
+    """Free-m: each minibatch is replayed ``replays`` times; every replay is one
+    optimizer step and one update of the persistent perturbation ``delta``
+    from the same backward pass.
+
+    ``delta`` (float32, pixel units) persists across minibatches and epochs;
+    a smaller batch uses and updates its leading slice, a larger one grows it
+    keeping the old values. ``pixel_mode="clamp_input"`` is the paper's code
+    (the model sees ``normalize(clamp(x + delta))``); ``"project"`` keeps
+    ``x + delta`` in the pixel range instead.
+    """
+
+    method = "free"
+
+    def __init__(self, model, optimizer, *, replays, epsilon, step_size, mean, std, pixel_range=(0.0, 1.0),
+                 pixel_mode="clamp_input", precision="fp32", channels_last=False, compile=False, scheduler=None,
+                 backend="auto", seed=0):
+        if not (isinstance(replays, int) and replays >= 1):
+            raise ValueError(f"replays must be an integer >= 1, got {replays!r}")
+        if pixel_mode not in ops.PIXEL_MODES:
+            raise ValueError(f"unknown pixel mode {pixel_mode!r}: choose one of {', '.join(ops.PIXEL_MODES)}")
+        super().__init__(model, optimizer, mean=mean, std=std, pixel_range=pixel_range, precision=precision,
+                         channels_last=channels_last, compile=compile, scheduler=scheduler, backend=backend,
+                         seed=seed)
+        self.replays, self.pixel_mode = replays, pixel_mode
+        self.epsilon, self.step_size = epsilon, step_size
+        ops.channel_param(epsilon, "epsilon", 1 if not isinstance(epsilon, (tuple, list)) else len(epsilon), "cpu")
+        ops.channel_param(step_size, "step_size", 1 if not isinstance(step_size, (tuple, list)) else len(step_size),
+                          "cpu")
+        self.delta: torch.Tensor | None = None
+        update = self._update_and_make_input
+        self._update_and_make_input = torch.compile(update, fullgraph=True) if compile else update
+
+    def _delta_for(self, x):
+        n = x.shape[0]
+        if self.delta is not None and self.delta.shape[1:] != x.shape[1:]:
+            raise ValueError(f"batch of images {tuple(x.shape[1:])} but the perturbation buffer holds "
+                             f"{tuple(self.delta.shape[1:])}: free training needs one image size")
+        if self.delta is None or n > self.delta.shape[0]:
+            grown = self._zeros(x.shape)
+            if self.delta is not None:
+                grown[:self.delta.shape[0]] = self.delta
+            self.delta = grown
+        return self.delta[:n]
+
+    def _update_and_make_input(self, delta, grad, x, step, eps, norm):
+        return ops.update_and_make_input_(delta, grad, x, step_size=step, epsilon=eps, mode=self.pixel_mode,
+                                          **norm)
+
+    def train_batch(self, x, y) -> dict:
+        x, y = self._prepare(x, y)
+        delta = self._delta_for(x)
+        C = x.shape[1]
+        norm = self._norm(x)
+        step, eps = self._param("step_size", self.step_size, C), self._param("epsilon", self.epsilon, C)
+        inp = ops.make_input(x, delta, mode=self.pixel_mode, **norm)
+        losses = []
+        for replay in range(self.replays):
+            loss, logits, grad = self._train_step(inp, y, input_grad=True)
+            # a step the scaler skips (inf/NaN) must leave delta unchanged too
+            step_now = step * self._gradient_ok() if self.scaler is not None else step
+            if replay + 1 < self.replays:
+                inp = self._update_and_make_input(delta, grad, x, step_now, eps, norm)
+            else:  # the next minibatch makes its own input
+                ops.update_delta_(delta, grad, x, step_size=step_now, epsilon=eps, pixel_range=(self.lo, self.hi),
+                                  mode=self.pixel_mode, backend=self.backend)
+            self._optimizer_step()
+            self.metrics.update(loss, logits, y)
+            losses.append(loss.detach())
+        return {"loss": torch.stack(losses).mean(), "samples": x.shape[0], "replays": self.replays}
+
+    def rank_state(self):
+        return {**super().rank_state(), "delta": None if self.delta is None else self.delta.detach().cpu()}
+
+    def load_rank_state(self, state):
+        super().load_rank_state(state)
+        d = state.get("delta")
+        self.delta = None if d is None else d.to(self.device).contiguous(memory_format=self.memory_format)
+
+
+class NaturalTrainer(Trainer):
+    """Plain training on clean inputs, through the same machinery (the speed
+    limit free training is measured against)."""
+
+    method = "natural"
+
+    def __init__(self, model, optimizer, **kw):
+        super().__init__(model, optimizer, **kw)
+        self._clean = None  # a zero delta: the fused op then just normalizes
+
+    def train_batch(self, x, y) -> dict:
+        x, y = self._prepare(x, y)
+        if self._clean is None or self._clean.shape[0] < x.shape[0] or self._clean.shape[1:] != x.shape[1:]:
+            self._clean = self._zeros(x.shape)
+        inp = ops.make_input(x, self._clean[:x.shape[0]], **self._norm(x))
+        loss, logits, _ = self._train_step(inp, y, input_grad=False)
+        self._optimizer_step()
+        self.metrics.update(loss, logits, y)
+        return {"loss": loss.detach(), "samples": x.shape[0], "replays": 1}
+
+
+class PGDTrainer(Trainer):
+    """Madry et al.'s k-step PGD adversarial training: each minibatch is
+    attacked from a fresh (random) start with ``steps`` signed-gradient steps
+    projected onto the epsilon ball and the pixel range, then one optimizer
+    step is taken on the adversarial batch."""
+
+    method = "pgd"
+
+    def __init__(self, model, optimizer, *, steps, epsilon, step_size, random_start=True, **kw):
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        super().__init__(model, optimizer, **kw)
+        self.steps, self.epsilon, self.step_size, self.random_start = steps, epsilon, step_size, random_start
+        self._delta = None
+
+    def _step_size(self, C):
+        return self._param("step_size", self.step_size, C)
+
+    def attack(self, x, y):
+        """The adversarial model input for a prepared batch (and its delta)."""
+        n, C = x.shape[0], x.shape[1]
+        if self._delta is None or self._delta.shape[0] < n or self._delta.shape[1:] != x.shape[1:]:
+            self._delta = self._zeros(x.shape)
+        delta = self._delta[:n]
+        eps, step, norm = self._param("epsilon", self.epsilon, C), self._step_size(C), self._norm(x)
+        if self.random_start:
+            ops.random_init_(delta, x, epsilon=eps, pixel_range=(self.lo, self.hi), mode="project",
+                             generator=self.generator, backend=self.backend)
+        else:
+            delta.zero_()
+        inp = ops.make_input(x, delta, mode="project", **norm)
+        for _ in range(self.steps):
+            inp.requires_grad_(True)
+            loss, _ = self._forward(inp, y)
+            # the input gradient only: no weight gradients are made here
+            (grad,) = torch.autograd.grad(self._scaled(loss), inp)
+            inp = ops.update_and_make_input_(delta, grad, x, step_size=step, epsilon=eps, mode="project", **norm)
+        return inp, delta
+
+    def train_batch(self, x, y) -> dict:
+        x, y = self._prepare(x, y)
+        inp, _ = self.attack(x, y)
+        loss, logits, _ = self._train_step(inp.detach(), y, input_grad=False)
+        self._optimizer_step()
+        self.metrics.update(loss, logits, y)
+        return {"loss": loss.detach(), "samples": x.shape[0], "replays": 1}
+
+
+class FastTrainer(PGDTrainer):
+    """FGSM with a random start (Wong, Rice and Kolter, "Fast is better than
+    free", 2020): one step of size ``step_size`` (default 1.25 * epsilon) from
+    a uniform start, projected, then the optimizer step."""
+
+    method = "fast"
+
+    def __init__(self, model, optimizer, *, epsilon, step_size=None, **kw):
+        super().__init__(model, optimizer, steps=1, epsilon=epsilon, step_size=step_size, random_start=True, **kw)
+
+    def _step_size(self, C):
+        if self.step_size is not None:
+            return super()._step_size(C)
+        return 1.25 * self._param("epsilon", self.epsilon, C)
+
+
+TRAINERS = {"free": FreeAdversarialTrainer, "natural": NaturalTrainer, "pgd": PGDTrainer, "fast": FastTrainer}

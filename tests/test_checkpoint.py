@@ -1,0 +1,111 @@
+"""Checkpoints: exact resume, atomic writes, refusing hostile or foreign files."""
+import pytest
+import torch
+
+from dist_workers import run
+from freeadv_fast import FreeAdversarialTrainer, PGDTrainer, load_checkpoint, save_checkpoint
+from freeadv_fast.checkpoint import FORMAT, CheckpointError, read_checkpoint
+from freeadv_fast.data import TensorBatches
+from freeadv_fast.scheduler import build_schedule
+from helpers import EPS, MEAN, STD, STEP, sgd, small_cnn, toy_data
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_resuming_mid_run_gives_the_uninterrupted_result(tmp_path):
+    for mode in ("full", "interrupt", "resume"):
+        run(mode, str(tmp_path), dropout=0.2)
+    full, resumed = weights(tmp_path / "model-full.pt"), weights(tmp_path / "model-resume.pt")
+    interrupted = weights(tmp_path / "model-interrupt.pt")
+    assert not torch.equal(full["0.weight"], interrupted["0.weight"])  # the interruption did cut the run short
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    assert torch.equal(weights(tmp_path / "delta-full-rank0.pt"), weights(tmp_path / "delta-resume-rank0.pt"))
+
+
+def make_pgd(seed=0):
+    model = small_cnn(seed=seed)
+    opt = sgd(model)
+    sched = build_schedule("cosine", opt, steps_per_pass=3, passes=2)
+    return PGDTrainer(model, opt, steps=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD, scheduler=sched,
+                      seed=5)
+
+
+def test_pgd_resume_restores_the_attack_generator_and_schedule(tmp_path):
+    x, y = toy_data(n=24)
+    loader = TensorBatches(x, y, batch_size=8, seed=1)
+    full = make_pgd()
+    full.fit(loader, 2)
+    first = make_pgd()
+    first.fit(loader, 2, checkpoint_path=tmp_path / "c.pt", should_stop=lambda: first.step == 4)
+    second = make_pgd(seed=9)  # different initial weights: everything must come from the checkpoint
+    load_checkpoint(tmp_path / "c.pt", second)
+    assert second.scheduler.last_epoch == 4 and second.epoch == 1 and second.batch_in_epoch == 1
+    second.fit(loader, 2)
+    for p, q in zip(full.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_a_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    x, y = toy_data(n=8)
+    model = small_cnn()
+    trainer = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    trainer.train_batch(x, y)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, trainer, config={"arch": "small_cnn", "replays": 2})
+    good = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    trainer.train_batch(x, y)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(path, trainer)
+    monkeypatch.undo()
+    assert path.read_bytes() == good  # the previous checkpoint survives
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # and no temp file is left
+    state = read_checkpoint(path)
+    assert state["config"] == {"arch": "small_cnn", "replays": 2} and state["step"] == 2
+    assert state["ranks"][0]["delta"].shape == x.shape
+
+
+class Payload:
+    """A pickle gadget: unpickling it calls print (it could call anything)."""
+
+    def __reduce__(self):
+        return (print, ("code from a checkpoint ran",))
+
+
+def test_hostile_truncated_and_foreign_checkpoints_are_refused(tmp_path, capsys):
+    model = small_cnn()
+    trainer = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format": FORMAT, "payload": Payload()}, hostile)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(hostile, trainer)
+    assert "code from a checkpoint ran" not in capsys.readouterr().out
+
+    good = tmp_path / "good.pt"
+    trainer.train_batch(*toy_data(n=8))
+    save_checkpoint(good, trainer)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(truncated, trainer)
+
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)
+    with pytest.raises(CheckpointError, match="not a freeadv_fast checkpoint"):
+        load_checkpoint(plain, trainer)
+    with pytest.raises(CheckpointError, match="written by 1 process"):
+        load_checkpoint(good, trainer, rank=0, world_size=2)
+    other = small_cnn(classes=7)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_checkpoint(good, FreeAdversarialTrainer(other, sgd(other), replays=2, epsilon=EPS, step_size=STEP,
+                                                     mean=MEAN, std=STD))
+    with pytest.raises(CheckpointError, match="written by 'free' training"):
+        load_checkpoint(good, make_pgd())
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt", trainer)

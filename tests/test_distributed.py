@@ -1,0 +1,60 @@
+"""The distributed path on CPU with gloo: our launcher and torchrun (two
+"nodes" on 127.0.0.1), DDP equal to one process, resume with two processes."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from dist_workers import run
+from freeadv_fast import distributed
+
+WORKERS = Path(__file__).parent / "dist_workers.py"
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_model(a, b, exact=False):
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_two_processes_equal_one_on_the_whole_batch_and_resume_exactly(tmp_path):
+    single, multi, resumed = tmp_path / "single", tmp_path / "multi", tmp_path / "resumed"
+    for d in (single, multi, resumed):
+        d.mkdir()
+    run("full", str(single))
+    distributed.launch(run, 2, "full", str(multi))
+    for mode in ("full", "interrupt", "resume"):  # dropout: the ranks' RNG states must be restored too
+        distributed.launch(run, 2, mode, str(resumed), 0.2)
+    # no BatchNorm: the mean loss over the global batch is the mean of the ranks' means, so DDP's averaged
+    # gradient is the single-process gradient, and each rank's delta is its half of the single delta
+    assert_same_model(load(multi / "model-full.pt"), load(single / "model-full.pt"))
+    halves = [load(multi / f"delta-full-rank{r}.pt") for r in (0, 1)]
+    torch.testing.assert_close(torch.cat(halves), load(single / "delta-full-rank0.pt"), atol=1e-6, rtol=0)
+    assert not torch.equal(load(resumed / "model-interrupt.pt")["0.weight"], load(resumed / "model-full.pt")["0.weight"])
+    assert_same_model(load(resumed / "model-resume.pt"), load(resumed / "model-full.pt"), exact=True)
+    for r in (0, 1):
+        assert torch.equal(load(resumed / f"delta-resume-rank{r}.pt"), load(resumed / f"delta-full-rank{r}.pt"))
+
+
+def test_torchrun_with_two_nodes_on_localhost(tmp_path):
+    single = tmp_path / "single"
+    single.mkdir()
+    run("full", str(single))
+    port = str(distributed.free_port())
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+                               str(WORKERS), "full", str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    for node in nodes:
+        out, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, out
+    assert_same_model(load(tmp_path / "model-full.pt"), load(single / "model-full.pt"))

@@ -1,0 +1,269 @@
+"""The trainers against plain PyTorch loops written like the papers' code."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import freeadv_fast.ops as ops
+from freeadv_fast import FastTrainer, FreeAdversarialTrainer, NaturalTrainer, PGDTrainer
+from freeadv_fast.data import TensorBatches
+from freeadv_fast.scheduler import StepDecay, build_schedule, passes_for
+from helpers import EPS, MEAN, STD, STEP, sgd, small_cnn, toy_data
+
+CPU_BACKENDS = ops.available_backends("cpu")
+
+
+def batches(x, y, sizes):
+    i = 0
+    for s in sizes:
+        yield x[i:i + s], y[i:i + s]
+        i += s
+
+
+def official_free_loop(model, opt, data, *, replays, eps, step, epochs):
+    """The paper's official ImageNet loop (main_free.py), in plain PyTorch:
+    a leaf noise tensor, autograd through clamp and normalization,
+    delta += step * sign(grad), clip of the whole buffer."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    global_noise = None
+    for _ in range(epochs):
+        for x, y in data():
+            x = x.float() / 255
+            if global_noise is None:
+                global_noise = torch.zeros_like(x)
+            n = x.shape[0]
+            for _ in range(replays):
+                noise = global_noise[:n].clone().requires_grad_(True)
+                in1 = x + noise
+                in1 = in1.clamp(0, 1.0)
+                in1 = in1.sub(mean).div(std)
+                loss = F.cross_entropy(model(in1), y)
+                opt.zero_grad()
+                loss.backward()
+                global_noise[:n] += step * torch.sign(noise.grad)
+                global_noise.clamp_(-eps, eps)
+                opt.step()
+    return global_noise
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_free_training_equals_the_official_loop(backend, channels_last):
+    x, y = toy_data()
+    sizes = [8, 8, 5]  # a partial last batch
+    data = lambda: batches(x, y, sizes)  # noqa: E731
+    ref_model = small_cnn()
+    model = copy.deepcopy(ref_model)
+    ref_delta = official_free_loop(ref_model, sgd(ref_model), data, replays=3, eps=EPS, step=STEP, epochs=2)
+
+    trainer = FreeAdversarialTrainer(model, sgd(model), replays=3, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                                     channels_last=channels_last, backend=backend)
+    for _ in range(2):
+        for xb, yb in data():
+            stats = trainer.train_batch(xb, yb)
+    assert trainer.step == 2 * 3 * 3
+    assert stats["samples"] == 5 and torch.isfinite(stats["loss"])
+    torch.testing.assert_close(trainer.delta, ref_delta, atol=1e-6, rtol=0)
+    assert trainer.delta.abs().max() > 0 and trainer.delta.abs().max() <= EPS + 1e-7
+    for p, q in zip(model.state_dict().values(), ref_model.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4)  # BatchNorm running stats too
+
+
+def test_project_mode_keeps_the_perturbed_image_in_range():
+    x, y = toy_data()
+    model = small_cnn()
+    trainer = FreeAdversarialTrainer(model, sgd(model), replays=4, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                                     pixel_mode="project")
+    trainer.train_batch(x, y)
+    adv = x.float() / 255 + trainer.delta
+    assert adv.min() >= -1e-6 and adv.max() <= 1 + 1e-6
+    assert trainer.delta.abs().max() > 0
+
+
+def test_a_larger_batch_grows_the_buffer_keeping_old_values():
+    x, y = toy_data(n=12)
+    model = small_cnn()
+    trainer = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    trainer.train_batch(x[:4], y[:4])
+    old = trainer.delta.clone()
+    trainer.delta  # noqa: B018
+    grown_from = trainer._delta_for(x)  # what the next, larger batch will start from
+    assert grown_from.shape[0] == 12
+    torch.testing.assert_close(grown_from[:4], old)
+    assert grown_from[4:].abs().max() == 0
+    with pytest.raises(ValueError, match="one image size"):
+        trainer.train_batch(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), y[:2])
+
+
+def test_compiled_trainer_matches_eager():
+    x, y = toy_data()
+    eager_model = small_cnn()
+    compiled_model = copy.deepcopy(eager_model)
+    kw = dict(replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    eager = FreeAdversarialTrainer(eager_model, sgd(eager_model), **kw)
+    compiled = FreeAdversarialTrainer(compiled_model, sgd(compiled_model), compile=True, **kw)
+    for xb, yb in batches(x, y, [8, 8]):
+        eager.train_batch(xb, yb)
+        compiled.train_batch(xb, yb)
+    torch.testing.assert_close(compiled.delta, eager.delta, atol=1e-6, rtol=0)
+    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
+def test_the_replay_loop_never_waits_for_the_device(monkeypatch):
+    x, y = toy_data()
+    model = small_cnn()
+    trainer = FreeAdversarialTrainer(model, sgd(model), replays=3, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                                     precision="bf16")
+    trainer.train_batch(x, y)  # first call: buffers and constants
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync inside the training loop")
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    stats = trainer.train_batch(x, y)
+    monkeypatch.undo()
+    assert torch.isfinite(stats["loss"])
+    record = trainer.log_record()  # the sync happens here, at log time
+    assert record["samples"] == 2 * 3 * len(x) and 0 <= record["acc"] <= 1 and record["step"] == 6
+
+
+def test_fp16_skipped_step_leaves_delta_and_weights_unchanged():
+    x, y = toy_data(n=8)
+    model = small_cnn(batchnorm=False)
+    trainer = FreeAdversarialTrainer(model, sgd(model), replays=1, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                                     precision="fp16")
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # fp16 gradients overflow: a skipped step
+    before = copy.deepcopy(model.state_dict())
+    trainer.train_batch(x, y)
+    assert trainer.scaler.get_scale() < 2.0 ** 120  # the scaler saw the overflow and backed off
+    assert trainer.delta.abs().max() == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    trainer.train_batch(x, y)
+    assert trainer.delta.abs().max() > 0
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_bf16_channels_last_trains():
+    x, y = toy_data()
+    model = small_cnn()
+    trainer = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                                     precision="bf16", channels_last=True)
+    first = trainer.train_batch(x, y)["loss"]
+    for _ in range(10):
+        last = trainer.train_batch(x, y)["loss"]
+    assert trainer.delta.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(last) and last < first
+
+
+def plain_attack_loop(model, opt, data, *, eps, step, steps, seed):
+    """k-step PGD (Madry et al.) / FGSM-RS (Wong et al.) training in plain PyTorch."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(seed)
+    for x, y in data():
+        x = x.float() / 255
+        delta = torch.empty_like(x).uniform_(-1.0, 1.0, generator=g) * eps
+        delta = (x + delta).clamp(0, 1) - x
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = F.cross_entropy(model((x + delta - mean) / std), y)
+            (grad,) = torch.autograd.grad(loss, delta)
+            delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)
+            delta = (x + delta).clamp(0, 1) - x
+        loss = F.cross_entropy(model((x + delta - mean) / std), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("method", ["pgd", "fast"])
+def test_attack_trainers_follow_their_update_rules(method):
+    x, y = toy_data()
+    data = lambda: batches(x, y, [8, 8, 5])  # noqa: E731
+    ref_model = small_cnn()
+    model = copy.deepcopy(ref_model)
+    if method == "pgd":
+        plain_attack_loop(ref_model, sgd(ref_model), data, eps=EPS, step=2 / 255, steps=3, seed=7)
+        trainer = PGDTrainer(model, sgd(model), steps=3, epsilon=EPS, step_size=2 / 255, mean=MEAN, std=STD, seed=7)
+    else:
+        plain_attack_loop(ref_model, sgd(ref_model), data, eps=EPS, step=1.25 * EPS, steps=1, seed=7)
+        trainer = FastTrainer(model, sgd(model), epsilon=EPS, mean=MEAN, std=STD, seed=7)
+    for xb, yb in data():
+        trainer.train_batch(xb, yb)
+    assert trainer.step == 3
+    for p, q in zip(model.state_dict().values(), ref_model.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4)
+
+
+def test_natural_trainer_is_plain_training():
+    x, y = toy_data()
+    ref_model = small_cnn()
+    model = copy.deepcopy(ref_model)
+    opt = sgd(ref_model)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    trainer = NaturalTrainer(model, sgd(model), mean=MEAN, std=STD)
+    for xb, yb in batches(x, y, [8, 8, 5]):
+        loss = F.cross_entropy(ref_model((xb.float() / 255 - mean) / std), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        trainer.train_batch(xb, yb)
+    for p, q in zip(model.state_dict().values(), ref_model.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_the_scheduler_counts_replay_steps_and_the_epoch_convention():
+    assert passes_for(90, 4) == 23 and passes_for(90, 1) == 90 and passes_for(10, 8) == 2
+    x, y = toy_data(n=16)
+    model = small_cnn()
+    opt = sgd(model, lr=0.1)
+    loader = TensorBatches(x, y, batch_size=8)  # 2 batches per pass
+    replays = 4
+    schedule = build_schedule("step", opt, steps_per_pass=len(loader) * replays, passes=16, replays=replays)
+    assert isinstance(schedule, StepDecay) and schedule.every_steps == math.ceil(30 / 4) * 2 * 4
+    trainer = FreeAdversarialTrainer(model, opt, replays=replays, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                                     scheduler=schedule)
+    lrs = []
+    trainer.fit(loader, passes=9, log_every=1, on_log=lambda r: lrs.append((r["epoch"], r["lr"])))
+    assert trainer.step == 9 * 2 * 4
+    assert [lr for epoch, lr in lrs if epoch < 8] == pytest.approx([0.1] * 15 + [0.01])  # 8th pass done at 16
+    assert lrs[-1][1] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("name", ["cosine", "onecycle", "multistep", "constant"])
+def test_schedules_have_their_shape(name):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    s = build_schedule(name, opt, steps_per_pass=10, passes=10, milestones=[40, 60])
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    if name == "cosine":
+        assert lrs[0] == 1.0 and lrs[50] == pytest.approx(0.5, abs=0.02) and lrs[-1] < 0.01
+    elif name == "onecycle":
+        assert 0 < lrs[0] < 0.05 and max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == 39 and lrs[-1] < 0.05
+    elif name == "multistep":
+        assert lrs[39] == 1.0 and lrs[40] == pytest.approx(0.1) and lrs[60] == pytest.approx(0.01)
+    else:
+        assert set(lrs) == {1.0}
+
+
+def test_bad_arguments_are_named():
+    model = small_cnn()
+    with pytest.raises(ValueError, match="replays"):
+        FreeAdversarialTrainer(model, sgd(model), replays=0, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="epsilon must be non-negative"):
+        FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=-1, step_size=STEP, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="precision"):
+        FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                               precision="fp8")
+    with pytest.raises(ops.BackendUnavailableError):
+        FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                               backend="cuda")
