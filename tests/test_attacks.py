@@ -1,0 +1,90 @@
+"""Attacks: cross-checked against torchattacks' independent PGD, and their invariants."""
+import pytest
+import torch
+import torch.nn as nn
+
+from freeadv_fast import attacks
+from freeadv_fast.data.digits import MEAN, STD, digits_split
+
+EPS, STEP = 0.1, 0.02
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    """A small CNN trained naturally on the embedded digits (about 97% clean)."""
+    (x, y), (xt, yt) = digits_split()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    inp = (x.float() / 255 - MEAN[0]) / STD[0]
+    for _ in range(15):
+        for i in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(inp[i]), y[i]).backward()
+            opt.step()
+    model.eval()
+    xt, yt = xt[:200], yt[:200]
+    assert attacks.clean_accuracy(model, xt, yt, mean=MEAN, std=STD) > 0.9
+    return model, xt, yt
+
+
+def robust(model, x, y, x_adv):
+    return attacks.correct(model, x_adv, y, mean=MEAN, std=STD)[1].float().mean().item()
+
+
+def test_pgd_agrees_with_torchattacks(digits_model):
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y = digits_model
+
+    class PixelModel(nn.Module):  # torchattacks attacks [0, 1] input; it normalizes inside
+        def forward(self, pixels):
+            return model((pixels - MEAN[0]) / STD[0])
+
+    theirs = torchattacks.PGD(PixelModel().eval(), eps=EPS, alpha=STEP, steps=10, random_start=False)(
+        x.float() / 255, y)
+    ours = attacks.pgd(model, x, y, epsilon=EPS, step_size=STEP, steps=10, random_start=False, mean=MEAN, std=STD)
+    with torch.no_grad():
+        pred_theirs = PixelModel()(theirs).argmax(1)
+        pred_ours = PixelModel()(ours).argmax(1)
+    assert torch.equal(pred_ours, pred_theirs)
+    assert (ours - theirs).abs().max() < 1e-5
+    clean = attacks.clean_accuracy(model, x, y, mean=MEAN, std=STD)
+    assert (pred_ours == y).float().mean() < clean - 0.2  # the attack does bite
+
+
+def test_examples_stay_in_the_ball_and_the_pixel_range(digits_model):
+    model, x, y = digits_model
+    for loss in ("ce", "cw"):
+        adv = attacks.pgd(model, x, y, epsilon=EPS, step_size=STEP, steps=5, loss=loss, mean=MEAN, std=STD,
+                          generator=torch.Generator().manual_seed(0))
+        assert (adv - x.float() / 255).abs().max() <= EPS + 1e-6
+        assert adv.min() >= 0 and adv.max() <= 1
+
+
+def test_more_restarts_never_raise_robust_accuracy(digits_model):
+    model, x, y = digits_model
+    accs = []
+    for restarts in (1, 2, 4):
+        adv = attacks.pgd(model, x, y, epsilon=EPS / 2, step_size=STEP / 2, steps=3, restarts=restarts, mean=MEAN,
+                          std=STD, generator=torch.Generator().manual_seed(3))
+        accs.append(robust(model, x, y, adv))
+    assert accs[0] >= accs[1] >= accs[2]
+
+
+def test_zero_epsilon_gives_clean_accuracy_and_cw_and_fgsm_attack(digits_model):
+    model, x, y = digits_model
+    clean = attacks.clean_accuracy(model, x, y, mean=MEAN, std=STD)
+    adv = attacks.pgd(model, x, y, epsilon=0.0, step_size=STEP, steps=5, mean=MEAN, std=STD)
+    assert robust(model, x, y, adv) == pytest.approx(clean)
+    cw = attacks.pgd(model, x, y, epsilon=EPS, step_size=STEP, steps=10, loss="cw", mean=MEAN, std=STD,
+                     random_start=False)
+    fgsm = attacks.fgsm(model, x, y, epsilon=EPS, mean=MEAN, std=STD)
+    assert robust(model, x, y, cw) < clean - 0.2
+    assert robust(model, x, y, fgsm) < clean
+
+
+def test_confidence_interval():
+    lo, hi = attacks.wilson_interval(50, 100)
+    assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)
+    assert attacks.wilson_interval(0, 10)[0] == 0.0
