@@ -1,8 +1,11 @@
-"""Batches of an in-memory dataset, shuffled per pass, sharded by rank.
+"""Batches of a dataset held in memory (or on the GPU), shuffled per pass,
+sharded by rank, optionally augmented on the device.
 
 Each global batch is cut into one contiguous piece per rank, so N processes
-see, together, exactly the batches one process would: what makes a
-distributed run comparable to a single-process one.
+see, together, exactly the batches one process would: ranks get disjoint
+samples covering the pass, and a distributed run is comparable to a
+single-process one. The order and the augmentation of pass e depend only on
+(seed, e, rank), so a resumed run sees the same batches.
 """
 from __future__ import annotations
 
@@ -11,14 +14,16 @@ import torch
 
 class TensorBatches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, augment=None):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
         if batch_size < 1 or batch_size % world_size:
             raise ValueError(f"batch size {batch_size} must be a positive multiple of the {world_size} process(es)")
+        if len(x) < batch_size and drop_last:
+            raise ValueError(f"{len(x)} samples cannot fill one batch of {batch_size}")
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.augment = rank, world_size, augment
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
@@ -28,6 +33,10 @@ class TensorBatches:
         n = len(self.x)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.x)
+
     def _order(self):
         if not self.shuffle:
             return torch.arange(len(self.x))
@@ -35,11 +44,51 @@ class TensorBatches:
         return torch.randperm(len(self.x), generator=g)
 
     def skip(self, start: int):
+        """The pass's batches from batch ``start`` on (for resuming mid-pass)."""
         order = self._order().to(self.x.device)
+        gen = None
+        if self.augment is not None:
+            gen = torch.Generator(self.x.device).manual_seed(
+                (self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
+            for _ in range(start):  # the skipped batches' draws, so batch `start` is augmented as before
+                self.augment.skip(gen, self.batch_size // self.world_size)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             idx = torch.tensor_split(idx, self.world_size)[self.rank]
-            yield self.x[idx], self.y[idx]
+            xb, yb = self.x[idx], self.y[idx]
+            if self.augment is not None:
+                xb = self.augment(xb, gen)
+            yield xb, yb
 
     def __iter__(self):
         return self.skip(0)
+
+
+class RandomCropFlip:
+    """torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, for a
+    whole uint8 batch at once on its device: zero padding, one offset and one
+    coin per image, no host work."""
+
+    def __init__(self, padding: int = 4, flip: bool = True):
+        self.padding, self.flip = padding, flip
+
+    def _draw(self, gen, n, device):
+        offsets = torch.randint(0, 2 * self.padding + 1, (2, n), generator=gen, device=device)
+        flips = torch.rand(n, generator=gen, device=device) < 0.5
+        return offsets, flips
+
+    def skip(self, gen, n):
+        self._draw(gen, n, gen.device)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p = self.padding
+        (dy, dx), flips = self._draw(gen, n, x.device)
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * p)
+        out = padded.gather(2, rows)
+        cols = torch.arange(w, device=x.device).expand(n, w)
+        if self.flip:
+            cols = torch.where(flips[:, None], w - 1 - cols, cols)
+        cols = (dx[:, None] + cols)[:, None, None, :].expand(n, c, h, w)
+        return out.gather(3, cols)

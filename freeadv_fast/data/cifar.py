@@ -1,0 +1,95 @@
+"""CIFAR-10 / CIFAR-100 from the official python-pickle distributions
+(``cifar-10-batches-py/``, ``cifar-100-python/``), kept whole on the device
+as uint8; crop and flip happen on the device per batch.
+
+The pickles are read with an unpickler that admits only the numpy array
+types those files contain, so a doctored file cannot run code.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .tensors import RandomCropFlip, TensorBatches
+
+LAYOUTS = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels",
+                "batches.meta", b"label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names"),
+}
+MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+            "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+_ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _load(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _ArraysOnly(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing (expected the official python version of the dataset)") from None
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from None
+
+
+def find_root(data_dir, name: str) -> Path:
+    """The folder holding the pickles: ``data_dir`` itself or its official subfolder."""
+    folder = LAYOUTS[name][0]
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such directory")
+    for candidate in (data_dir / folder, data_dir):
+        if (candidate / LAYOUTS[name][1][0]).is_file():
+            return candidate
+    raise DataError(f"{data_dir}: no {name} here (expected {folder}/{LAYOUTS[name][1][0]}, the official python "
+                    "version of the dataset)")
+
+
+def load_cifar(data_dir, name: str, train: bool):
+    """(x uint8 N x 3 x 32 x 32, y int64, class names)."""
+    if name not in LAYOUTS:
+        raise DataError(f"unknown CIFAR variant {name!r}: choose one of {', '.join(LAYOUTS)}")
+    root = find_root(data_dir, name)
+    _, train_files, test_files, label_key, meta_file, names_key = LAYOUTS[name]
+    xs, ys = [], []
+    for fname in train_files if train else test_files:
+        d = _load(root / fname)
+        try:
+            data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels = np.asarray(d[label_key], dtype=np.int64)
+        except (KeyError, ValueError) as exc:
+            raise DataError(f"{root / fname}: unexpected contents ({exc})") from None
+        if len(data) != len(labels):
+            raise DataError(f"{root / fname}: {len(data)} images but {len(labels)} labels")
+        xs.append(data)
+        ys.append(labels)
+    meta_path = root / meta_file
+    names = [n.decode() for n in _load(meta_path)[names_key]] if meta_path.exists() else None
+    y = torch.from_numpy(np.concatenate(ys))
+    classes = len(names) if names else int(y.max()) + 1
+    if y.min() < 0 or y.max() >= classes:
+        raise DataError(f"{root}: labels outside 0..{classes - 1}")
+    return torch.from_numpy(np.concatenate(xs)), y, names
+
+
+def cifar_loader(data_dir, name, *, train, batch_size, device, rank=0, world_size=1, seed=0, drop_last=None):
+    """The whole split uploaded once to ``device``; training batches are
+    shuffled, padded-cropped and flipped there."""
+    x, y, _ = load_cifar(data_dir, name, train)
+    x, y = x.to(device), y.to(device)
+    return TensorBatches(x, y, batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size,
+                         drop_last=train if drop_last is None else drop_last,
+                         augment=RandomCropFlip(padding=4) if train else None)

@@ -1,0 +1,332 @@
+"""Image-folder datasets (ImageNet's ``ROOT/train/<wnid>/*.JPEG``): scanning
+with bad-file checks, and the two loaders that read them.
+
+* DALI (``nvidia-dali``): the file reader feeds ``mixed`` (nvJPEG) decoding
+  fused with the random-resized crop on the GPU; with ``device_id=None`` the
+  same pipeline runs on DALI's CPU operators.
+* torch: torchvision transforms in DataLoader workers, the fallback when DALI
+  is not installed.
+
+Both give uint8 batches in NHWC storage seen as NCHW (channels_last) on the
+training device; normalization is left to the fused kernel. Each pass is a
+permutation of the files fixed by (seed, pass); rank r of W reads its own
+contiguous block of N // W files of it, so every rank has the same number of
+batches, ranks are disjoint, and a resumed run sees the same batches.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LOADERS = ("auto", "dali", "torch")
+_said = set()
+
+
+def say_once(message: str):
+    if message not in _said:
+        _said.add(message)
+        print(f"freeadv_fast: {message}", file=sys.stderr, flush=True)
+
+
+def quick_check(path: str) -> str | None:
+    """Why ``path`` cannot be a whole image (None if it looks fine): checks the
+    format's signature and, for JPEG and PNG, its end marker, which a
+    truncated file lacks. Reads a few bytes only."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - 1024))
+            tail = f.read()
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if size == 0:
+        return "empty file"
+    if head[:3] == b"\xff\xd8\xff":
+        return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
+    if head[:2] == b"BM" or head[:4] in (b"II*\x00", b"MM\x00*") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP") \
+            or head[:2] in (b"P5", b"P6"):
+        return None
+    return "not an image (unknown file signature)"
+
+
+def full_check(path: str) -> str | None:
+    """Why ``path`` cannot be decoded (None if PIL decodes it completely)."""
+    why = quick_check(path)
+    if why:
+        return why
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as exc:  # any decoder complaint makes the file unusable
+        return f"cannot decode ({type(exc).__name__}: {exc})"
+    return None
+
+
+def scan_image_folder(split_dir, *, check: bool = True, threads: int = 16):
+    """(class names, [(path, label)], [(path, why)]) for ``split_dir/<class>/<image>``.
+
+    Labels follow sorted class names, as torchvision's ImageFolder. Files with
+    an image extension that fail ``quick_check`` are returned as bad (and left
+    out of the samples); anything wrong with the layout raises DataError.
+    """
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir}: no such directory")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        loose = [e.name for e in os.scandir(split_dir) if e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        why = f"images directly inside it ({loose[0]}, ...)" if loose else "nothing usable inside"
+        raise DataError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<image>), found {why}")
+    samples = []
+    for label, name in enumerate(classes):
+        files = sorted(str(p) for p in (split_dir / name).rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise DataError(f"{split_dir / name}: class folder with no images")
+        samples += [(f, label) for f in files]
+    bad = []
+    if check:
+        with ThreadPoolExecutor(threads) as pool:
+            verdicts = list(pool.map(quick_check, (p for p, _ in samples), chunksize=256))
+        bad = [(p, why) for (p, _), why in zip(samples, verdicts) if why]
+        if bad:
+            samples = [s for s, why in zip(samples, verdicts) if not why]
+            say_once(f"{split_dir}: left out {len(bad)} bad file(s), e.g. {bad[0][0]}: {bad[0][1]} "
+                     f"(python -m freeadv_fast.data check lists them all)")
+    return classes, samples, bad
+
+
+def find_split(root, split: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory")
+    if not (root / split).is_dir():
+        raise DataError(f"{root}: no {split}/ folder (expected {root}/{split}/<class>/<image>)")
+    return root / split
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def resolve_loader(loader: str) -> str:
+    if loader not in LOADERS:
+        raise DataError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
+    if loader == "auto":
+        if dali_available():
+            return "dali"
+        say_once("DALI is not installed (pip install 'freeadv_fast[dali]'); loading images with torchvision "
+                 "in DataLoader workers instead")
+        return "torch"
+    if loader == "dali" and not dali_available():
+        raise DataError("--loader dali: nvidia-dali is not installed (pip install 'freeadv_fast[dali]')")
+    return loader
+
+
+class ImageFolderLoader:
+    """Batches of an image-folder split for one rank: ``batch_size`` is per rank."""
+
+    def __init__(self, split_dir, *, train: bool, batch_size: int, device="cpu", image_size: int = 224,
+                 val_resize: int = 256, rank: int = 0, world_size: int = 1, seed: int = 0, loader: str = "auto",
+                 workers: int | None = None, samples=None, classes=None):
+        if batch_size < 1:
+            raise DataError(f"batch size must be positive, got {batch_size}")
+        self.split_dir, self.train, self.batch_size = Path(split_dir), train, batch_size
+        self.device, self.image_size, self.val_resize = torch.device(device), image_size, val_resize
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.loader = resolve_loader(loader)
+        self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+        if samples is None:
+            classes, samples, _ = scan_image_folder(split_dir)
+        self.classes, self.samples = classes, samples
+        if len(samples) < world_size:
+            raise DataError(f"{split_dir}: {len(samples)} image(s) cannot be shared by {world_size} processes")
+        self.epoch = 0
+        self.bad_files: dict[str, str] = {}  # found while decoding: path -> why
+        self._torch_loader = None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def rank_indices(self) -> list[int]:
+        """This rank's samples for the current pass, in order."""
+        n = len(self.samples)
+        if self.train:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+            per_rank = n // self.world_size
+            return order[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+        return torch.tensor_split(torch.arange(n), self.world_size)[self.rank].tolist()  # every image, once
+
+    def __len__(self):
+        n = len(self.samples) // self.world_size if self.train else len(self.rank_indices())
+        return -(-n // self.batch_size)
+
+    def skip(self, start: int):
+        indices = self.rank_indices()[start * self.batch_size:]
+        if not indices:
+            return iter(())
+        if self.loader == "dali":
+            return self._dali_batches(indices, start)
+        return self._torch_batches(indices)
+
+    def __iter__(self):
+        return self.skip(0)
+
+    # -- DALI ---------------------------------------------------------------
+    def _dali_batches(self, indices, start):
+        """DALI stops at a file it cannot decode. Then the files of the batches
+        in flight are decoded with PIL, the bad ones replaced by good files of
+        the same window (so every rank keeps its batch count) and remembered,
+        and the pass goes on from where it stopped."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        on_gpu = self.device.type == "cuda"
+        files = [self.samples[i][0] for i in indices]
+        labels = [self.samples[i][1] for i in indices]
+        self._substitute(files, labels, range(len(files)), self.bad_files)
+        pos = 0
+        while pos < len(files):
+            pipe = dali_pipeline(files[pos:], labels[pos:], train=self.train, batch_size=self.batch_size,
+                                 image_size=self.image_size, val_resize=self.val_resize,
+                                 device_id=self.device.index if on_gpu else None, num_threads=self.workers,
+                                 seed=(self.seed * 1_000_003 + self.epoch) * 1009 + self.rank * 101 + start + pos)
+            it = DALIGenericIterator([pipe], ["x", "y"], reader_name="Reader",
+                                     last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+            try:
+                for batch in it:
+                    x, y = batch[0]["x"], batch[0]["y"]
+                    pos += len(y)
+                    yield x.permute(0, 3, 1, 2), y.reshape(-1).long().to(self.device, non_blocking=True)
+                return
+            except RuntimeError as exc:
+                window = range(pos, min(len(files), pos + 3 * self.batch_size))  # the batches in flight
+                bad = {files[i]: why for i in window if (why := full_check(files[i]))}
+                if not bad:
+                    raise DataError(f"DALI failed on one of {files[window[0]]} .. {files[window[-1]]}, which PIL "
+                                    f"decodes: {str(exc).strip().splitlines()[-1]}") from exc
+                self.bad_files.update(bad)
+                self._substitute(files, labels, window, bad)
+                path, why = next(iter(bad.items()))
+                say_once(f"skipping {len(bad)} file(s) DALI could not decode, e.g. {path}: {why}")
+
+    @staticmethod
+    def _substitute(files, labels, window, bad):
+        """Replaces the bad files in ``window`` by good ones from it, in place."""
+        if not bad:
+            return
+        good = [i for i in window if files[i] not in bad]
+        if not good:
+            raise DataError(f"no decodable image among {files[window[0]]} .. {files[window[-1]]}")
+        for k, i in enumerate(i for i in window if files[i] in bad):
+            files[i], labels[i] = files[good[k % len(good)]], labels[good[k % len(good)]]
+
+    # -- torchvision ----------------------------------------------------------
+    def _torch_batches(self, indices):
+        from torch.utils.data import DataLoader
+        if self._torch_loader is None:
+            self._sampler = _ListSampler()
+            self._torch_loader = DataLoader(
+                _FolderDataset(self.samples, self.train, self.image_size, self.val_resize), batch_size=self.batch_size,
+                sampler=self._sampler, num_workers=self.workers, collate_fn=_collate_skipping_bad,
+                pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+                prefetch_factor=4 if self.workers > 0 else None)
+        self._sampler.indices = indices
+        skipped = 0
+        for x, y, bad in self._torch_loader:
+            skipped += bad
+            if len(y) == 0:
+                continue
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+        if skipped:
+            say_once(f"{self.split_dir}: skipped {skipped} image(s) that failed to decode in pass {self.epoch}")
+
+
+def dali_pipeline(files, labels, *, train, batch_size, image_size, val_resize, device_id, num_threads, seed):
+    """Train: decode fused with a random-resized crop (scale 0.08-1, ratio
+    3/4-4/3), resize to image_size, random flip. Val: resize the shorter side
+    to val_resize, center crop image_size. uint8 HWC out, on the GPU when
+    ``device_id`` is given (``mixed`` decoding), else on the CPU."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=2, exec_dynamic=True)
+    def pipe():
+        encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
+        decoder = "mixed" if device_id is not None else "cpu"
+        if train:
+            images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
+                                                   random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                                   num_attempts=10)
+            images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
+            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+        else:
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=val_resize, antialias=True)
+            images = fn.crop(images, crop=(image_size, image_size))
+        if device_id is not None:
+            label = label.gpu()
+        return images, label
+
+    p = pipe()
+    p.build()
+    return p
+
+
+class _ListSampler(torch.utils.data.Sampler):
+    def __init__(self):
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class _FolderDataset(torch.utils.data.Dataset):
+    def __init__(self, samples, train, image_size, val_resize):
+        from torchvision import transforms as T
+        self.samples = samples
+        crop = [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)), T.RandomHorizontalFlip()]
+        self.transform = T.Compose((crop if train else [T.Resize(val_resize), T.CenterCrop(image_size)])
+                                   + [T.PILToTensor()])
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                return self.transform(im.convert("RGB")), label
+        except (OSError, ValueError, SyntaxError):  # PIL's errors for broken files
+            return None
+
+
+def _collate_skipping_bad(items):
+    good = [it for it in items if it is not None]
+    bad = len(items) - len(good)
+    if not good:
+        return torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad

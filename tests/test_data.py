@@ -1,0 +1,254 @@
+"""Data pipelines on tiny datasets written in the real on-disk formats."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from freeadv_fast.data import cifar
+from freeadv_fast.data.errors import DataError
+from freeadv_fast.data.folder import ImageFolderLoader, dali_available, scan_image_folder
+from freeadv_fast.data.synthetic import SyntheticBatches
+from freeadv_fast.data.tensors import RandomCropFlip, TensorBatches
+
+LOADERS = [pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")),
+           "torch"]
+
+
+def write_folder(root, classes=("n02", "n01", "n10"), per_class=5, seed=0):
+    """JPEGs of several sizes and aspect ratios (40-300 px a side), in ImageFolder layout."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = int(rng.integers(40, 300)), int(rng.integers(40, 300))
+            # smooth content (a coarse random pattern, upsampled), like photos rather than noise
+            coarse = Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8))
+            coarse.resize((w, h), Image.BICUBIC).save(root / c / f"img{i}.JPEG", quality=90)
+    return root
+
+
+def gradient_image(path, size=200):
+    """Red grows left to right, green top to bottom: a crop's colours say where it came from."""
+    ramp = np.linspace(0, 255, size)
+    img = np.zeros((size, size, 3), np.uint8)
+    img[..., 0] = ramp[None, :]
+    img[..., 1] = ramp[:, None]
+    Image.fromarray(img).save(path, quality=98)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("imagenet") / "train")
+
+
+def test_labels_follow_torchvision_imagefolder(folder):
+    from torchvision.datasets import ImageFolder
+    classes, samples, bad = scan_image_folder(folder)
+    tv = ImageFolder(str(folder))
+    assert classes == tv.classes and not bad
+    assert samples == [(p, label) for p, label in tv.samples]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_train_batches_are_uint8_channels_last_and_cover_the_pass(folder, loader):
+    data = ImageFolderLoader(folder, train=True, batch_size=4, image_size=32, loader=loader, workers=1, seed=1)
+    batches = list(data)
+    assert len(batches) == len(data) == 4  # 15 images: 4 + 4 + 4 + 3
+    for x, y in batches:
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert y.dtype == torch.int64 and ((0 <= y) & (y < 3)).all()
+    labels = torch.cat([y for _, y in batches]).sort().values
+    assert labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_val_transform_matches_torchvision(folder, loader):
+    from torchvision import transforms as T
+    data = ImageFolderLoader(folder, train=False, batch_size=5, loader=loader, workers=1)
+    x = torch.cat([x for x, _ in data])
+    tv = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
+    expected = torch.stack([tv(Image.open(p).convert("RGB")) for p, _ in data.samples])
+    diff = (x.float() - expected.float()).abs()
+    assert x.shape == expected.shape
+    assert diff.mean() < 2 and diff.quantile(0.99) < 12  # decoder and resampling differences only (a 1-px shift gives ~1.5-2)
+
+
+def test_ranks_get_disjoint_equal_shares_covering_the_pass(folder):
+    shares = [ImageFolderLoader(folder, train=True, batch_size=2, loader="torch", rank=r, world_size=2, seed=5)
+              for r in (0, 1)]
+    for epoch in (0, 1):
+        idx = []
+        for s in shares:
+            s.set_epoch(epoch)
+            idx.append(s.rank_indices())
+        assert len(idx[0]) == len(idx[1]) == 7 and not set(idx[0]) & set(idx[1])
+        assert len(shares[0]) == len(shares[1]) == 4
+    val = [ImageFolderLoader(folder, train=False, batch_size=4, loader="torch", rank=r, world_size=2) for r in (0, 1)]
+    assert sorted(val[0].rank_indices() + val[1].rank_indices()) == list(range(15))  # evaluation sees every image
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_crop_scales_and_flips_are_in_their_ranges(tmp_path, loader):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(32):
+            gradient_image(tmp_path / c / f"{i}.jpg")
+    data = ImageFolderLoader(tmp_path, train=True, batch_size=64, image_size=32, loader=loader, workers=1)
+    (x, _), = list(data)
+    x = x.float() / 255
+    red_left, red_right = x[:, 0, :, 0].mean(1), x[:, 0, :, -1].mean(1)
+    green_top, green_bottom = x[:, 1, 0, :].mean(1), x[:, 1, -1, :].mean(1)
+    flipped = red_left > red_right
+    assert 0.2 < flipped.float().mean() < 0.8
+    width = (red_right - red_left).abs() * 32 / 31
+    height = (green_bottom - green_top) * 32 / 31
+    area, ratio = width * height, width / height
+    assert area.min() > 0.08 * 0.8 and area.max() < 1.05  # RandomResizedCrop's scale (0.08, 1)
+    assert ratio.min() > 0.75 * 0.85 and ratio.max() < 4 / 3 * 1.15  # and ratio (3/4, 4/3)
+    assert area.std() > 0.1  # crops do vary
+
+
+def test_bad_layouts_are_named(tmp_path):
+    with pytest.raises(DataError, match="no such directory"):
+        scan_image_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        scan_image_folder(tmp_path / "empty")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "a.JPEG")
+    with pytest.raises(DataError, match="images directly inside"):
+        scan_image_folder(flat)
+    write_folder(tmp_path / "hole", classes=("a",), per_class=2)
+    (tmp_path / "hole" / "b").mkdir()
+    (tmp_path / "hole" / "b" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"hole/b: class folder with no images"):
+        scan_image_folder(tmp_path / "hole")
+
+
+@pytest.fixture()
+def broken_folder(tmp_path):
+    root = write_folder(tmp_path / "train", classes=("a", "b"), per_class=4)
+    good = (root / "a" / "img0.JPEG").read_bytes()
+    (root / "a" / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (root / "b" / "text.JPEG").write_text("this is not an image")
+    (root / "b" / "garbage.JPEG").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(600) + b"\xff\xd9")  # passes the scan
+    return root
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_bad_files_are_left_out_or_skipped_never_fatal(broken_folder, loader, capsys):
+    classes, samples, bad = scan_image_folder(broken_folder)
+    assert sorted(os.path.basename(p) for p, _ in bad) == ["text.JPEG", "truncated.JPEG"]
+    assert "left out 2 bad file(s)" in capsys.readouterr().err
+    data = ImageFolderLoader(broken_folder, train=True, batch_size=3, image_size=16, loader=loader, workers=1)
+    for epoch in range(2):
+        data.set_epoch(epoch)
+        n = sum(len(y) for _, y in data)
+        assert n in (8, 9)  # the undecodable file is skipped (torch) or replaced (DALI)
+    err = capsys.readouterr().err
+    assert "garbage.JPEG" in err or "skipped 1 image(s)" in err
+
+
+def test_data_check_lists_every_unreadable_file(broken_folder):
+    result = subprocess.run([sys.executable, "-m", "freeadv_fast.data", "check", str(broken_folder.parent)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    bad_lines = [line for line in result.stdout.splitlines() if "BAD" in line]
+    assert len(bad_lines) == 3 and "3 bad file(s)" in result.stdout
+    assert any("truncated.JPEG" in line and "truncated JPEG" in line for line in bad_lines)
+    missing = subprocess.run([sys.executable, "-m", "freeadv_fast.data", "check", str(broken_folder / "nope")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no such directory" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def write_cifar(root, name="cifar10", n_train=50, n_test=20, protocol=2):
+    folder, train_files, test_files, label_key, meta, names_key = cifar.LAYOUTS[name]
+    d = root / folder
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    classes = 10 if name == "cifar10" else 100
+    for files, n in ((train_files, n_train), (test_files, n_test)):
+        for f in files:
+            batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                     label_key: [int(v) for v in rng.integers(0, classes, n)]}
+            with open(d / f, "wb") as fh:
+                pickle.dump(batch, fh, protocol=protocol)
+    with open(d / meta, "wb") as fh:
+        pickle.dump({names_key: [f"c{i}".encode() for i in range(classes)]}, fh, protocol=protocol)
+    return root
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_pickles_load_onto_the_device(tmp_path, name):
+    write_cifar(tmp_path, name, protocol=2 if name == "cifar10" else 4)
+    x, y, names = cifar.load_cifar(tmp_path, name, train=True)
+    assert x.shape == (250 if name == "cifar10" else 50, 3, 32, 32) and x.dtype == torch.uint8
+    assert len(names) == (10 if name == "cifar10" else 100)
+    loader = cifar.cifar_loader(tmp_path, name, train=True, batch_size=16, device="cpu")
+    xb, yb = next(iter(loader))
+    assert xb.shape == (16, 3, 32, 32) and xb.dtype == torch.uint8 and yb.shape == (16,)
+    test = cifar.cifar_loader(tmp_path, name, train=False, batch_size=16, device="cpu")
+    assert sum(len(y) for _, y in test) == 20  # every test image, in order, unaugmented
+
+
+def test_cifar_errors_and_hostile_pickles(tmp_path):
+    with pytest.raises(DataError, match="no such directory"):
+        cifar.load_cifar(tmp_path / "nope", "cifar10", train=True)
+    with pytest.raises(DataError, match="no cifar10 here"):
+        cifar.load_cifar(tmp_path, "cifar10", train=True)
+    write_cifar(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    with open(batch, "wb") as fh:
+        pickle.dump({b"data": Payload()}, fh)
+    with pytest.raises(DataError, match="refusing to load posix.system|refusing to load os.system"):
+        cifar.load_cifar(tmp_path, "cifar10", train=True)
+    batch.write_bytes(b"\x80\x02truncated")
+    with pytest.raises(DataError, match="data_batch_3: not a readable CIFAR pickle"):
+        cifar.load_cifar(tmp_path, "cifar10", train=True)
+
+
+def test_device_crop_and_flip_match_their_definition():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (400, 3, 32, 32), dtype=torch.uint8)
+    out = RandomCropFlip(padding=4)(x, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    flips = 0
+    for i in range(len(x)):
+        found = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
+                 if torch.equal(out[i], (lambda c: c.flip(2) if f else c)(padded[i, :, dy:dy + 32, dx:dx + 32]))]
+        assert found, f"image {i} is not a padded crop (or its flip)"
+        flips += found[0][2]
+    assert 150 < flips < 250
+
+
+def test_tensor_batches_resume_mid_pass_with_the_same_augmentation():
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(40)
+    data = TensorBatches(x, y, 8, seed=3, augment=RandomCropFlip())
+    data.set_epoch(2)
+    full = list(data)
+    resumed = list(data.skip(2))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[2:], resumed))
+    data.set_epoch(3)
+    assert not torch.equal(list(data)[0][1], full[0][1])  # each pass is shuffled anew
+
+
+def test_synthetic_batches():
+    data = SyntheticBatches(6, image_size=20, classes=7, batches_per_epoch=3)
+    batches = list(data)
+    assert len(batches) == 3
+    x, y = batches[0]
+    assert x.shape == (6, 3, 20, 20) and x.dtype == torch.uint8 and x.is_contiguous(memory_format=torch.channels_last)
+    assert int(y.max()) < 7
+    assert torch.equal(list(data.skip(1))[0][0], batches[1][0])
