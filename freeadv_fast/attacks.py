@@ -116,9 +116,10 @@ def fgsm(model, x, y, *, epsilon, mean, std, pixel_range=(0.0, 1.0), precision="
 
 
 def correct(model, x, y, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32", topk=(1,), backend="auto"):
-    """Per-sample booleans: is y among the model's top-k predictions, for each k."""
+    """Per-sample booleans: is y among the model's top-k predictions, for each k
+    (k larger than the number of classes counts every class)."""
     logits = logits_of(model, x, mean=mean, std=std, pixel_range=pixel_range, precision=precision, backend=backend)
-    top = logits.topk(max(topk), dim=1).indices
+    top = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
     hits = top == y[:, None]
     return {k: hits[:, :k].any(1) for k in topk}
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+import multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -77,14 +79,45 @@ def _worker(local_rank: int, fn, nproc: int, port: int, args):
     fn(*args)
 
 
-def launch(fn, nproc: int, *args):
+def launch(fn, nproc: int, *args, grace_s: float = 60.0) -> int:
     """Runs ``fn(*args)`` in ``nproc`` fresh processes on this machine, with the
-    environment torchrun would give them; returns when all have finished and
-    raises if any failed. ``fn`` must be importable (a module-level function)."""
+    environment torchrun would give them, and returns the first non-zero exit
+    status (0 when all succeeded). SIGTERM and SIGINT are passed on to the
+    workers, so they can checkpoint; if one worker fails the others get
+    ``grace_s`` seconds to notice before they are terminated. ``fn`` must be
+    importable (a module-level function)."""
     if nproc == 1:
         fn(*args)
-        return
-    mp.start_processes(_worker, args=(fn, nproc, free_port(), args), nprocs=nproc, join=True, start_method="spawn")
+        return 0
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, fn, nproc, port, args)) for r in range(nproc)]
+    for p in procs:
+        p.start()
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        failed_at = None
+        while any(p.is_alive() for p in procs):
+            for p in procs:
+                p.join(timeout=0.2)
+            if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > grace_s:
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [p.exitcode for p in procs]
+    bad = [c for c in codes if c]
+    return (bad[0] if bad[0] > 0 else 128 - bad[0]) if bad else 0
 
 
 def wrap_model(model: torch.nn.Module, d: Dist, *, sync_batchnorm: bool = False) -> torch.nn.Module:

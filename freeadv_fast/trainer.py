@@ -166,7 +166,7 @@ class Trainer:
 
     # -- the pass loop ----------------------------------------------------
     def fit(self, loader, passes: int, *, log_every: int = 0, on_log=None, checkpoint_path=None,
-            checkpoint_every: int = 0, should_stop=None, config=None) -> bool:
+            checkpoint_every: int = 0, should_stop=None, config=None, on_batch=None, on_pass_end=None) -> bool:
         """Trains until ``passes`` passes over ``loader`` are complete, resuming
         from ``self.epoch`` / ``self.batch_in_epoch`` (set by a loaded
         checkpoint). ``loader`` is iterable per pass and may define
@@ -175,7 +175,9 @@ class Trainer:
         (the only host sync) and given to ``on_log``. A checkpoint is written
         every ``checkpoint_every`` batches, at the end of each pass and when
         ``should_stop()`` turns true, which ends training early: the return
-        value says whether all passes completed."""
+        value says whether all passes completed. ``on_batch(batch_size)``
+        follows every batch, ``on_pass_end(passes_done)`` every pass (before
+        its checkpoint); ``config`` is stored in the checkpoints."""
         from .checkpoint import save_checkpoint
 
         def checkpoint():
@@ -195,6 +197,8 @@ class Trainer:
                 self.train_batch(x, y)
                 self.batch_in_epoch += 1
                 batches_done += 1
+                if on_batch is not None:
+                    on_batch(len(y))
                 if log_every and on_log is not None and batches_done % log_every == 0:
                     on_log(self.log_record())
                 if should_stop is not None and should_stop():
@@ -204,6 +208,8 @@ class Trainer:
                     checkpoint()
             self.epoch += 1
             self.batch_in_epoch = 0
+            if on_pass_end is not None:
+                on_pass_end(self.epoch)
             checkpoint()
         return True
 

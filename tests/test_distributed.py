@@ -30,9 +30,9 @@ def test_two_processes_equal_one_on_the_whole_batch_and_resume_exactly(tmp_path)
     for d in (single, multi, resumed):
         d.mkdir()
     run("full", str(single))
-    distributed.launch(run, 2, "full", str(multi))
+    assert distributed.launch(run, 2, "full", str(multi)) == 0
     for mode in ("full", "interrupt", "resume"):  # dropout: the ranks' RNG states must be restored too
-        distributed.launch(run, 2, mode, str(resumed), 0.2)
+        assert distributed.launch(run, 2, mode, str(resumed), 0.2) == 0
     # no BatchNorm: the mean loss over the global batch is the mean of the ranks' means, so DDP's averaged
     # gradient is the single-process gradient, and each rank's delta is its half of the single delta
     assert_same_model(load(multi / "model-full.pt"), load(single / "model-full.pt"))

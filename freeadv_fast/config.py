@@ -1,0 +1,214 @@
+"""Run configuration: defaults, paper presets (data, not code), YAML files and
+flags merged in that order, every value checked before anything starts.
+
+An unknown key -- in a preset, a YAML file or a flag -- is an error, never
+ignored. Pixel values (epsilon, step size) accept fractions like ``4/255``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
+from pathlib import Path
+
+import yaml
+
+METHODS = ("free", "natural", "pgd", "fast")
+DATASETS = ("imagenet", "cifar10", "cifar100", "synthetic", "digits")
+EMBEDDED_DEFAULT = "digits"
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination that cannot run; the message names it."""
+
+
+def pixel_value(text) -> float:
+    """``0.03``, ``8/255`` or ``8 / 255`` as a float."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        return float(Fraction(str(text).replace(" ", "")))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"not a number or fraction: {text!r}") from None
+
+
+@dataclass
+class RunConfig:
+    dataset: str = EMBEDDED_DEFAULT
+    data: str | None = None
+    arch: str | None = None  # None: the dataset's default
+    method: str = "free"
+    replays: int = 4
+    epsilon: float = 4 / 255
+    step_size: float | None = None  # None: free: epsilon; pgd: 2.5 * eps / steps; fast: 1.25 * eps
+    pgd_steps: int = 7  # PGD training's attack steps
+    pixel_mode: str = "clamp_input"
+    epochs: float = 90.0  # natural-training epochs; free-m makes ceil(epochs / m) passes
+    batch_size: int = 256  # global, over every process
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    schedule: str = "step"  # step (official: /10 every ceil(30/m) passes), multistep, cosine, onecycle, constant
+    milestones: list = field(default_factory=list)  # multistep: optimizer steps
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    loader: str = "auto"
+    workers: int | None = None
+    image_size: int | None = None
+    sync_batchnorm: bool = False
+    out: str | None = None
+    eval_every: int = 1  # passes; 0 turns periodic evaluation off
+    eval_samples: int = 1000  # held-out images for the periodic evaluation
+    eval_steps: int = 10  # PGD steps of the periodic evaluation
+    final_eval_steps: list = field(default_factory=lambda: [10])
+    final_eval_samples: int = 0  # 0: the whole validation split
+    eval_restarts: int = 1
+    eval_step_size: float | None = None  # None: epsilon / 4
+    log_every: int = 50  # batches between metric reads
+    checkpoint_every: int = 0  # batches; 0: once per pass
+    seed: int = 0
+    synthetic_classes: int = 1000
+    synthetic_batches: int = 50
+
+    @classmethod
+    def keys(cls):
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# The paper's settings. Epochs are natural-training epochs (the step budget).
+PRESETS: dict[str, dict] = {
+    "imagenet-free4-eps4": dict(dataset="imagenet", arch="resnet50", method="free", replays=4, epsilon="4/255",
+                                step_size="4/255", batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                                schedule="step", epochs=90, eval_samples=1000,
+                                final_eval_steps=[10, 50, 100], eval_step_size="1/255"),
+    "imagenet-free4-eps2": dict(dataset="imagenet", arch="resnet50", method="free", replays=4, epsilon="2/255",
+                                step_size="2/255", batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                                schedule="step", epochs=90, eval_samples=1000,
+                                final_eval_steps=[10, 50, 100], eval_step_size="1/255"),
+    # the official TensorFlow CIFAR code: 80k replay steps, lr /10 at 40k and 60k
+    "cifar10-free8": dict(dataset="cifar10", arch="wide_resnet32_10", method="free", replays=8, epsilon="8/255",
+                          step_size="8/255", batch_size=128, lr=0.1, momentum=0.9, weight_decay=2e-4,
+                          schedule="multistep", milestones=[40000, 60000], epochs=205,
+                          final_eval_steps=[20, 100], eval_step_size="2/255"),
+    "cifar100-free8": dict(dataset="cifar100", arch="wide_resnet32_10", method="free", replays=8, epsilon="8/255",
+                           step_size="8/255", batch_size=128, lr=0.1, momentum=0.9, weight_decay=2e-4,
+                           schedule="multistep", milestones=[40000, 60000], epochs=205,
+                           final_eval_steps=[20, 100], eval_step_size="2/255"),
+    # Wong et al.'s fast recipe: PreActResNet-18, FGSM-RS, one-cycle LR, mixed precision
+    "cifar10-fast": dict(dataset="cifar10", arch="preact_resnet18", method="fast", epsilon="8/255",
+                         step_size="10/255", batch_size=128, lr=0.2, momentum=0.9, weight_decay=5e-4,
+                         schedule="onecycle", epochs=15, precision="bf16", final_eval_steps=[20, 100],
+                         eval_step_size="2/255"),
+    # the embedded default: scikit-learn's digits, a few minutes on 2 CPU cores
+    "digits-demo": dict(dataset="digits", arch="small_cnn", method="free", replays=4, epsilon=0.15, step_size=0.15,
+                        batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True, schedule="onecycle",
+                        epochs=80, eval_every=5, eval_samples=449, eval_steps=10, final_eval_steps=[20],
+                        final_eval_samples=0, eval_step_size=0.0375, log_every=10, precision="fp32"),
+}
+DATASET_PRESET = {"imagenet": "imagenet-free4-eps4", "cifar10": "cifar10-free8", "cifar100": "cifar100-free8",
+                  "digits": "digits-demo"}
+DEFAULT_ARCH = {"imagenet": "resnet50", "cifar10": "wide_resnet32_10", "cifar100": "wide_resnet32_10",
+                "synthetic": "resnet50", "digits": "small_cnn"}
+
+
+def _apply(cfg: RunConfig, values: dict, source: str) -> RunConfig:
+    known = set(RunConfig.keys())
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+    return dataclasses.replace(cfg, **values)
+
+
+def load_yaml(path) -> dict:
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def build_config(*, dataset=None, preset=None, file=None, flags=None) -> RunConfig:
+    """defaults <- preset (named, or the dataset's) <- YAML file <- flags; then checked."""
+    cfg = RunConfig()
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    file_values = load_yaml(file) if file else {}
+    dataset = dataset or flags.get("dataset") or file_values.get("dataset")
+    if preset is None and dataset in DATASET_PRESET:
+        preset = DATASET_PRESET[dataset]
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        cfg = _apply(cfg, PRESETS[preset], f"preset {preset}")
+    cfg = _apply(cfg, file_values, f"config file {file}")
+    cfg = _apply(cfg, flags, "flags")
+    if dataset:
+        cfg.dataset = dataset
+    return check(cfg)
+
+
+def check(cfg: RunConfig) -> RunConfig:
+    """Normalizes values (fractions, defaults that depend on others) and
+    raises ConfigError naming the first problem."""
+    from .models import ARCHITECTURES
+    from .ops import PIXEL_MODES
+    from .scheduler import SCHEDULES
+    from .trainer import PRECISIONS
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    cfg.arch = cfg.arch or DEFAULT_ARCH[cfg.dataset]
+    if cfg.arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {cfg.arch!r}: choose one of {', '.join(sorted(ARCHITECTURES))}")
+    for name, choices in (("precision", PRECISIONS), ("pixel_mode", PIXEL_MODES), ("schedule", SCHEDULES),
+                          ("loader", ("auto", "dali", "torch"))):
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"unknown {name} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
+    if not isinstance(cfg.replays, int) or cfg.replays < 1:
+        raise ConfigError(f"replays must be an integer >= 1, got {cfg.replays!r}")
+    if cfg.method != "free":
+        cfg.replays = 1
+    cfg.epsilon = pixel_value(cfg.epsilon)
+    if not 0 <= cfg.epsilon <= 1:
+        raise ConfigError(f"epsilon must be between 0 and 1 (the pixel range), got {cfg.epsilon:g}")
+    if cfg.step_size is None:
+        cfg.step_size = {"free": cfg.epsilon, "pgd": 2.5 * cfg.epsilon / cfg.pgd_steps,
+                         "fast": 1.25 * cfg.epsilon, "natural": 0.0}[cfg.method]
+    cfg.step_size = pixel_value(cfg.step_size)
+    if not 0 <= cfg.step_size <= 1:
+        raise ConfigError(f"step size must be between 0 and 1 (the pixel range), got {cfg.step_size:g}")
+    cfg.eval_step_size = pixel_value(cfg.eval_step_size) if cfg.eval_step_size is not None else cfg.epsilon / 4
+    for name in ("batch_size", "pgd_steps", "eval_samples", "eval_steps", "eval_restarts", "log_every"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    for name in ("eval_every", "checkpoint_every", "final_eval_samples", "seed"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
+    if not (isinstance(cfg.epochs, (int, float)) and cfg.epochs > 0 and math.isfinite(cfg.epochs)):
+        raise ConfigError(f"epochs must be positive, got {cfg.epochs!r}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"lr must be positive, got {cfg.lr!r}")
+    if cfg.schedule == "multistep" and not cfg.milestones:
+        raise ConfigError("the multistep schedule needs milestones (optimizer steps)")
+    if isinstance(cfg.final_eval_steps, int):
+        cfg.final_eval_steps = [cfg.final_eval_steps]
+    if not all(isinstance(s, int) and s >= 1 for s in cfg.final_eval_steps):
+        raise ConfigError(f"final-eval-steps must be positive integers, got {cfg.final_eval_steps!r}")
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

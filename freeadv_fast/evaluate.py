@@ -1,0 +1,48 @@
+"""Clean and adversarial accuracy over a loader, summed across ranks, with
+95% confidence intervals."""
+from __future__ import annotations
+
+import torch
+
+from . import attacks, distributed
+from .data.datasets import take
+
+
+def attack_name(loss: str, steps: int, restarts: int = 1) -> str:
+    name = f"{'pgd' if loss == 'ce' else 'cw'}-{steps}"
+    return name + (f"x{restarts}" if restarts > 1 else "")
+
+
+def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), losses=("ce",), restarts=1, limit=0,
+             precision="fp32", seed=0, progress=None) -> dict:
+    """{"samples", "clean_top1", "clean_top5", "<attack>": acc, "<metric>_ci": (lo, hi), ...}; accuracies
+    are fractions. ``limit`` caps the samples per rank (0: all). The model is put in eval mode and back."""
+    net = distributed.unwrap(model)
+    was_training = net.training
+    net.eval()
+    names = [(attack_name(loss, s, restarts), loss, s) for loss in losses for s in steps]
+    device = next(net.parameters()).device
+    counts = torch.zeros(3 + len(names), dtype=torch.float64, device=device)  # n, top1, top5, attacks...
+    gen = torch.Generator(device).manual_seed(seed)
+    try:
+        for x, y in take(batches, limit):
+            x, y = x.to(device), y.to(device)
+            hits = attacks.correct(net, x, y, mean=mean, std=std, precision=precision, topk=(1, 5))
+            row = [len(y), hits[1].sum(), hits[5].sum()]
+            for _, loss, s in names:
+                adv = attacks.pgd(net, x, y, epsilon=epsilon, step_size=step_size, steps=s, restarts=restarts,
+                                  loss=loss, mean=mean, std=std, precision=precision, generator=gen)
+                row.append(attacks.correct(net, adv, y, mean=mean, std=std, precision=precision)[1].sum())
+            counts += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in row])
+            if progress is not None:
+                progress(len(y))
+    finally:
+        net.train(was_training)
+    totals = distributed.all_reduce_sum(counts).tolist()
+    n = int(totals[0])
+    result = {"samples": n, "epsilon": epsilon, "step_size": step_size, "restarts": restarts}
+    for key, hits in zip(["clean_top1", "clean_top5"] + [name for name, _, _ in names], totals[1:]):
+        result[key] = hits / n if n else float("nan")
+        result[key + "_ci95"] = list(attacks.wilson_interval(int(round(hits)), n))
+    return result
+

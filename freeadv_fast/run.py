@@ -1,0 +1,258 @@
+"""One training run on one process (rank): data, model, trainer, the pass loop
+with progress, periodic evaluation, logs, checkpoints and the final
+evaluation. ``python -m freeadv_fast.train`` starts one of these per device.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from .config import ConfigError, RunConfig, to_yaml
+from .data.datasets import build_data
+from .data.errors import DataError
+from .evaluate import attack_name, evaluate
+from .models import create_model
+from .scheduler import build_schedule, passes_for
+from .trainer import TRAINERS
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop finishes the current batch's
+    replays, writes a checkpoint and stops."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+def resume_path(cfg: RunConfig, resume) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        path = Path(cfg.out) / "checkpoint-last.pt"
+        return path if path.exists() else None
+    return Path(resume)
+
+
+def check_resume(cfg: RunConfig, path: Path | None):
+    """Refuses, before any worker starts, a checkpoint of another architecture
+    or method, or one that is unreadable."""
+    if path is None:
+        return
+    state = read_checkpoint(path)
+    saved = state.get("config", {})
+    for key in ("arch", "dataset", "method"):
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise CheckpointError(f"checkpoint {path} is from a {key} {saved[key]!r} run, not {getattr(cfg, key)!r}")
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def train_worker(cfg_dict: dict, resume: str | None, cpu: bool):
+    """Entry point of every rank. User errors exit with status 2 and one line."""
+    cfg = RunConfig(**cfg_dict)
+    try:
+        d = distributed.setup(cpu=cpu)
+    except RuntimeError as exc:
+        log(f"freeadv_fast.train: error: {exc}")
+        sys.exit(2)
+    try:
+        status = _train(cfg, d, resume)
+    except USER_ERRORS as exc:
+        log(f"freeadv_fast.train: error: {exc}")
+        status = 2
+    finally:
+        distributed.teardown()
+    if status:
+        sys.exit(status)
+
+
+def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    if d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = build_data(cfg, d.rank, d.world_size, d.device)
+    model = create_model(cfg.arch, data.num_classes, data.in_channels).to(d.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = distributed.wrap_model(model, d, sync_batchnorm=cfg.sync_batchnorm)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    replays = cfg.replays if cfg.method == "free" else 1
+    passes = passes_for(cfg.epochs, replays)
+    schedule = build_schedule(cfg.schedule, optimizer, steps_per_pass=len(data.train) * replays, passes=passes,
+                              replays=replays, milestones=cfg.milestones)
+    common = dict(mean=data.mean, std=data.std, precision=cfg.precision, channels_last=cfg.channels_last,
+                  compile=cfg.compile, scheduler=schedule, seed=cfg.seed + d.rank)
+    if cfg.method == "free":
+        trainer = TRAINERS["free"](model, optimizer, replays=replays, epsilon=cfg.epsilon, step_size=cfg.step_size,
+                                   pixel_mode=cfg.pixel_mode, **common)
+    elif cfg.method == "pgd":
+        trainer = TRAINERS["pgd"](model, optimizer, steps=cfg.pgd_steps, epsilon=cfg.epsilon,
+                                  step_size=cfg.step_size, **common)
+    elif cfg.method == "fast":
+        trainer = TRAINERS["fast"](model, optimizer, epsilon=cfg.epsilon, step_size=cfg.step_size, **common)
+    else:
+        trainer = TRAINERS["natural"](model, optimizer, **common)
+
+    state = {**cfg.to_dict(), "best_robust": -1.0}  # stored in every checkpoint
+    path = resume_path(cfg, resume)
+    if path is not None:
+        state["best_robust"] = load_checkpoint(path, trainer).get("best_robust", -1.0)
+        if d.is_main:
+            log(f"resumed from {path}: pass {trainer.epoch + 1}/{passes}, batch {trainer.batch_in_epoch}, "
+                f"step {trainer.step}")
+    elif resume == "auto" and d.is_main:
+        log(f"no checkpoint in {out} yet: starting from scratch")
+
+    metrics_file = out / "metrics.jsonl"
+    history: list[dict] = []
+    if d.is_main and metrics_file.exists():
+        history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+
+    def write_metrics(record):
+        record = {"time": time.time(), **record}
+        history.append(record)
+        if d.is_main:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    bar = None
+    images_per_pass = getattr(data.train, "num_samples", len(data.train) * cfg.batch_size)
+    last_log = {}
+
+    def on_batch(n):
+        if bar is not None:
+            bar.update(n * d.world_size)
+
+    def on_log(record):
+        record = {"type": "train", **record, "images_per_s": record["samples_per_s"] / replays,
+                  "progress": record["epoch"] + record["batch"] / max(1, len(data.train))}
+        last_log.update(record)
+        write_metrics(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", lr=f"{record['lr']:.3g}",
+                            refresh=False)
+
+    def periodic_eval(epoch):
+        nonlocal bar
+        if bar is not None:
+            bar.close()
+            bar = None
+        summary = trainer.log_record()
+        if summary["samples"]:
+            on_log(summary)
+        if d.is_main:
+            log(f"pass {epoch}/{passes}: loss {last_log.get('loss', math.nan):.4f}, "
+                f"train acc {last_log.get('acc', math.nan):.4f}, {last_log.get('images_per_s', 0):.0f} images/s, "
+                f"lr {trainer.optimizer.param_groups[0]['lr']:.4g}")
+        if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == passes):
+            result = evaluate(model, data.val, mean=data.mean, std=data.std, epsilon=cfg.epsilon,
+                              step_size=cfg.eval_step_size, steps=(cfg.eval_steps,),
+                              limit=-(-cfg.eval_samples // d.world_size), precision=cfg.precision, seed=cfg.seed)
+            robust = result[attack_name("ce", cfg.eval_steps)]
+            write_metrics({"type": "eval", "step": trainer.step, "epoch": epoch, **result})
+            if d.is_main:
+                log(f"  eval on {result['samples']} held-out images: clean {result['clean_top1']:.4f}, "
+                    f"PGD-{cfg.eval_steps} {robust:.4f} (eps {cfg.epsilon:.4g})")
+                from .report import plot_curves
+                plot_curves(history, out / "curves.png")
+            if robust > state["best_robust"]:
+                state["best_robust"] = robust
+                save_checkpoint(out / "checkpoint-best.pt", trainer, config=state)
+
+    stop = StopRequest()
+    batches_since_check = [0]
+
+    def should_stop():
+        if not d.distributed:
+            return bool(stop.signum)
+        batches_since_check[0] += 1
+        if batches_since_check[0] < cfg.log_every:
+            return False
+        batches_since_check[0] = 0  # ranks agree at log intervals only: one small all-reduce, no per-batch sync
+        flag = torch.tensor([float(stop.signum)], device=d.device)
+        return bool(distributed.all_reduce_sum(flag).item())
+
+    def new_bar(epoch):
+        nonlocal bar
+        if d.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=images_per_pass, initial=min(images_per_pass, trainer.batch_in_epoch * cfg.batch_size), unit="img",
+                       desc=f"pass {epoch + 1}/{passes}", file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
+                       leave=False)
+
+    class PassStarts:
+        """Opens a progress bar as each pass starts (the loader's set_epoch)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def set_epoch(self, epoch):
+            if hasattr(self.inner, "set_epoch"):
+                self.inner.set_epoch(epoch)
+            new_bar(epoch)
+
+        def skip(self, start):
+            return self.inner.skip(start) if hasattr(self.inner, "skip") else take_from(self.inner, start)
+
+        def __iter__(self):
+            return iter(self.inner)
+
+    def take_from(batches, start):
+        return (b for i, b in enumerate(batches) if i >= start)
+
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        log(f"{cfg.method} training of {cfg.arch} on {cfg.dataset}: {passes} passes x {len(data.train)} batches x "
+            f"{replays} replay(s) = {passes * len(data.train) * replays} optimizer steps, {d.world_size} process(es) "
+            f"on {d.device.type}; run directory {out}")
+    completed = trainer.fit(PassStarts(data.train), passes, log_every=cfg.log_every, on_log=on_log,
+                            checkpoint_path=out / "checkpoint-last.pt", checkpoint_every=cfg.checkpoint_every,
+                            should_stop=should_stop, config=state, on_batch=on_batch, on_pass_end=periodic_eval)
+    if bar is not None:
+        bar.close()
+    if not completed:
+        if d.is_main:
+            name = signal.Signals(stop.signum).name if stop.signum else "a stop request"
+            log(f"stopped by {name} at pass {trainer.epoch + 1}, batch {trainer.batch_in_epoch}; checkpoint written "
+                f"to {out / 'checkpoint-last.pt'}. Resume with the same command plus --resume auto "
+                f"(and --out {out})")
+        return 128 + stop.signum if stop.signum else 1
+    final = final_evaluation(cfg, model, data, d)
+    if d.is_main:
+        (out / "final.json").write_text(json.dumps(final, indent=1) + "\n")
+        from .report import format_table
+        log(format_table(final, f"final evaluation ({cfg.method}, eps {cfg.epsilon:.4g})"))
+        if not (out / "checkpoint-best.pt").exists():  # no periodic evaluation ran
+            shutil.copyfile(out / "checkpoint-last.pt", out / "checkpoint-best.pt")
+    return 0
+
+
+def final_evaluation(cfg, model, data, d) -> dict:
+    limit = -(-cfg.final_eval_samples // d.world_size) if cfg.final_eval_samples else 0
+    return evaluate(model, data.val, mean=data.mean, std=data.std, epsilon=cfg.epsilon,
+                    step_size=cfg.eval_step_size, steps=tuple(cfg.final_eval_steps), restarts=cfg.eval_restarts,
+                    limit=limit, precision=cfg.precision, seed=cfg.seed)
+
+
+__all__ = ["USER_ERRORS", "check_resume", "resume_path", "train_worker"]
