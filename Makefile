@@ -1,6 +1,5 @@
-# freeadv_fast -- quickstart: `make test` (and `make demo` once the training
-# command lands). Every target bootstraps .venv once; running it again does not
-# reinstall anything.
+# freeadv_fast -- quickstart: `make demo` and `make test`. Every target
+# bootstraps .venv once; running it again does not reinstall anything.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,7 +17,7 @@ export CUDA_HOME
 NVCC := $(if $(CUDA_HOME),$(CUDA_HOME)/bin/nvcc,)
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu)
 
-.PHONY: env test test-gpu wheel cmake-test bench-kernels clean
+.PHONY: env demo test test-gpu wheel cmake-test bench-kernels clean
 
 $(VENV)/.deps: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,11 +26,16 @@ $(VENV)/.deps: pyproject.toml
 
 $(VENV)/.built: $(VENV)/.deps $(EXT_SOURCES)
 	@echo "== building freeadv_fast._C$(if $(CUDA_HOME), with CUDA from $(CUDA_HOME),) (about a minute on 2 cores)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dali]"
 	@touch $@
 
 ## env: the virtual environment with the package and its compiled extension
 env: $(VENV)/.built
+
+## demo: the embedded default -- natural vs free training on scikit-learn's
+## digits, then PGD on both (a few minutes on 2 CPU cores)
+demo: env
+	$(PY) -m freeadv_fast.train $(DEMO_ARGS)
 
 ## test: build, then the whole test suite (GPU tests are skipped without a GPU)
 test: env

@@ -1,0 +1,174 @@
+"""The training and evaluation commands end to end, on tiny datasets in the
+real formats, and every expected mistake as one clear line with status 2."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from freeadv_fast import train
+from test_data import write_cifar, write_folder
+
+FAST = {"eval_samples": 16, "final_eval_samples": 16, "eval_steps": 2, "final_eval_steps": [2], "log_every": 2,
+        "workers": 1}
+
+
+def cli(*args, module="freeadv_fast.train", timeout=600):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def config_file(tmp_path, **values):
+    path = tmp_path / "fast.yaml"
+    path.write_text(yaml.safe_dump({**FAST, **values}))
+    return path
+
+
+def assert_run_directory(out, passes):
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint-last.pt", "checkpoint-best.pt", "curves.png",
+                 "final.json"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert train_records and all({"step", "epoch", "lr", "loss", "acc", "images_per_s"} <= r.keys()
+                                  for r in train_records)
+    assert [r["epoch"] for r in evals] == list(range(1, passes + 1))
+    final = json.loads((out / "final.json").read_text())
+    assert 0 <= final["clean_top1"] <= 1 and 0 <= final["pgd-2"] <= 1 and final["samples"] == 16
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["arch"] == "small_cnn"
+    return records
+
+
+def test_cifar_pickles_end_to_end(tmp_path):
+    data = write_cifar(tmp_path / "data", n_train=40, n_test=20)
+    out = tmp_path / "run"
+    result = cli("--cpu", "cifar10", "--data", data, "--arch", "small_cnn", "--replays", "2", "--epochs", "4",
+                 "--batch-size", "32", "--epsilon", "8/255", "--lr", "0.05", "--config", config_file(tmp_path),
+                 "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "epsilon: 0.031372" in result.stderr  # the effective configuration is printed, fractions resolved
+    assert "pass 2/2" in result.stderr and "final evaluation" in result.stderr
+    assert_run_directory(out, passes=2)
+    evaluation = cli(out / "checkpoint-last.pt", "--cpu", "--limit", "12", "--steps", "2,3", "--json",
+                     tmp_path / "e.json", module="freeadv_fast.eval")
+    assert evaluation.returncode == 0, evaluation.stderr
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["samples"] == 12 and {"pgd-2", "pgd-3", "clean_top5_ci95"} <= report.keys()
+    assert report["epsilon"] == pytest.approx(8 / 255)  # the checkpoint's training epsilon
+
+
+def test_image_folder_with_two_processes(tmp_path):
+    root = tmp_path / "imagenet"
+    write_folder(root / "train", classes=("n1", "n2"), per_class=8)
+    write_folder(root / "val", classes=("n1", "n2"), per_class=8, seed=1)
+    out = tmp_path / "run"
+    result = cli("--cpu", "--nproc", "2", "imagenet", "--data", root, "--arch", "small_cnn", "--loader", "torch",
+                 "--epochs", "4", "--batch-size", "8", "--config", config_file(tmp_path, image_size=32), "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "2 process(es)" in result.stderr
+    assert_run_directory(out, passes=1)
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_auto_finishes(tmp_path):
+    out = tmp_path / "run"
+    args = ["--cpu", "digits", "--epochs", "80", "--replays", "4", "--config",
+            config_file(tmp_path, eval_every=0, log_every=1), "--out", out]
+    proc = subprocess.Popen([sys.executable, "-m", "freeadv_fast.train", *map(str, args)], stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume auto" in err and "Traceback" not in err
+    stopped = torch.load(out / "checkpoint-last.pt", weights_only=True)
+    assert stopped["step"] > 0 and stopped["epoch"] < 20
+    again = cli(*args)
+    assert again.returncode == 2 and "holds another run" in again.stderr
+    resumed = cli(*args, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    assert torch.load(out / "checkpoint-last.pt", weights_only=True)["epoch"] == 20
+    assert (out / "final.json").exists()
+
+
+def test_embedded_default_shows_the_robustness_gain(tmp_path):
+    out = tmp_path / "demo"
+    result = cli("--cpu", "--epochs", "40", "--out", out)
+    assert result.returncode == 0, result.stderr
+    comparison = json.loads((out / "comparison.json").read_text())
+    natural, free = comparison["natural"], comparison["free"]
+    assert free["robust_acc"] - natural["robust_acc"] > 0.2
+    assert natural["clean_acc"] - free["clean_acc"] < 0.1
+    assert comparison["attack"]["epsilon"] == 0.15 and comparison["attack"]["steps"] == 20
+    for method in ("natural", "free"):
+        assert (out / method / "final.json").exists() and (out / method / "curves.png").exists()
+    assert "robust accuracy for" in result.stdout
+
+
+def one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        sys.exit(train.main(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_every_expected_mistake_is_one_line_and_status_2(tmp_path, capsys):
+    cifar_dir = write_cifar(tmp_path / "cifar")
+    (tmp_path / "empty").mkdir()
+    folder = tmp_path / "folder"
+    write_folder(folder / "train", classes=("a",), per_class=1)
+    cases = {
+        "no such directory": ["cifar10", "--data", tmp_path / "missing"],
+        "no cifar10 here": ["cifar10", "--data", tmp_path / "empty"],
+        "no val/ folder": ["imagenet", "--data", folder],
+        "unknown dataset 'mnist'": ["mnist"],
+        "unknown architecture 'resnet9000'": ["digits", "--arch", "resnet9000"],
+        "unknown preset 'cifar10-free99'": ["--preset", "cifar10-free99"],
+        "--replays: must be >= 1": ["digits", "--replays", "0"],
+        "epsilon must be between 0 and 1": ["digits", "--epsilon=-1/255"],
+        "step size must be between 0 and 1": ["digits", "--step-size", "300/255"],
+        "not a number or fraction": ["digits", "--epsilon", "eight"],
+        "not divisible by the 2 worker processes": ["--cpu", "--nproc", "2", "digits", "--batch-size", "5"],
+        "--gpus 2 asked for, but this machine has": ["--gpus", "2", "digits"],
+        "unrecognized arguments: --bogus": ["digits", "--bogus", "1"],
+        "unknown key(s) learning_rate": ["digits", "--config", config_file(tmp_path, learning_rate=0.1)],
+        "unknown precision 'fp8'": ["digits", "--precision", "fp8"],
+    }
+    if torch.cuda.is_available():
+        cases.pop("--gpus 2 asked for, but this machine has")
+    for expected, argv in cases.items():
+        line = one_line_error(capsys, [str(a) for a in argv] + ["--out", str(tmp_path / "never")])
+        assert expected in line, (argv, line)
+    assert not (tmp_path / "never").exists()  # nothing was started or written
+    assert cifar_dir.exists()
+
+
+def test_checkpoint_and_run_directory_mistakes(tmp_path, capsys):
+    out = tmp_path / "run"
+    ok = cli("--cpu", "digits", "--epochs", "4", "--config", config_file(tmp_path, eval_every=0), "--out", out)
+    assert ok.returncode == 0, ok.stderr
+    line = one_line_error(capsys, ["--cpu", "digits", "--epochs", "4", "--out", str(out)])
+    assert "holds another run" in line
+    line = one_line_error(capsys, ["--cpu", "digits", "--arch", "resnet18", "--resume",
+                                   str(out / "checkpoint-last.pt"), "--out", str(tmp_path / "other")])
+    assert "is from a arch 'small_cnn' run" in line
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((out / "checkpoint-last.pt").read_bytes()[:1000])
+    line = one_line_error(capsys, ["--cpu", "digits", "--resume", str(corrupt), "--out", str(tmp_path / "x")])
+    assert "cannot read checkpoint" in line
+    result = cli(corrupt, "--cpu", module="freeadv_fast.eval")
+    assert result.returncode == 2 and "cannot read checkpoint" in result.stderr and "Traceback" not in result.stderr
+    result = cli(out / "checkpoint-last.pt", "--cpu", "--attack", "nope", module="freeadv_fast.eval")
+    assert result.returncode == 2 and "invalid choice: 'nope'" in result.stderr
