@@ -153,9 +153,13 @@ def autoattack(model, data, cfg, job, limit, d) -> dict:
         raise ConfigError("--attack autoattack needs torchattacks: pip install torchattacks") from None
     from . import attacks
 
-    class PixelModel(torch.nn.Module):
+    class PixelModel(torch.nn.Module):  # AutoAttack perturbs [0, 1] pixels; the model wants normalized input
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
         def forward(self, pixels):
-            return model((pixels - mean) / std)
+            return self.model((pixels - mean) / std)
 
     mean = torch.tensor(data.mean, device=d.device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=d.device).view(1, -1, 1, 1)

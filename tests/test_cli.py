@@ -172,3 +172,19 @@ def test_checkpoint_and_run_directory_mistakes(tmp_path, capsys):
     assert result.returncode == 2 and "cannot read checkpoint" in result.stderr and "Traceback" not in result.stderr
     result = cli(out / "checkpoint-last.pt", "--cpu", "--attack", "nope", module="freeadv_fast.eval")
     assert result.returncode == 2 and "invalid choice: 'nope'" in result.stderr
+
+
+def test_eval_runs_autoattack_and_says_when_it_cannot(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torchattacks")
+    out = tmp_path / "run"
+    ok = cli("--cpu", "digits", "--epochs", "4", "--config", config_file(tmp_path, eval_every=0), "--out", out)
+    assert ok.returncode == 0, ok.stderr
+    result = cli(out / "checkpoint-last.pt", "--cpu", "--attack", "autoattack", "--limit", "8", "--json",
+                 tmp_path / "aa.json", module="freeadv_fast.eval")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "aa.json").read_text())
+    assert report["samples"] == 8 and report["autoattack"] <= report["clean_top1"]
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # as if it were not installed
+    from freeadv_fast import eval as eval_cli
+    assert eval_cli.main([str(out / "checkpoint-last.pt"), "--cpu", "--attack", "autoattack"]) == 2
+    assert "needs torchattacks: pip install torchattacks" in capsys.readouterr().err

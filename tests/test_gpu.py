@@ -75,3 +75,57 @@ def test_imagenet_sized_bf16_channels_last_batch_matches_the_reference(backend):
     assert torch.equal(delta, expected_delta)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.float(), expected.float(), atol=0, rtol=2 ** -7)  # one bf16 ulp
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_free_trainer_on_the_gpu_equals_the_official_loop(backend):
+    import copy
+
+    from freeadv_fast import FreeAdversarialTrainer
+    from helpers import EPS, MEAN as H_MEAN, STD as H_STD, STEP, sgd, small_cnn, toy_data
+    from test_trainer import official_free_loop
+
+    torch.backends.cudnn.deterministic = True
+    x, y = toy_data()
+    ref_model = small_cnn().cuda()
+    model = copy.deepcopy(ref_model)
+    batches = [(x[:8].cuda(), y[:8].cuda()), (x[8:16].cuda(), y[8:16].cuda()), (x[16:].cuda(), y[16:].cuda())]
+    ref_delta = official_free_loop(ref_model, sgd(ref_model), lambda: iter(batches), replays=3, eps=EPS, step=STEP,
+                                   epochs=2)
+    trainer = FreeAdversarialTrainer(model, sgd(model), replays=3, epsilon=EPS, step_size=STEP, mean=H_MEAN,
+                                     std=H_STD, backend=backend)
+    for _ in range(2):
+        for xb, yb in batches:
+            trainer.train_batch(xb, yb)
+    torch.testing.assert_close(trainer.delta, ref_delta, atol=1e-6, rtol=0)
+    for p, q in zip(model.state_dict().values(), ref_model.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+
+
+def test_bf16_channels_last_compiled_training_on_the_gpu():
+    from freeadv_fast import FreeAdversarialTrainer
+    from freeadv_fast.models import create_model
+    model = create_model("preact_resnet18", 10).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = FreeAdversarialTrainer(model, opt, replays=4, epsilon=8 / 255, step_size=8 / 255, mean=MEAN, std=STD,
+                                     precision="bf16", channels_last=True, compile=True)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    y = torch.randint(0, 10, (64,), device="cuda")
+    losses = [trainer.train_batch(x, y)["loss"] for _ in range(5)]
+    assert all(torch.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert trainer.delta.is_contiguous(memory_format=torch.channels_last) and trainer.delta.abs().max() > 0
+
+
+def test_dali_mixed_decoding_delivers_uint8_nhwc_on_the_gpu(tmp_path):
+    from freeadv_fast.data.folder import ImageFolderLoader, dali_available
+    from test_data import write_folder
+    if not dali_available():
+        pytest.skip("nvidia-dali not installed")
+    write_folder(tmp_path / "train", classes=("a", "b"), per_class=6)
+    data = ImageFolderLoader(tmp_path / "train", train=True, batch_size=4, image_size=64, device="cuda:0",
+                             loader="dali")
+    batches = list(data)
+    assert len(batches) == 3
+    for x, y in batches:
+        assert x.is_cuda and y.is_cuda and x.dtype == torch.uint8 and x.shape[1:] == (3, 64, 64)
+        assert x.is_contiguous(memory_format=torch.channels_last)

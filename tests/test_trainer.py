@@ -32,6 +32,7 @@ def official_free_loop(model, opt, data, *, replays, eps, step, epochs):
     for _ in range(epochs):
         for x, y in data():
             x = x.float() / 255
+            mean, std = mean.to(x.device), std.to(x.device)
             if global_noise is None:
                 global_noise = torch.zeros_like(x)
             n = x.shape[0]
