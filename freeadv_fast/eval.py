@@ -21,7 +21,8 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError, read_checkpoint
-from .config import DATASETS, ConfigError, RunConfig, check, pixel_value
+from .cli import ArgumentParser, int_at_least, pixel
+from .config import DATASETS, ConfigError, RunConfig, check
 from .data.datasets import build_data, take
 from .data.errors import DataError
 from .evaluate import evaluate
@@ -34,11 +35,6 @@ PAPER_EVAL = {"imagenet": ([10, 50, 100], 1 / 255), "cifar10": ([20, 100], 2 / 2
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
-
-
 def steps_list(text):
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
@@ -49,13 +45,6 @@ def steps_list(text):
     return steps
 
 
-def pixel(text):
-    try:
-        return pixel_value(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def parser():
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path)
@@ -64,18 +53,18 @@ def parser():
     p.add_argument("--attack", choices=["pgd", "cw", "autoattack"], action="append",
                    help="repeatable (default: pgd)")
     p.add_argument("--steps", type=steps_list)
-    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--restarts", type=int_at_least(1), default=1)
     p.add_argument("--epsilon", type=pixel)
     p.add_argument("--step-size", type=pixel)
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N images (0: all)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--limit", type=int_at_least(0), default=0, help="evaluate the first N images (0: all)")
+    p.add_argument("--batch-size", type=int_at_least(1))
     p.add_argument("--precision")
     p.add_argument("--json", type=Path)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--gpus", type=int)
+    where.add_argument("--gpus", type=int_at_least(1))
     where.add_argument("--cpu", action="store_true")
-    p.add_argument("--nproc", type=int)
+    p.add_argument("--nproc", type=int_at_least(1))
     return p
 
 
@@ -92,8 +81,6 @@ def settings(args) -> dict:
     epsilon = args.epsilon if args.epsilon is not None else cfg.epsilon
     if args.step_size is None and args.epsilon is not None and cfg.dataset not in PAPER_EVAL:
         step = epsilon / 4
-    if args.restarts < 1 or args.limit < 0:
-        raise ConfigError("--restarts must be >= 1 and --limit >= 0")
     return {"config": cfg.to_dict(), "epsilon": epsilon, "step_size": args.step_size or step,
             "steps": args.steps or steps, "attacks": args.attack or ["pgd"], "restarts": args.restarts,
             "limit": args.limit, "seed": args.seed, "checkpoint": str(args.checkpoint),

@@ -26,43 +26,15 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError
-from .config import DATASETS, EMBEDDED_DEFAULT, PRESETS, ConfigError, build_config, pixel_value, to_yaml
+from .cli import ArgumentParser, int_at_least, pixel
+from .config import DATASETS, EMBEDDED_DEFAULT, PRESETS, ConfigError, build_config, to_yaml
 from .data.errors import DataError
 from .run import USER_ERRORS, check_resume, resume_path, train_worker
 
 PROG = "python -m freeadv_fast.train"
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, status 2, no usage dump
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
-
-
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def pixel(text):
-    try:
-        return pixel_value(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+positive_int, nonnegative_int = int_at_least(1), int_at_least(0)
 
 
 def parser() -> ArgumentParser:

@@ -21,23 +21,23 @@ def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module
     return ARCHITECTURES[name](num_classes=num_classes, in_channels=in_channels)
 
 
-@register("resnet50")
-def resnet50(num_classes=1000, in_channels=3):
-    """torchvision's ResNet-50 (the paper's ImageNet model)."""
-    from torchvision.models import resnet50 as tv_resnet50
-    model = tv_resnet50(num_classes=num_classes)
+def _torchvision_resnet(name, num_classes, in_channels):
+    import torchvision.models
+    model = getattr(torchvision.models, name)(num_classes=num_classes)
     if in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     return model
+
+
+@register("resnet50")
+def resnet50(num_classes=1000, in_channels=3):
+    """torchvision's ResNet-50 (the paper's ImageNet model)."""
+    return _torchvision_resnet("resnet50", num_classes, in_channels)
 
 
 @register("resnet18")
 def resnet18(num_classes=1000, in_channels=3):
-    from torchvision.models import resnet18 as tv_resnet18
-    model = tv_resnet18(num_classes=num_classes)
-    if in_channels != 3:
-        model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-    return model
+    return _torchvision_resnet("resnet18", num_classes, in_channels)
 
 
 class PreActBlock(nn.Module):
