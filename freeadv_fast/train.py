@@ -127,17 +127,23 @@ def run_training(cfg, resume, nproc, cpu) -> int:
 def run_demo(cfg, args, nproc, cpu) -> int:
     """The embedded default: natural vs free training on digits, PGD on both."""
     out = Path(cfg.out)
+    first = int(os.environ.get("RANK", 0)) == 0
     results = {}
     for method in ("natural", "free"):
         sub = build_config(dataset=cfg.dataset, preset=args.preset or "digits-demo", file=args.config,
                            flags={**flags_of(args), "method": method, "out": str(out / method)})
         print(f"\n=== {method} training ({out / method})", file=sys.stderr, flush=True)
-        check_out_dir(out / method, args.resume)
+        if first:
+            check_out_dir(out / method, args.resume)
         if not (args.resume and (out / method / "final.json").exists()):
             status = run_training(sub, args.resume, nproc, cpu)
             if status:
                 return status
+        if not first:  # under torchrun, rank 0 writes the comparison
+            continue
         results[method] = json.loads((out / method / "final.json").read_text())
+    if not first:
+        return 0
     steps = cfg.final_eval_steps[-1]
     key = f"pgd-{steps}"
     comparison = {m: {"clean_acc": r["clean_top1"], "robust_acc": r[key], "clean_acc_ci95": r["clean_top1_ci95"],
@@ -167,12 +173,17 @@ def main(argv=None) -> int:
         dataset = EMBEDDED_DEFAULT if demo else args.dataset
         cfg = build_config(dataset=dataset, preset=args.preset, file=args.config, flags=flags_of(args))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        torchrun_world = int(os.environ.get("WORLD_SIZE", 1)) if distributed.under_torchrun() else 1
         if cfg.out is None:
+            if torchrun_world > 1:  # every node must write to the same run directory
+                raise ConfigError("under torchrun, give --out DIR (the same on every node)")
             cfg.out = f"runs/demo-{stamp}" if demo else f"runs/{cfg.dataset}-{cfg.method}-{stamp}"
             args.out = cfg.out
-        check_out_dir(Path(cfg.out), args.resume)
-        print(f"configuration ({'embedded default: natural and free' if demo else cfg.method} training):\n"
-              + "".join(f"  {line}\n" for line in to_yaml(cfg).splitlines()), file=sys.stderr, flush=True)
+        first = int(os.environ.get("RANK", 0)) == 0  # under torchrun, the other ranks stay quiet
+        if first:
+            check_out_dir(Path(cfg.out), args.resume)
+            print(f"configuration ({'embedded default: natural and free' if demo else cfg.method} training):\n"
+                  + "".join(f"  {line}\n" for line in to_yaml(cfg).splitlines()), file=sys.stderr, flush=True)
         if demo:
             return run_demo(cfg, args, nproc, cpu)
         return run_training(cfg, args.resume, nproc, cpu)

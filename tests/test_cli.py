@@ -188,3 +188,19 @@ def test_eval_runs_autoattack_and_says_when_it_cannot(tmp_path, capsys, monkeypa
     from freeadv_fast import eval as eval_cli
     assert eval_cli.main([str(out / "checkpoint-last.pt"), "--cpu", "--attack", "autoattack"]) == 2
     assert "needs torchattacks: pip install torchattacks" in capsys.readouterr().err
+
+
+def test_the_command_under_torchrun_with_two_nodes(tmp_path):
+    from freeadv_fast.distributed import free_port
+    out = tmp_path / "run"
+    port = str(free_port())
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+                               "-m", "freeadv_fast.train", "--cpu", "digits", "--epochs", "4", "--config",
+                               str(config_file(tmp_path, eval_every=1)), "--out", str(out)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), logs
+    assert "2 process(es)" in logs[0]
+    assert_run_directory(out, passes=1)
