@@ -3,13 +3,20 @@
 One file holds the model, optimizer, scheduler and scaler states, the pass
 and step counters, the run's config, and for EVERY rank its perturbation
 buffer and random-number-generator states (free training's delta is per
-shard, so each rank resumes with its own). It is written atomically (temp
-file in the same folder, fsync, rename, fsync of the folder), so a crash
-mid-write leaves the previous checkpoint intact, and read with
-``weights_only=True``, so loading never runs code from the file.
+shard, so each rank resumes with its own).
+
+* Atomic: written to a temp file in the same folder, fsynced, then renamed
+  over the old one, whose previous version is kept as ``<name>.prev``; a
+  crash or a full disk at any moment leaves a complete checkpoint.
+* Checked: the state is stored as bytes with their SHA-256, verified on
+  load, so a truncated or bit-flipped file is reported, not half-read.
+* Safe: read with ``weights_only=True`` (plain tensors and containers only),
+  so loading never runs code from the file.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
 import tempfile
@@ -20,7 +27,7 @@ import torch
 
 from . import distributed
 
-FORMAT = "freeadv_fast.checkpoint/1"
+FORMAT = "freeadv_fast.checkpoint/2"
 
 
 class CheckpointError(ValueError):
@@ -47,16 +54,24 @@ def set_rng_states(states: dict, device: torch.device):
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def atomic_save(obj, path) -> Path:
-    """torch.save to ``path`` so that readers see the old file or the whole new one."""
+def previous_of(path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".prev")
+
+
+def atomic_write(data: bytes, path, *, keep_previous: bool = True) -> Path:
+    """Writes ``data`` to ``path`` so that readers see a complete old or new
+    file; the replaced file survives as ``<path>.prev``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_of(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -69,6 +84,16 @@ def atomic_save(obj, path) -> Path:
     return path
 
 
+def atomic_save(obj, path, *, keep_previous: bool = True) -> Path:
+    """torch.save of ``obj`` wrapped with its SHA-256, written atomically."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getvalue()
+    outer = io.BytesIO()
+    torch.save({"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}, outer)
+    return atomic_write(outer.getvalue(), path, keep_previous=keep_previous)
+
+
 def save_checkpoint(path, trainer, *, config=None) -> Path | None:
     """Collective: every rank calls it; rank 0 writes one file holding every
     rank's delta and RNG states. Returns the path on rank 0, else None."""
@@ -76,23 +101,48 @@ def save_checkpoint(path, trainer, *, config=None) -> Path | None:
     ranks = distributed.all_gather_object(rank_state)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
-    state = {"format": FORMAT, **trainer.state_dict(), "ranks": ranks, "config": config or {}}
+    state = {**trainer.state_dict(), "ranks": ranks, "config": config or {}}
     return atomic_save(state, path)
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def read_checkpoint(path) -> dict:
-    """The checkpoint's contents, refusing anything but plain tensors and containers."""
+    """The checkpoint's contents, after checking its SHA-256, refusing anything
+    but plain tensors and containers."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        outer = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncation, zip errors, refused globals
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+    if not isinstance(outer, dict) or outer.get("format") != FORMAT or not isinstance(outer.get("payload"), bytes):
         raise CheckpointError(f"{path} is not a freeadv_fast checkpoint")
-    return state
+    if hashlib.sha256(outer["payload"]).hexdigest() != outer.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is corrupted (SHA-256 mismatch)")
+    try:
+        return torch.load(io.BytesIO(outer["payload"]), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+
+
+def find_resumable(path) -> tuple[Path | None, list[str]]:
+    """The newest readable checkpoint among ``path`` and ``path.prev``, and
+    why each newer one was passed over."""
+    problems = []
+    for candidate in (Path(path), previous_of(path)):
+        if not candidate.exists():
+            continue
+        try:
+            read_checkpoint(candidate)
+            return candidate, problems
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    return None, problems
 
 
 def load_checkpoint(path, trainer, *, rank: int | None = None, world_size: int | None = None) -> dict:
@@ -111,8 +161,7 @@ def load_checkpoint(path, trainer, *, rank: int | None = None, world_size: int |
     try:
         trainer.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: "
-                              f"{str(exc).strip().splitlines()[0]}") from exc
+        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {_first_line(exc)}") from exc
     trainer.load_rank_state(ranks[rank])
     set_rng_states(ranks[rank]["rng"], trainer.device)
     return state.get("config", {})

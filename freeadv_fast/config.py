@@ -69,6 +69,7 @@ class RunConfig:
     eval_step_size: float | None = None  # None: epsilon / 4
     log_every: int = 50  # batches between metric reads
     checkpoint_every: int = 0  # batches; 0: once per pass
+    max_bad_steps: int = 10  # consecutive non-finite losses that stop a run
     seed: int = 0
     synthetic_classes: int = 1000
     synthetic_batches: int = 50
@@ -189,7 +190,8 @@ def check(cfg: RunConfig) -> RunConfig:
     if not 0 <= cfg.step_size <= 1:
         raise ConfigError(f"step size must be between 0 and 1 (the pixel range), got {cfg.step_size:g}")
     cfg.eval_step_size = pixel_value(cfg.eval_step_size) if cfg.eval_step_size is not None else cfg.epsilon / 4
-    for name in ("batch_size", "pgd_steps", "eval_samples", "eval_steps", "eval_restarts", "log_every"):
+    for name in ("batch_size", "pgd_steps", "eval_samples", "eval_steps", "eval_restarts", "log_every",
+                 "max_bad_steps"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")

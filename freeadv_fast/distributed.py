@@ -11,6 +11,7 @@ import datetime
 import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 
@@ -63,8 +64,14 @@ def setup(cpu: bool = False, timeout_s: float = 600.0) -> Dist:
 
 
 def teardown():
+    """Leaves the process group together with the other ranks: a rank that
+    destroys its group while a peer still talks to it can abort the peer."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if dist.get_world_size() > 1:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -116,8 +123,22 @@ def launch(fn, nproc: int, *args, grace_s: float = 60.0) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     codes = [p.exitcode for p in procs]
+    for rank, code in enumerate(codes):
+        if code is not None and code < 0:
+            print(f"freeadv_fast: rank {rank} was killed by {signal.Signals(-code).name}", file=sys.stderr, flush=True)
+        elif code not in (0, 2, 128 + signal.SIGINT, 128 + signal.SIGTERM):  # 2: it said why; 130/143: stopped
+            print(f"freeadv_fast: rank {rank} failed (exit status {code})", file=sys.stderr, flush=True)
     bad = [c for c in codes if c]
     return (bad[0] if bad[0] > 0 else 128 - bad[0]) if bad else 0
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another process died or hung."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "timed out"))
 
 
 def wrap_model(model: torch.nn.Module, d: Dist, *, sync_batchnorm: bool = False) -> torch.nn.Module:

@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, find_resumable, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, to_yaml
 from .data.datasets import build_data
 from .data.errors import DataError
 from .evaluate import attack_name, evaluate
 from .models import create_model
 from .scheduler import build_schedule, passes_for
-from .trainer import TRAINERS
+from .trainer import TRAINERS, NonFiniteError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -41,12 +41,19 @@ class StopRequest:
 
 
 def resume_path(cfg: RunConfig, resume) -> Path | None:
+    """The checkpoint to resume from: PATH as given, or for ``auto`` the run
+    directory's newest readable one (falling back to the previous checkpoint
+    when the last is truncated or corrupted), or None to start afresh."""
     if resume is None:
         return None
-    if resume == "auto":
-        path = Path(cfg.out) / "checkpoint-last.pt"
-        return path if path.exists() else None
-    return Path(resume)
+    if resume != "auto":
+        return Path(resume)
+    path, problems = find_resumable(Path(cfg.out) / "checkpoint-last.pt")
+    for problem in problems:
+        log(f"skipping a checkpoint: {problem}")
+    if path is None and problems:
+        raise CheckpointError(f"no readable checkpoint in {cfg.out} to resume from")
+    return path
 
 
 def check_resume(cfg: RunConfig, path: Path | None):
@@ -78,8 +85,22 @@ def train_worker(cfg_dict: dict, resume: str | None, cpu: bool):
     except USER_ERRORS as exc:
         log(f"freeadv_fast.train: error: {exc}")
         status = 2
+    except NonFiniteError as exc:
+        last = Path(cfg.out) / "checkpoint-last.pt"
+        kept = f"the last good checkpoint, {last}, is kept" if last.exists() else "no checkpoint had been written"
+        log(f"freeadv_fast.train: rank {d.rank}: training diverged, stopping: {exc}; {kept}")
+        status = 3
+    except Exception as exc:
+        if not (d.distributed and distributed.is_peer_failure(exc)):
+            raise
+        first = str(exc).strip().splitlines()[0]
+        log(f"freeadv_fast.train: rank {d.rank}: another process failed, stopping ({first})")
+        status = 1
     finally:
-        distributed.teardown()
+        try:
+            distributed.teardown()
+        except Exception:  # the group may be broken already; exiting is what matters
+            pass
     if status:
         sys.exit(status)
 
@@ -101,7 +122,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     schedule = build_schedule(cfg.schedule, optimizer, steps_per_pass=len(data.train) * replays, passes=passes,
                               replays=replays, milestones=cfg.milestones)
     common = dict(mean=data.mean, std=data.std, precision=cfg.precision, channels_last=cfg.channels_last,
-                  compile=cfg.compile, scheduler=schedule, seed=cfg.seed + d.rank)
+                  compile=cfg.compile, scheduler=schedule, seed=cfg.seed + d.rank, max_bad_steps=cfg.max_bad_steps)
     if cfg.method == "free":
         trainer = TRAINERS["free"](model, optimizer, replays=replays, epsilon=cfg.epsilon, step_size=cfg.step_size,
                                    pixel_mode=cfg.pixel_mode, **common)
@@ -114,14 +135,12 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
         trainer = TRAINERS["natural"](model, optimizer, **common)
 
     state = {**cfg.to_dict(), "best_robust": -1.0}  # stored in every checkpoint
-    path = resume_path(cfg, resume)
+    path = Path(resume) if resume else None  # already resolved by resume_path
     if path is not None:
         state["best_robust"] = load_checkpoint(path, trainer).get("best_robust", -1.0)
         if d.is_main:
             log(f"resumed from {path}: pass {trainer.epoch + 1}/{passes}, batch {trainer.batch_in_epoch}, "
                 f"step {trainer.step}")
-    elif resume == "auto" and d.is_main:
-        log(f"no checkpoint in {out} yet: starting from scratch")
 
     metrics_file = out / "metrics.jsonl"
     history: list[dict] = []

@@ -116,10 +116,13 @@ def run_training(cfg, resume, nproc, cpu) -> int:
     world = int(os.environ.get("WORLD_SIZE", 1)) if distributed.under_torchrun() else nproc
     if cfg.batch_size % world:
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {world} worker processes")
-    check_resume(cfg, resume_path(cfg, resume))
+    path = resume_path(cfg, resume)
+    if resume == "auto" and path is None:
+        print(f"no checkpoint in {cfg.out} yet: starting from scratch", file=sys.stderr)
+    check_resume(cfg, path)
     precheck_data(cfg)
     try:
-        return distributed.launch(train_worker, nproc, cfg.to_dict(), resume, cpu)
+        return distributed.launch(train_worker, nproc, cfg.to_dict(), str(path) if path else None, cpu)
     except SystemExit as exc:  # a single in-process worker
         return exc.code if isinstance(exc.code, int) else 1
 

@@ -22,6 +22,10 @@ from . import distributed, ops
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class NonFiniteError(RuntimeError):
+    """Training diverged: non-finite weights, or too many non-finite losses in a row."""
+
+
 class RunningMetrics:
     """Loss and accuracy summed on the device; one sync (and all-reduce) per read."""
 
@@ -59,7 +63,7 @@ class Trainer:
     method = "base"
 
     def __init__(self, model, optimizer, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32",
-                 channels_last=False, compile=False, scheduler=None, backend="auto", seed=0):
+                 channels_last=False, compile=False, scheduler=None, backend="auto", seed=0, max_bad_steps=10):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.lo, self.hi = (float(v) for v in pixel_range)
@@ -79,6 +83,10 @@ class Trainer:
         self.mean, self.std = mean, std
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.metrics = RunningMetrics(self.device)
+        # consecutive optimizer steps with a non-finite loss (now, and the longest run), kept on the device
+        self.max_bad_steps = max_bad_steps
+        self._bad_streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._worst_streak = torch.zeros((), dtype=torch.int64, device=self.device)
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # passes over the data completed
         self.batch_in_epoch = 0  # batches of the current pass completed
@@ -161,6 +169,27 @@ class Trainer:
         self._scaled(loss).backward()
         return loss, logits, (inp.grad if input_grad else None)
 
+    def _record(self, loss, logits, y):
+        """Metrics and the non-finite-loss streak, on the device."""
+        self.metrics.update(loss, logits, y)
+        finite = torch.isfinite(loss.detach())
+        self._bad_streak = torch.where(finite, torch.zeros_like(self._bad_streak), self._bad_streak + 1)
+        torch.maximum(self._worst_streak, self._bad_streak, out=self._worst_streak)
+
+    def check_finite(self):
+        """Raises NonFiniteError if any weight is NaN/Inf or the loss was
+        non-finite for ``max_bad_steps`` steps in a row (on any rank). One
+        sync; collective when distributed."""
+        params = [p.detach() for p in distributed.unwrap(self.model).parameters()]
+        bad_weights = (~torch.stack([torch.isfinite(p).all() for p in params]).all()).float()
+        flags = distributed.all_reduce_sum(torch.stack([self._worst_streak.float(), bad_weights]))
+        worst, bad = flags.tolist()
+        if bad:
+            raise NonFiniteError(f"the weights became NaN/Inf by optimizer step {self.step}")
+        if worst >= self.max_bad_steps:
+            raise NonFiniteError(f"the loss was NaN/Inf for {int(worst)} optimizer steps in a row "
+                                 f"(limit {self.max_bad_steps}) by step {self.step}")
+
     def train_batch(self, x, y) -> dict:
         raise NotImplementedError
 
@@ -181,6 +210,7 @@ class Trainer:
         from .checkpoint import save_checkpoint
 
         def checkpoint():
+            self.check_finite()  # never overwrite a good checkpoint with a diverged model
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, self, config=config)
 
@@ -199,8 +229,10 @@ class Trainer:
                 batches_done += 1
                 if on_batch is not None:
                     on_batch(len(y))
-                if log_every and on_log is not None and batches_done % log_every == 0:
-                    on_log(self.log_record())
+                if log_every and batches_done % log_every == 0:
+                    self.check_finite()
+                    if on_log is not None:
+                        on_log(self.log_record())
                 if should_stop is not None and should_stop():
                     checkpoint()
                     return False
@@ -263,14 +295,14 @@ class FreeAdversarialTrainer(Trainer):
 
     def __init__(self, model, optimizer, *, replays, epsilon, step_size, mean, std, pixel_range=(0.0, 1.0),
                  pixel_mode="clamp_input", precision="fp32", channels_last=False, compile=False, scheduler=None,
-                 backend="auto", seed=0):
+                 backend="auto", seed=0, max_bad_steps=10):
         if not (isinstance(replays, int) and replays >= 1):
             raise ValueError(f"replays must be an integer >= 1, got {replays!r}")
         if pixel_mode not in ops.PIXEL_MODES:
             raise ValueError(f"unknown pixel mode {pixel_mode!r}: choose one of {', '.join(ops.PIXEL_MODES)}")
         super().__init__(model, optimizer, mean=mean, std=std, pixel_range=pixel_range, precision=precision,
                          channels_last=channels_last, compile=compile, scheduler=scheduler, backend=backend,
-                         seed=seed)
+                         seed=seed, max_bad_steps=max_bad_steps)
         self.replays, self.pixel_mode = replays, pixel_mode
         self.epsilon, self.step_size = epsilon, step_size
         ops.channel_param(epsilon, "epsilon", 1 if not isinstance(epsilon, (tuple, list)) else len(epsilon), "cpu")
@@ -314,7 +346,7 @@ class FreeAdversarialTrainer(Trainer):
                 ops.update_delta_(delta, grad, x, step_size=step_now, epsilon=eps, pixel_range=(self.lo, self.hi),
                                   mode=self.pixel_mode, backend=self.backend)
             self._optimizer_step()
-            self.metrics.update(loss, logits, y)
+            self._record(loss, logits, y)
             losses.append(loss.detach())
         return {"loss": torch.stack(losses).mean(), "samples": x.shape[0], "replays": self.replays}
 
@@ -344,7 +376,7 @@ class NaturalTrainer(Trainer):
         inp = ops.make_input(x, self._clean[:x.shape[0]], **self._norm(x))
         loss, logits, _ = self._train_step(inp, y, input_grad=False)
         self._optimizer_step()
-        self.metrics.update(loss, logits, y)
+        self._record(loss, logits, y)
         return {"loss": loss.detach(), "samples": x.shape[0], "replays": 1}
 
 
@@ -392,7 +424,7 @@ class PGDTrainer(Trainer):
         inp, _ = self.attack(x, y)
         loss, logits, _ = self._train_step(inp.detach(), y, input_grad=False)
         self._optimizer_step()
-        self.metrics.update(loss, logits, y)
+        self._record(loss, logits, y)
         return {"loss": loss.detach(), "samples": x.shape[0], "replays": 1}
 
 

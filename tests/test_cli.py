@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from freeadv_fast import train
+from freeadv_fast.checkpoint import read_checkpoint
 from test_data import write_cifar, write_folder
 
 FAST = {"eval_samples": 16, "final_eval_samples": 16, "eval_steps": 2, "final_eval_steps": [2], "log_every": 2,
@@ -90,14 +91,14 @@ def test_sigterm_writes_a_checkpoint_and_resume_auto_finishes(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume auto" in err and "Traceback" not in err
-    stopped = torch.load(out / "checkpoint-last.pt", weights_only=True)
+    stopped = read_checkpoint(out / "checkpoint-last.pt")
     assert stopped["step"] > 0 and stopped["epoch"] < 20
     again = cli(*args)
     assert again.returncode == 2 and "holds another run" in again.stderr
     resumed = cli(*args, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
-    assert torch.load(out / "checkpoint-last.pt", weights_only=True)["epoch"] == 20
+    assert read_checkpoint(out / "checkpoint-last.pt")["epoch"] == 20
     assert (out / "final.json").exists()
 
 

@@ -1,0 +1,116 @@
+"""Turns the committed results in bench/results/*.json into the README's
+performance section (between the bench-report markers): nothing in it is
+typed by hand, and every table names the device it was measured on.
+
+    python bench/report.py            # rewrite the section in README.md
+    python bench/report.py --check    # exit 1 if README.md is not up to date (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+START, END = "<!-- bench-report:start -->", "<!-- bench-report:end -->"
+
+
+def source(path, meta):
+    date = str(meta.get("date", "?"))[:10]
+    return f"*{meta.get('device', '?')}, {date}, `{path.name}`*"
+
+
+def train_step_section(path, data):
+    meta = data["meta"]
+    lines = [f"**Training throughput**, {meta['model']} at {meta['image_size']}px, batch {meta['batch_size']} "
+             f"({'quick run' if meta.get('quick') else f'{meta['steps']} timed steps'}): {source(path, meta)}", "",
+             "| method | images/s | peak GPU memory |", "|---|---|---|"]
+    for r in data["records"]:
+        mem = f"{r['peak_memory_gib']:.1f} GiB" if r.get("peak_memory_gib") is not None else "-"
+        lines.append(f"| {r['method']} | {r['images_per_s']:,.1f} | {mem} |")
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in data["ratios"].items()]
+    for proj in data.get("projections", []):
+        lines.append(f"\nProjected {proj['run']} with {proj['method']}: {proj['hours_one_device']:.1f} h on one "
+                     f"device, {proj['hours_four_devices_ideal']:.1f} h on four (ideal scaling); the paper: "
+                     f"{proj['paper']}.")
+    return lines
+
+
+def kernels_section(path, data):
+    meta = data["meta"]
+    lines = [f"**Fused perturbation kernels** ({'quick run' if meta.get('quick') else 'full run'}): "
+             f"{source(path, meta)}", "",
+             "| batch | op | variant | ms | GB/s | of copy | vs eager |", "|---|---|---|---|---|---|---|"]
+    for r in data["records"]:
+        lines.append(f"| {r['shape']} {'x'.join(map(str, r['dims']))} | {r['op']} | {r['backend']} | "
+                     f"{r['time_ms']:.3f} | {r['gbps']:.1f} | {r['fraction_of_copy']:.0%} | "
+                     f"{r['speedup_vs_eager']:.1f}x |")
+    return lines
+
+
+def loader_section(path, data):
+    meta = data["meta"]
+    lines = [f"**Data loaders** on {meta.get('images', '?')} images of `{Path(meta.get('data', '?')).name}`: "
+             f"{source(path, meta)}", "", "| loader | images/s | batch | image size | workers |", "|---|---|---|---|---|"]
+    for r in data["records"]:
+        lines.append(f"| {r['loader']} | {r['images_per_s']:,.0f} | {r['batch_size']} | {r['image_size']} | "
+                     f"{r['workers']} |")
+    return lines
+
+
+def demo_section(path, data):
+    meta, c = data["meta"], data["comparison"]
+    a = c["attack"]
+    lines = [f"**Embedded default** (`make demo`, {a['dataset']}, {a['name']} at eps {a['epsilon']:g}): "
+             f"{source(path, meta)}", "", "| model | clean | robust |", "|---|---|---|"]
+    for m in ("natural", "free"):
+        lines.append(f"| {m} | {c[m]['clean_acc']:.1%} | {c[m]['robust_acc']:.1%} |")
+    return lines
+
+
+def render() -> str:
+    sections = []
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        if "ratios" in data:
+            sections.append(train_step_section(path, data))
+        elif "comparison" in data:
+            sections.append(demo_section(path, data))
+        elif data.get("records") and "op" in data["records"][0]:
+            sections.append(kernels_section(path, data))
+        elif data.get("records") and "loader" in data["records"][0]:
+            sections.append(loader_section(path, data))
+    if not sections:
+        return "No results committed yet."
+    gpu = any("CPU" not in json.loads(p.read_text())["meta"].get("device", "CPU") for p in RESULTS.glob("*.json"))
+    head = [] if gpu else ["No GPU result has been committed yet: every figure below was measured on a CPU.", ""]
+    return "\n".join(head + ["\n".join(s) + "\n" for s in sections]).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = p.parse_args(argv)
+    text = args.readme.read_text()
+    if START not in text or END not in text:
+        print(f"{args.readme}: no {START} ... {END} section", file=sys.stderr)
+        return 2
+    before, rest = text.split(START, 1)
+    _, after = rest.split(END, 1)
+    new = f"{before}{START}\n{render()}{END}{after}"
+    if args.check:
+        if new != text:
+            print(f"{args.readme} is out of date with bench/results: run python bench/report.py", file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(new)
+    print(f"updated {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Fault injection: dying workers, elastic restarts, full disks, damaged and
+hostile checkpoints, NaN batches. Each checks that nothing is lost beyond
+the last checkpoint."""
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from freeadv_fast import FreeAdversarialTrainer, save_checkpoint
+from freeadv_fast.checkpoint import FORMAT, CheckpointError, find_resumable, previous_of, read_checkpoint
+from freeadv_fast.distributed import free_port
+from freeadv_fast.trainer import NonFiniteError
+from helpers import EPS, MEAN, STD, STEP, sgd, small_cnn, toy_data
+from test_cli import cli, config_file
+
+
+def children(pid, marker):
+    """PIDs of the processes whose parent is ``pid`` and whose command line has ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and marker in cmdline:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def weights(path):
+    return read_checkpoint(path)["model"]
+
+
+def test_a_killed_worker_stops_the_other_quickly_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = ["--cpu", "--nproc", "2", "digits", "--epochs", "16", "--config",
+            config_file(tmp_path, eval_every=0, checkpoint_every=2), "--out", out]
+    proc = subprocess.Popen([sys.executable, "-m", "freeadv_fast.train", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (out / "checkpoint-last.pt").exists(), proc)
+    workers = children(proc.pid, "spawn_main")
+    assert len(workers) == 2
+    killed_at = time.time()
+    os.kill(workers[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert time.time() - killed_at < 60  # bounded: no hang
+    assert proc.returncode != 0
+    assert "rank 1 was killed by SIGKILL" in err
+    assert "rank 0: another process failed, stopping" in err and "Traceback" not in err
+    saved = read_checkpoint(out / "checkpoint-last.pt")  # a complete checkpoint survived
+    assert saved["step"] > 0 and len(saved["ranks"]) == 2
+    resumed = cli(*args, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out / 'checkpoint-last.pt'}" in resumed.stderr
+    assert read_checkpoint(out / "checkpoint-last.pt")["epoch"] == 4
+
+
+def torchrun(args, max_restarts=0):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--max-restarts", str(max_restarts), "-m", "freeadv_fast.train", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_torchrun_restarts_a_failed_worker_from_the_last_checkpoint_to_the_same_result(tmp_path):
+    common = ["--cpu", "digits", "--epochs", "16", "--config",
+              config_file(tmp_path, eval_every=0, checkpoint_every=3), "--resume", "auto"]
+    reference = torchrun(common + ["--out", tmp_path / "reference"])
+    out_ref, err_ref = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err_ref
+
+    out = tmp_path / "elastic"
+    proc = torchrun(common + ["--out", out], max_restarts=1)
+    wait_for(lambda: (out / "checkpoint-last.pt").exists() and read_step(out) >= 6, proc)
+    workers = [pid for pid in children(proc.pid, "freeadv_fast.train")]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "resumed from" in err
+    a, b = weights(out / "checkpoint-last.pt"), weights(tmp_path / "reference" / "checkpoint-last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def read_step(out):
+    try:
+        return read_checkpoint(out / "checkpoint-last.pt")["step"]
+    except CheckpointError:
+        return 0
+
+
+def trainer_for_tests(**kw):
+    model = small_cnn()
+    return FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                                  **kw)
+
+
+def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    trainer = trainer_for_tests()
+    x, y = toy_data(n=8)
+    path = tmp_path / "ckpt.pt"
+    trainer.train_batch(x, y)
+    save_checkpoint(path, trainer)
+    trainer.train_batch(x, y)
+    save_checkpoint(path, trainer)
+    assert read_checkpoint(previous_of(path))["step"] == 2 and read_checkpoint(path)["step"] == 4
+    good = path.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", no_space)
+    trainer.train_batch(x, y)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(path, trainer)
+    monkeypatch.undo()
+    assert path.read_bytes() == good and read_checkpoint(path)["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ckpt.pt.prev"]  # no temp file left
+
+
+def test_damaged_checkpoints_are_detected_and_auto_resume_falls_back(tmp_path, capsys):
+    out = tmp_path / "run"
+    ok = cli("--cpu", "digits", "--epochs", "8", "--config", config_file(tmp_path, eval_every=0), "--out", out)
+    assert ok.returncode == 0, ok.stderr
+    last = out / "checkpoint-last.pt"
+    prev_step = read_checkpoint(previous_of(last))["step"]
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one flipped bit
+    last.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted|cannot read"):
+        read_checkpoint(last)
+    assert find_resumable(last)[0] == previous_of(last)
+    resumed = cli("--cpu", "digits", "--epochs", "8", "--config", config_file(tmp_path, eval_every=0), "--out", out,
+                  "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "skipping a checkpoint" in resumed.stderr and f"resumed from {previous_of(last)}" in resumed.stderr
+    assert prev_step < read_checkpoint(last)["step"]
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(last.read_bytes()[:4096])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_checkpoint(truncated)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo code from a checkpoint ran",))
+
+
+def test_a_malicious_pickle_inside_a_valid_checksum_is_refused(tmp_path, capfd):
+    import hashlib
+    inner = io.BytesIO()
+    torch.save({"model": Payload()}, inner)
+    payload = inner.getvalue()
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}, path)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_checkpoint(path)
+    assert "code from a checkpoint ran" not in capfd.readouterr().out
+
+
+class NanAt:
+    """Float batches in pixel units; batch ``bad`` (every batch when None) holds a NaN."""
+
+    def __init__(self, bad=None, batches=6):
+        self.x, self.y = toy_data(n=8 * batches)
+        self.bad, self.batches = bad, batches
+
+    def __iter__(self):
+        for b in range(self.batches):
+            x = self.x[8 * b:8 * (b + 1)].float() / 255
+            if self.bad is None or b == self.bad:
+                x[0, 0, 3, 3] = float("nan")
+            yield x, self.y[8 * b:8 * (b + 1)]
+
+
+def test_a_nan_batch_stops_training_before_the_checkpoint_is_overwritten(tmp_path):
+    trainer = trainer_for_tests()
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(NonFiniteError, match="weights became NaN/Inf"):
+        trainer.fit(NanAt(bad=3), passes=1, checkpoint_path=path, checkpoint_every=1)
+    saved = read_checkpoint(path)
+    assert saved["step"] == 3 * 2  # every batch before the NaN one is kept
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_persistent_nan_losses_under_fp16_stop_after_the_configured_streak(tmp_path):
+    trainer = trainer_for_tests(precision="fp16", max_bad_steps=3)
+    with pytest.raises(NonFiniteError, match="NaN/Inf for 4 optimizer steps in a row"):
+        trainer.fit(NanAt(bad=None), passes=1, log_every=2)
+    # the scaler skipped every step: the weights are untouched and finite
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
