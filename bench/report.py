@@ -24,8 +24,9 @@ def source(path, meta):
 
 def train_step_section(path, data):
     meta = data["meta"]
+    timed = "quick run" if meta.get("quick") else f"{meta['steps']} timed steps"
     lines = [f"**Training throughput**, {meta['model']} at {meta['image_size']}px, batch {meta['batch_size']} "
-             f"({'quick run' if meta.get('quick') else f'{meta['steps']} timed steps'}): {source(path, meta)}", "",
+             f"({timed}): {source(path, meta)}", "",
              "| method | images/s | peak GPU memory |", "|---|---|---|"]
     for r in data["records"]:
         mem = f"{r['peak_memory_gib']:.1f} GiB" if r.get("peak_memory_gib") is not None else "-"
