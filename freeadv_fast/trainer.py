@@ -55,6 +55,13 @@ class RunningMetrics:
         return out
 
 
+def _check_pixel_value(name, value):
+    """Fails now, not at the first batch, on a negative or NaN epsilon/step size."""
+    if not isinstance(value, torch.Tensor):
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        ops.channel_param(value, name, len(values), "cpu")
+
+
 class Trainer:
     """Shared machinery: device placement, precision (autocast, GradScaler),
     channels_last, torch.compile, optimizer/scheduler steps, the pass loop and
@@ -305,9 +312,8 @@ class FreeAdversarialTrainer(Trainer):
                          seed=seed, max_bad_steps=max_bad_steps)
         self.replays, self.pixel_mode = replays, pixel_mode
         self.epsilon, self.step_size = epsilon, step_size
-        ops.channel_param(epsilon, "epsilon", 1 if not isinstance(epsilon, (tuple, list)) else len(epsilon), "cpu")
-        ops.channel_param(step_size, "step_size", 1 if not isinstance(step_size, (tuple, list)) else len(step_size),
-                          "cpu")
+        for name, value in (("epsilon", epsilon), ("step_size", step_size)):
+            _check_pixel_value(name, value)
         self.delta: torch.Tensor | None = None
         update = self._update_and_make_input
         self._update_and_make_input = torch.compile(update, fullgraph=True) if compile else update
@@ -391,6 +397,9 @@ class PGDTrainer(Trainer):
     def __init__(self, model, optimizer, *, steps, epsilon, step_size, random_start=True, **kw):
         if not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        _check_pixel_value("epsilon", epsilon)
+        if step_size is not None:
+            _check_pixel_value("step_size", step_size)
         super().__init__(model, optimizer, **kw)
         self.steps, self.epsilon, self.step_size, self.random_start = steps, epsilon, step_size, random_start
         self._delta = None
