@@ -15,11 +15,7 @@ run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +23,7 @@ from pathlib import Path
 import torch
 
 import freeadv_fast.ops as ops
+from provenance import device_name, provenance
 from freeadv_fast.ops import reference
 
 MEAN = (0.485, 0.456, 0.406)
@@ -113,20 +110,6 @@ def reference_calls(x, delta, grad, out, wrap):
     }
 
 
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -174,31 +157,11 @@ def main(argv=None):
                                 "time_ms": ms, "gbps": gbps, "fraction_of_copy": gbps / copy_gbps,
                                 "speedup_vs_eager": speedup, "copy_gbps": copy_gbps})
     if args.json:
-        meta = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-                "triton": _version("triton"), "cuda": torch.version.cuda,
-                "driver": _driver() if device.type == "cuda" else None, "git_commit": git_commit(),
-                "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "quick": args.quick, "reps": reps}
+        meta = {**provenance(device), "quick": args.quick, "reps": reps}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
         print(f"\nwrote {len(records)} records to {args.json}")
     return 0
-
-
-def _version(name):
-    try:
-        return __import__(name).__version__
-    except Exception:
-        return None
-
-
-def _driver():
-    try:
-        return subprocess.check_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                       text=True).strip().splitlines()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return None
 
 
 if __name__ == "__main__":

@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +30,7 @@ import torch.nn.functional as F
 
 from freeadv_fast import FastTrainer, FreeAdversarialTrainer, NaturalTrainer, PGDTrainer
 from freeadv_fast.models import create_model
+from provenance import device_name, provenance
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EPS = 4 / 255
@@ -178,12 +175,8 @@ def main(argv=None):
     for line in summary["lines"]:
         print(line)
     if args.json:
-        meta = {"device": device_name(device), "device_type": device.type, "driver": driver() if gpu else None,
-                "torch": torch.__version__, "triton": version("triton"), "cuda": torch.version.cuda,
-                "git_commit": git_commit(), "model": model_name, "image_size": size, "batch_size": batch,
-                "warmup": warmup, "steps": steps, "quick": args.quick,
-                "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        meta = {**provenance(device), "model": model_name, "image_size": size, "batch_size": batch,
+                "warmup": warmup, "steps": steps, "quick": args.quick}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         out = {"meta": meta, "records": records, "ratios": summary["ratios"], "projections": summary["projections"]}
         args.json.write_text(json.dumps(out, indent=1) + "\n")
@@ -222,35 +215,6 @@ def summarize(records, model_name, precisions):
         lines.append(f"projected: {what} with {best['method']}: {hours:.1f} h on one device, {hours / 4:.1f} h on "
                      f"four (ideal scaling); the paper: {paper}")
     return {"ratios": ratios, "lines": lines, "projections": projections}
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def version(name):
-    try:
-        return __import__(name).__version__
-    except Exception:
-        return None
-
-
-def driver():
-    try:
-        return subprocess.check_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                       text=True).strip().splitlines()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return None
-
-
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 if __name__ == "__main__":
