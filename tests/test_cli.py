@@ -202,6 +202,6 @@ def test_the_command_under_torchrun_with_two_nodes(tmp_path):
                                str(config_file(tmp_path, eval_every=1)), "--out", str(out)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), logs
+    assert all(node.returncode == 0 for node in nodes), "\n\n".join(log[-3000:] for log in logs)
     assert "2 process(es)" in logs[0]
     assert_run_directory(out, passes=1)
