@@ -13,7 +13,6 @@ rates per replay-step rate.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -24,6 +23,15 @@ from pathlib import Path
 import torch
 
 from freeadv_fast.data.folder import ImageFolderLoader, dali_available, find_split, scan_image_folder
+from provenance import provenance
+
+
+def loader_machine(device):
+    """Loaders run on the host's cores too, so the CPU count matters even with a GPU."""
+    cores = f"{os.cpu_count()} cores"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {cores}"
+    return f"{platform.processor() or platform.machine()} CPU, {cores}"
 
 
 def main(argv=None):
@@ -67,11 +75,8 @@ def main(argv=None):
                         "batch_size": args.batch_size, "image_size": args.image_size, "workers": args.workers})
         del it, data
     if args.json:
-        meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-                f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores",
-                "data": str(args.data), "images": len(samples), "torch": torch.__version__,
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+        meta = {**provenance(device), "device": loader_machine(device), "data": str(args.data),
+                "images": len(samples)}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
         print(f"wrote {args.json}")

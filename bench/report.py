@@ -22,17 +22,21 @@ def source(path, meta):
     return f"*{meta.get('device', '?')}, {date}, `{path.name}`*"
 
 
+def table(header, rows):
+    """A markdown table: a header tuple and rows of cells."""
+    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header)] + [f"| {' | '.join(map(str, r))} |"
+                                                                        for r in rows]
+
+
 def train_step_section(path, data):
     meta = data["meta"]
     timed = "quick run" if meta.get("quick") else f"{meta['steps']} timed steps"
     lines = [f"**Training throughput**, {meta['model']} at {meta['image_size']}px, batch {meta['batch_size']} "
-             f"({timed}): {source(path, meta)}", "",
-             "| method | images/s | peak GPU memory |", "|---|---|---|"]
-    for r in data["records"]:
-        mem = f"{r['peak_memory_gib']:.1f} GiB" if r.get("peak_memory_gib") is not None else "-"
-        lines.append(f"| {r['method']} | {r['images_per_s']:,.1f} | {mem} |")
-    lines += ["", "| ratio | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in data["ratios"].items()]
+             f"({timed}): {source(path, meta)}", ""]
+    gib = lambda r: f"{r['peak_memory_gib']:.1f} GiB" if r.get("peak_memory_gib") is not None else "-"  # noqa: E731
+    lines += table(("method", "images/s", "peak GPU memory"),
+                   [(r["method"], f"{r['images_per_s']:,.1f}", gib(r)) for r in data["records"]])
+    lines += [""] + table(("ratio", "value"), [(k, f"{v:.2f}") for k, v in data["ratios"].items()])
     for proj in data.get("projections", []):
         lines.append(f"\nProjected {proj['run']} with {proj['method']}: {proj['hours_one_device']:.1f} h on one "
                      f"device, {proj['hours_four_devices_ideal']:.1f} h on four (ideal scaling); the paper: "
@@ -43,33 +47,29 @@ def train_step_section(path, data):
 def kernels_section(path, data):
     meta = data["meta"]
     lines = [f"**Fused perturbation kernels** ({'quick run' if meta.get('quick') else 'full run'}): "
-             f"{source(path, meta)}", "",
-             "| batch | op | variant | ms | GB/s | of copy | vs eager |", "|---|---|---|---|---|---|---|"]
-    for r in data["records"]:
-        lines.append(f"| {r['shape']} {'x'.join(map(str, r['dims']))} | {r['op']} | {r['backend']} | "
-                     f"{r['time_ms']:.3f} | {r['gbps']:.1f} | {r['fraction_of_copy']:.0%} | "
-                     f"{r['speedup_vs_eager']:.1f}x |")
-    return lines
+             f"{source(path, meta)}", ""]
+    return lines + table(("batch", "op", "variant", "ms", "GB/s", "of copy", "vs eager"),
+                         [(f"{r['shape']} {'x'.join(map(str, r['dims']))}", r["op"], r["backend"], f"{r['time_ms']:.3f}",
+                           f"{r['gbps']:.1f}", f"{r['fraction_of_copy']:.0%}", f"{r['speedup_vs_eager']:.1f}x")
+                          for r in data["records"]])
 
 
 def loader_section(path, data):
     meta = data["meta"]
     lines = [f"**Data loaders** on {meta.get('images', '?')} images of `{Path(meta.get('data', '?')).name}`: "
-             f"{source(path, meta)}", "", "| loader | images/s | batch | image size | workers |", "|---|---|---|---|---|"]
-    for r in data["records"]:
-        lines.append(f"| {r['loader']} | {r['images_per_s']:,.0f} | {r['batch_size']} | {r['image_size']} | "
-                     f"{r['workers']} |")
-    return lines
+             f"{source(path, meta)}", ""]
+    return lines + table(("loader", "images/s", "batch", "image size", "workers"),
+                         [(r["loader"], f"{r['images_per_s']:,.0f}", r["batch_size"], r["image_size"], r["workers"])
+                          for r in data["records"]])
 
 
 def demo_section(path, data):
     meta, c = data["meta"], data["comparison"]
     a = c["attack"]
     lines = [f"**Embedded default** (`make demo`, {a['dataset']}, {a['name']} at eps {a['epsilon']:g}): "
-             f"{source(path, meta)}", "", "| model | clean | robust |", "|---|---|---|"]
-    for m in ("natural", "free"):
-        lines.append(f"| {m} | {c[m]['clean_acc']:.1%} | {c[m]['robust_acc']:.1%} |")
-    return lines
+             f"{source(path, meta)}", ""]
+    return lines + table(("model", "clean", "robust"),
+                         [(m, f"{c[m]['clean_acc']:.1%}", f"{c[m]['robust_acc']:.1%}") for m in ("natural", "free")])
 
 
 def render() -> str:

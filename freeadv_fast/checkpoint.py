@@ -130,19 +130,18 @@ def read_checkpoint(path) -> dict:
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
 
 
-def find_resumable(path) -> tuple[Path | None, list[str]]:
-    """The newest readable checkpoint among ``path`` and ``path.prev``, and
-    why each newer one was passed over."""
+def find_resumable(path) -> tuple[Path | None, dict | None, list[str]]:
+    """The newest readable checkpoint among ``path`` and ``path.prev``, its
+    contents, and why each newer one was passed over."""
     problems = []
     for candidate in (Path(path), previous_of(path)):
         if not candidate.exists():
             continue
         try:
-            read_checkpoint(candidate)
-            return candidate, problems
+            return candidate, read_checkpoint(candidate), problems
         except CheckpointError as exc:
             problems.append(str(exc))
-    return None, problems
+    return None, None, problems
 
 
 def load_checkpoint(path, trainer, *, rank: int | None = None, world_size: int | None = None) -> dict:

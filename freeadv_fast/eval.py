@@ -24,15 +24,14 @@ from .checkpoint import CheckpointError, read_checkpoint
 from .cli import ArgumentParser, int_at_least, pixel
 from .config import DATASETS, ConfigError, RunConfig, check
 from .data.datasets import build_data, take
-from .data.errors import DataError
 from .evaluate import evaluate
 from .models import create_model
 from .report import format_table
+from .run import USER_ERRORS
 
 PROG = "python -m freeadv_fast.eval"
 PAPER_EVAL = {"imagenet": ([10, 50, 100], 1 / 255), "cifar10": ([20, 100], 2 / 255),
               "cifar100": ([20, 100], 2 / 255)}
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def steps_list(text):
@@ -81,7 +80,7 @@ def settings(args) -> dict:
     epsilon = args.epsilon if args.epsilon is not None else cfg.epsilon
     if args.step_size is None and args.epsilon is not None and cfg.dataset not in PAPER_EVAL:
         step = epsilon / 4
-    return {"config": cfg.to_dict(), "epsilon": epsilon, "step_size": args.step_size or step,
+    return {"config": cfg.to_dict(), "epsilon": epsilon, "step_size": step if args.step_size is None else args.step_size,
             "steps": args.steps or steps, "attacks": args.attack or ["pgd"], "restarts": args.restarts,
             "limit": args.limit, "seed": args.seed, "checkpoint": str(args.checkpoint),
             "json": str(args.json) if args.json else None}
@@ -137,10 +136,8 @@ def _evaluate(job, d) -> int:
 
 def autoattack(model, data, cfg, job, limit, d) -> dict:
     """The standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) via torchattacks."""
-    try:
-        import torchattacks
-    except ImportError:
-        raise ConfigError("--attack autoattack needs torchattacks: pip install torchattacks") from None
+    import torchattacks  # main() checked that it is installed
+
     from . import attacks
 
     class PixelModel(torch.nn.Module):  # AutoAttack perturbs [0, 1] pixels; the model wants normalized input

@@ -40,32 +40,31 @@ class StopRequest:
         self.signum = signum
 
 
-def resume_path(cfg: RunConfig, resume) -> Path | None:
+def resolve_resume(cfg: RunConfig, resume) -> Path | None:
     """The checkpoint to resume from: PATH as given, or for ``auto`` the run
     directory's newest readable one (falling back to the previous checkpoint
-    when the last is truncated or corrupted), or None to start afresh."""
+    when the last is truncated or corrupted), or None to start afresh. Reads
+    it once, before any worker starts, refusing an unreadable one or one of
+    another architecture, dataset or method."""
     if resume is None:
         return None
-    if resume != "auto":
-        return Path(resume)
-    path, problems = find_resumable(Path(cfg.out) / "checkpoint-last.pt")
-    for problem in problems:
-        log(f"skipping a checkpoint: {problem}")
-    if path is None and problems:
-        raise CheckpointError(f"no readable checkpoint in {cfg.out} to resume from")
-    return path
-
-
-def check_resume(cfg: RunConfig, path: Path | None):
-    """Refuses, before any worker starts, a checkpoint of another architecture
-    or method, or one that is unreadable."""
-    if path is None:
-        return
-    state = read_checkpoint(path)
+    if resume == "auto":
+        path, state, problems = find_resumable(Path(cfg.out) / "checkpoint-last.pt")
+        for problem in problems:
+            log(f"skipping a checkpoint: {problem}")
+        if path is None:
+            if problems:
+                raise CheckpointError(f"no readable checkpoint in {cfg.out} to resume from")
+            log(f"no checkpoint in {cfg.out} yet: starting from scratch")
+            return None
+    else:
+        path = Path(resume)
+        state = read_checkpoint(path)
     saved = state.get("config", {})
     for key in ("arch", "dataset", "method"):
         if key in saved and saved[key] != getattr(cfg, key):
             raise CheckpointError(f"checkpoint {path} is from a {key} {saved[key]!r} run, not {getattr(cfg, key)!r}")
+    return path
 
 
 def log(msg: str):
@@ -123,19 +122,13 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
                               replays=replays, milestones=cfg.milestones)
     common = dict(mean=data.mean, std=data.std, precision=cfg.precision, channels_last=cfg.channels_last,
                   compile=cfg.compile, scheduler=schedule, seed=cfg.seed + d.rank, max_bad_steps=cfg.max_bad_steps)
-    if cfg.method == "free":
-        trainer = TRAINERS["free"](model, optimizer, replays=replays, epsilon=cfg.epsilon, step_size=cfg.step_size,
-                                   pixel_mode=cfg.pixel_mode, **common)
-    elif cfg.method == "pgd":
-        trainer = TRAINERS["pgd"](model, optimizer, steps=cfg.pgd_steps, epsilon=cfg.epsilon,
-                                  step_size=cfg.step_size, **common)
-    elif cfg.method == "fast":
-        trainer = TRAINERS["fast"](model, optimizer, epsilon=cfg.epsilon, step_size=cfg.step_size, **common)
-    else:
-        trainer = TRAINERS["natural"](model, optimizer, **common)
+    attack = dict(epsilon=cfg.epsilon, step_size=cfg.step_size)
+    method_args = {"free": dict(replays=replays, pixel_mode=cfg.pixel_mode, **attack),
+                   "pgd": dict(steps=cfg.pgd_steps, **attack), "fast": attack, "natural": {}}[cfg.method]
+    trainer = TRAINERS[cfg.method](model, optimizer, **method_args, **common)
 
     state = {**cfg.to_dict(), "best_robust": -1.0}  # stored in every checkpoint
-    path = Path(resume) if resume else None  # already resolved by resume_path
+    path = Path(resume) if resume else None  # already resolved by resolve_resume
     if path is not None:
         state["best_robust"] = load_checkpoint(path, trainer).get("best_robust", -1.0)
         if d.is_main:
@@ -159,8 +152,15 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     last_log = {}
 
     def on_batch(n):
-        if bar is not None:
-            bar.update(n * d.world_size)
+        nonlocal bar
+        if not d.is_main:
+            return
+        if bar is None:  # the first batch of a pass (or of a resumed one)
+            from tqdm import tqdm
+            done = min(images_per_pass, (trainer.batch_in_epoch - 1) * cfg.batch_size)
+            bar = tqdm(total=images_per_pass, initial=done, unit="img", desc=f"pass {trainer.epoch + 1}/{passes}",
+                       file=sys.stderr, mininterval=1.0, dynamic_ncols=True, leave=False)
+        bar.update(n * d.world_size)
 
     def on_log(record):
         record = {"type": "train", **record, "images_per_s": record["samples_per_s"] / replays,
@@ -211,41 +211,13 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
         flag = torch.tensor([float(stop.signum)], device=d.device)
         return bool(distributed.all_reduce_sum(flag).item())
 
-    def new_bar(epoch):
-        nonlocal bar
-        if d.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=images_per_pass, initial=min(images_per_pass, trainer.batch_in_epoch * cfg.batch_size), unit="img",
-                       desc=f"pass {epoch + 1}/{passes}", file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
-                       leave=False)
-
-    class PassStarts:
-        """Opens a progress bar as each pass starts (the loader's set_epoch)."""
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        def set_epoch(self, epoch):
-            if hasattr(self.inner, "set_epoch"):
-                self.inner.set_epoch(epoch)
-            new_bar(epoch)
-
-        def skip(self, start):
-            return self.inner.skip(start) if hasattr(self.inner, "skip") else take_from(self.inner, start)
-
-        def __iter__(self):
-            return iter(self.inner)
-
-    def take_from(batches, start):
-        return (b for i, b in enumerate(batches) if i >= start)
-
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
         log(f"{cfg.method} training of {cfg.arch} on {cfg.dataset}: {passes} passes x {len(data.train)} batches x "
             f"{replays} replay(s) = {passes * len(data.train) * replays} optimizer steps, {d.world_size} process(es) "
             f"on {d.device.type}; run directory {out}")
-    completed = trainer.fit(PassStarts(data.train), passes, log_every=cfg.log_every, on_log=on_log,
+    completed = trainer.fit(data.train, passes, log_every=cfg.log_every, on_log=on_log,
                             checkpoint_path=out / "checkpoint-last.pt", checkpoint_every=cfg.checkpoint_every,
                             should_stop=should_stop, config=state, on_batch=on_batch, on_pass_end=periodic_eval)
     if bar is not None:
@@ -274,4 +246,4 @@ def final_evaluation(cfg, model, data, d) -> dict:
                     limit=limit, precision=cfg.precision, seed=cfg.seed)
 
 
-__all__ = ["USER_ERRORS", "check_resume", "resume_path", "train_worker"]
+__all__ = ["USER_ERRORS", "resolve_resume", "train_worker"]

@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import CheckpointError
 from .cli import ArgumentParser, int_at_least, pixel
 from .config import DATASETS, EMBEDDED_DEFAULT, PRESETS, ConfigError, build_config, to_yaml
 from .data.errors import DataError
-from .run import USER_ERRORS, check_resume, resume_path, train_worker
+from .run import USER_ERRORS, resolve_resume, train_worker
 
 PROG = "python -m freeadv_fast.train"
 
@@ -116,10 +115,7 @@ def run_training(cfg, resume, nproc, cpu) -> int:
     world = int(os.environ.get("WORLD_SIZE", 1)) if distributed.under_torchrun() else nproc
     if cfg.batch_size % world:
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {world} worker processes")
-    path = resume_path(cfg, resume)
-    if resume == "auto" and path is None:
-        print(f"no checkpoint in {cfg.out} yet: starting from scratch", file=sys.stderr)
-    check_resume(cfg, path)
+    path = resolve_resume(cfg, resume)
     precheck_data(cfg)
     try:
         return distributed.launch(train_worker, nproc, cfg.to_dict(), str(path) if path else None, cpu)
@@ -190,7 +186,7 @@ def main(argv=None) -> int:
         if demo:
             return run_demo(cfg, args, nproc, cpu)
         return run_training(cfg, args.resume, nproc, cpu)
-    except USER_ERRORS + (CheckpointError,) as exc:
+    except USER_ERRORS as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -27,30 +27,34 @@ class NonFiniteError(RuntimeError):
 
 
 class RunningMetrics:
-    """Loss and accuracy summed on the device; one sync (and all-reduce) per read."""
+    """Loss and accuracy summed on the device, the sample count on the host
+    (it is known there: no host-to-device copy per step); one sync (and
+    all-reduce) per read."""
 
     def __init__(self, device):
         self.device = torch.device(device)
         dtype = torch.float64 if self.device.type != "mps" else torch.float32
-        self.sums = torch.zeros(3, dtype=dtype, device=self.device)  # loss * n, correct, n
+        self.sums = torch.zeros(2, dtype=dtype, device=self.device)  # loss * n, correct
+        self.samples = 0
         self._started = time.perf_counter()
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor):
         n = y.numel()
-        correct = (logits.detach().argmax(1) == y).sum()
-        self.sums += torch.stack([loss.detach().to(self.sums.dtype) * n, correct.to(self.sums.dtype),
-                                  torch.tensor(n, dtype=self.sums.dtype, device=self.device)])
+        self.sums[0] += loss.detach().to(self.sums.dtype) * n
+        self.sums[1] += (logits.detach().argmax(1) == y).sum()
+        self.samples += n
 
     def compute(self, reset: bool = True) -> dict:
         """Mean loss, accuracy and samples/s over every rank since the last reset."""
-        totals = distributed.all_reduce_sum(self.sums.clone()).tolist()
+        local = torch.cat([self.sums, self.sums.new_tensor([self.samples])])
+        loss_sum, correct, n = distributed.all_reduce_sum(local).tolist()
         elapsed = time.perf_counter() - self._started
-        loss_sum, correct, n = totals
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         out = {"loss": loss_sum / n if n else math.nan, "acc": correct / n if n else math.nan, "samples": int(n),
                "samples_per_s": n / elapsed if elapsed > 0 else math.nan, "world_size": world}
         if reset:
             self.sums.zero_()
+            self.samples = 0
             self._started = time.perf_counter()
         return out
 
@@ -104,6 +108,12 @@ class Trainer:
     def _zeros(self, shape):
         """A float32 zero buffer in the trainer's memory format."""
         return torch.empty(shape, dtype=torch.float32, device=self.device, memory_format=self.memory_format).zero_()
+
+    def _scratch(self, buffer, x):
+        """``buffer`` if it can hold a batch like ``x``, else a new zero one."""
+        if buffer is None or buffer.shape[0] < x.shape[0] or buffer.shape[1:] != x.shape[1:]:
+            return self._zeros(x.shape)
+        return buffer
 
     @staticmethod
     def _to_channels_last(model):
@@ -179,8 +189,7 @@ class Trainer:
     def _record(self, loss, logits, y):
         """Metrics and the non-finite-loss streak, on the device."""
         self.metrics.update(loss, logits, y)
-        finite = torch.isfinite(loss.detach())
-        self._bad_streak = torch.where(finite, torch.zeros_like(self._bad_streak), self._bad_streak + 1)
+        self._bad_streak.add_(1).mul_(~torch.isfinite(loss.detach()))  # +1, or back to 0 on a finite loss
         torch.maximum(self._worst_streak, self._bad_streak, out=self._worst_streak)
 
     def check_finite(self):
@@ -377,8 +386,7 @@ class NaturalTrainer(Trainer):
 
     def train_batch(self, x, y) -> dict:
         x, y = self._prepare(x, y)
-        if self._clean is None or self._clean.shape[0] < x.shape[0] or self._clean.shape[1:] != x.shape[1:]:
-            self._clean = self._zeros(x.shape)
+        self._clean = self._scratch(self._clean, x)
         inp = ops.make_input(x, self._clean[:x.shape[0]], **self._norm(x))
         loss, logits, _ = self._train_step(inp, y, input_grad=False)
         self._optimizer_step()
@@ -410,8 +418,7 @@ class PGDTrainer(Trainer):
     def attack(self, x, y):
         """The adversarial model input for a prepared batch (and its delta)."""
         n, C = x.shape[0], x.shape[1]
-        if self._delta is None or self._delta.shape[0] < n or self._delta.shape[1:] != x.shape[1:]:
-            self._delta = self._zeros(x.shape)
+        self._delta = self._scratch(self._delta, x)
         delta = self._delta[:n]
         eps, step, norm = self._param("epsilon", self.epsilon, C), self._step_size(C), self._norm(x)
         if self.random_start:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+from .. import distributed
 from . import cifar
 from .digits import MEAN as DIGITS_MEAN
 from .digits import STD as DIGITS_STD
@@ -50,10 +51,13 @@ def build_data(cfg, rank=0, world_size=1, device="cpu") -> Data:
             raise DataError("imagenet needs --data DIR (holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
         size = cfg.image_size or 224
         train_dir, val_dir = find_split(cfg.data, "train"), find_split(cfg.data, "val")
-        classes, samples, _ = scan_image_folder(train_dir)
-        val_classes, val_samples, _ = scan_image_folder(val_dir)
-        if val_classes != classes:
-            raise DataError(f"{val_dir}: its class folders differ from {train_dir}'s")
+
+        def scan():  # reads a few bytes of every file: once, on rank 0, not on every rank
+            train_scan, val_scan = scan_image_folder(train_dir), scan_image_folder(val_dir)
+            if val_scan[0] != train_scan[0]:
+                raise DataError(f"{val_dir}: its class folders differ from {train_dir}'s")
+            return train_scan[:2], val_scan[1]
+        (classes, samples), val_samples = distributed.from_rank0(scan)
         common = dict(batch_size=per_rank, device=device, image_size=size, val_resize=round(size * 256 / 224),
                       rank=rank, world_size=world_size, seed=cfg.seed, loader=cfg.loader, workers=cfg.workers)
         return Data(ImageFolderLoader(train_dir, train=True, samples=samples, classes=classes, **common),
