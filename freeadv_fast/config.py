@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 METHODS = ("free", "natural", "pgd", "fast")
-DATASETS = ("imagenet", "cifar10", "cifar100", "synthetic", "digits")
+DATASETS = ("imagenet", "cifar10", "cifar100", "tiny-imagenet", "fashion-mnist", "synthetic", "digits")
 EMBEDDED_DEFAULT = "digits"
 
 
@@ -71,6 +71,7 @@ class RunConfig:
     checkpoint_every: int = 0  # batches; 0: once per pass
     max_bad_steps: int = 10  # consecutive non-finite losses that stop a run
     seed: int = 0
+    train_subset: int = 0  # train on this many images of the training split (a fixed random subset); 0: all
     synthetic_classes: int = 1000
     synthetic_batches: int = 50
 
@@ -115,7 +116,8 @@ PRESETS: dict[str, dict] = {
 DATASET_PRESET = {"imagenet": "imagenet-free4-eps4", "cifar10": "cifar10-free8", "cifar100": "cifar100-free8",
                   "digits": "digits-demo"}
 DEFAULT_ARCH = {"imagenet": "resnet50", "cifar10": "wide_resnet32_10", "cifar100": "wide_resnet32_10",
-                "synthetic": "resnet50", "digits": "small_cnn"}
+                "tiny-imagenet": "preact_resnet18", "fashion-mnist": "small_cnn", "synthetic": "resnet50",
+                "digits": "small_cnn"}
 
 
 def _apply(cfg: RunConfig, values: dict, source: str) -> RunConfig:
@@ -195,7 +197,7 @@ def check(cfg: RunConfig) -> RunConfig:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    for name in ("eval_every", "checkpoint_every", "final_eval_samples", "seed"):
+    for name in ("eval_every", "checkpoint_every", "final_eval_samples", "seed", "train_subset"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 0:
             raise ConfigError(f"{name.replace('_', '-')} must be a non-negative integer, got {value!r}")

@@ -104,28 +104,38 @@ def train_worker(cfg_dict: dict, resume: str | None, cpu: bool):
         sys.exit(status)
 
 
-def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
-    out = Path(cfg.out)
+def build_trainer(cfg: RunConfig, data, device, dist=None):
+    """(trainer, model, passes, replays) for ``cfg`` on ``data``: the model on
+    ``device`` (wrapped in DDP when ``dist`` is distributed), SGD, the LR
+    schedule over the whole run and the method's trainer."""
     torch.manual_seed(cfg.seed)
-    if d.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    data = build_data(cfg, d.rank, d.world_size, d.device)
-    model = create_model(cfg.arch, data.num_classes, data.in_channels).to(d.device)
+    model = create_model(cfg.arch, data.num_classes, data.in_channels).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = distributed.wrap_model(model, d, sync_batchnorm=cfg.sync_batchnorm)
+    if dist is not None:
+        model = distributed.wrap_model(model, dist, sync_batchnorm=cfg.sync_batchnorm)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     replays = cfg.replays if cfg.method == "free" else 1
     passes = passes_for(cfg.epochs, replays)
     schedule = build_schedule(cfg.schedule, optimizer, steps_per_pass=len(data.train) * replays, passes=passes,
                               replays=replays, milestones=cfg.milestones)
+    rank = dist.rank if dist is not None else 0
     common = dict(mean=data.mean, std=data.std, precision=cfg.precision, channels_last=cfg.channels_last,
-                  compile=cfg.compile, scheduler=schedule, seed=cfg.seed + d.rank, max_bad_steps=cfg.max_bad_steps)
+                  compile=cfg.compile, scheduler=schedule, seed=cfg.seed + rank, max_bad_steps=cfg.max_bad_steps)
     attack = dict(epsilon=cfg.epsilon, step_size=cfg.step_size)
     method_args = {"free": dict(replays=replays, pixel_mode=cfg.pixel_mode, **attack),
                    "pgd": dict(steps=cfg.pgd_steps, **attack), "fast": attack, "natural": {}}[cfg.method]
-    trainer = TRAINERS[cfg.method](model, optimizer, **method_args, **common)
+    return TRAINERS[cfg.method](model, optimizer, **method_args, **common), model, passes, replays
+
+
+def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    if d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = build_data(cfg, d.rank, d.world_size, d.device)
+    trainer, model, passes, replays = build_trainer(cfg, data, d.device, d)
 
     state = {**cfg.to_dict(), "best_robust": -1.0}  # stored in every checkpoint
     path = Path(resume) if resume else None  # already resolved by resolve_resume
@@ -246,4 +256,4 @@ def final_evaluation(cfg, model, data, d) -> dict:
                     limit=limit, precision=cfg.precision, seed=cfg.seed)
 
 
-__all__ = ["USER_ERRORS", "resolve_resume", "train_worker"]
+__all__ = ["USER_ERRORS", "build_trainer", "resolve_resume", "train_worker"]

@@ -67,11 +67,14 @@ def parser() -> ArgumentParser:
     p.add_argument("--resume", help="auto (the run directory's last checkpoint) or a checkpoint path")
     p.add_argument("--eval-every", type=nonnegative_int, help="passes between held-out evaluations (0: off)")
     p.add_argument("--seed", type=nonnegative_int)
+    p.add_argument("--train-subset", type=nonnegative_int, metavar="N",
+                   help="train on N images of the training split (a fixed random subset; 0: all)")
     return p
 
 
 FLAG_KEYS = ("data", "arch", "method", "replays", "epsilon", "step_size", "pgd_steps", "epochs", "batch_size", "lr",
-             "schedule", "precision", "channels_last", "compile", "loader", "workers", "out", "eval_every", "seed")
+             "schedule", "precision", "channels_last", "compile", "loader", "workers", "out", "eval_every", "seed",
+             "train_subset")
 
 
 def plan_processes(args) -> tuple[int, bool]:
@@ -98,12 +101,18 @@ def check_out_dir(out: Path, resume):
 
 def precheck_data(cfg):
     """The data's layout, checked before any worker starts (cheap checks only)."""
-    from .data import cifar
+    from .data import cifar, fashion_mnist, tiny_imagenet
     from .data.folder import find_split, scan_image_folder
     if cfg.dataset in ("cifar10", "cifar100"):
         if cfg.data is None:
             raise DataError(f"{cfg.dataset} needs --data DIR")
         cifar.find_root(cfg.data, cfg.dataset)
+    elif cfg.dataset == "tiny-imagenet":
+        if cfg.data is None:
+            raise DataError("tiny-imagenet needs --data DIR (holding train/<wnid>/ and val/)")
+        tiny_imagenet.find_root(cfg.data)
+    elif cfg.dataset == "fashion-mnist":
+        fashion_mnist.find_root(cfg.data)
     elif cfg.dataset == "imagenet":
         if cfg.data is None:
             raise DataError("imagenet needs --data DIR (holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")

@@ -1,4 +1,6 @@
 import os
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +33,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+SHARED_DATASETS = Path(os.environ.get("FREEADV_SHARED_DATASETS",
+                                      Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
+
+
+def extracted(tmp_path_factory, tarball: str) -> Path:
+    """The folder a shared dataset archive was unpacked into (once per session);
+    skips the test when ../shared/datasets (or $FREEADV_SHARED_DATASETS) lacks it."""
+    archive = SHARED_DATASETS / tarball
+    if not archive.is_file():
+        pytest.skip(f"real data not here: {archive} (the project's ../shared/datasets)")
+    target = tmp_path_factory.getbasetemp() / tarball.split(".")[0]
+    if not target.exists():
+        tmp = target.with_name(target.name + ".partial")
+        tmp.mkdir()
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        tmp.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpeg(tmp_path_factory):
+    return extracted(tmp_path_factory, "cifar10-jpeg.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet_20(tmp_path_factory):
+    return extracted(tmp_path_factory, "tiny-imagenet-20.tar.gz") / "tiny-imagenet-20"

@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from freeadv_fast.config import RunConfig
 from freeadv_fast.data import cifar
+from freeadv_fast.data.datasets import build_data
 from freeadv_fast.data.errors import DataError
 from freeadv_fast.data.folder import ImageFolderLoader, dali_available, scan_image_folder
 from freeadv_fast.data.synthetic import SyntheticBatches
@@ -191,11 +193,11 @@ def test_cifar_pickles_load_onto_the_device(tmp_path, name):
     x, y, names = cifar.load_cifar(tmp_path, name, train=True)
     assert x.shape == (250 if name == "cifar10" else 50, 3, 32, 32) and x.dtype == torch.uint8
     assert len(names) == (10 if name == "cifar10" else 100)
-    loader = cifar.cifar_loader(tmp_path, name, train=True, batch_size=16, device="cpu")
-    xb, yb = next(iter(loader))
+    data = build_data(RunConfig(dataset=name, data=str(tmp_path), batch_size=16))
+    xb, yb = next(iter(data.train))
     assert xb.shape == (16, 3, 32, 32) and xb.dtype == torch.uint8 and yb.shape == (16,)
-    test = cifar.cifar_loader(tmp_path, name, train=False, batch_size=16, device="cpu")
-    assert sum(len(y) for _, y in test) == 20  # every test image, in order, unaugmented
+    assert data.num_classes == (10 if name == "cifar10" else 100)
+    assert sum(len(y) for _, y in data.val) == 20  # every test image, in order, unaugmented
 
 
 def test_cifar_errors_and_hostile_pickles(tmp_path):

@@ -1,7 +1,8 @@
 """python -m freeadv_fast.data check ROOT: find every file a training run could not read.
 
-ROOT is an image-folder dataset (ROOT/train/<class>/*, ROOT/val/<class>/*, or
-ROOT/<class>/* directly) or a folder with the CIFAR python pickles. Every
+ROOT is an image-folder dataset (ROOT/train/<class>/*, ROOT/val/<class>/*,
+ROOT/test/<class>/*, or ROOT/<class>/* directly) or a folder with the CIFAR
+python pickles. Every
 image is fully decoded (in parallel); each unreadable file is listed with the
 reason. Exit status: 0 all good, 1 bad files found, 2 the layout is unusable.
 """
@@ -26,9 +27,11 @@ def check(root: Path, workers: int) -> int:
     from . import cifar
     for name in cifar.LAYOUTS:
         try:
-            cifar.find_root(root, name)
+            layout, _ = cifar.find_root(root, name)
         except DataError:
             continue
+        if layout != "pickle":  # an image-folder export: checked below like any image folder
+            break
         for train in (True, False):
             x, y, _ = cifar.load_cifar(root, name, train)
             print(f"{root}: {name} {'train' if train else 'test'}: {len(x)} images, {int(y.max()) + 1} classes, ok")

@@ -1,9 +1,12 @@
-"""CIFAR-10 / CIFAR-100 from the official python-pickle distributions
-(``cifar-10-batches-py/``, ``cifar-100-python/``), kept whole on the device
-as uint8; crop and flip happen on the device per batch.
+"""CIFAR-10 / CIFAR-100, kept whole on the device as uint8; crop and flip
+happen on the device per batch. Two layouts are read:
 
-The pickles are read with an unpickler that admits only the numpy array
-types those files contain, so a doctored file cannot run code.
+* the official python-pickle distributions (``cifar-10-batches-py/``,
+  ``cifar-100-python/``), with an unpickler that admits only the numpy array
+  types those files contain, so a doctored file cannot run code;
+* the common image-folder export, ``train/<class>/*.png|jpg`` and
+  ``test/<class>/*`` (class index = sorted class names, as torchvision's
+  ImageFolder), decoded once when the run starts.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .tensors import RandomCropFlip, TensorBatches
+from .folder import decode_image_folder
 
 LAYOUTS = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels",
@@ -45,24 +48,36 @@ def _load(path: Path) -> dict:
         raise DataError(f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from None
 
 
-def find_root(data_dir, name: str) -> Path:
-    """The folder holding the pickles: ``data_dir`` itself or its official subfolder."""
-    folder = LAYOUTS[name][0]
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+FOLDER_TEST_SPLITS = ("test", "val")
+
+
+def find_root(data_dir, name: str) -> tuple[str, Path]:
+    """Where the data is: ("pickle", the folder holding the pickles: ``data_dir``
+    itself or its official subfolder) or ("folder", ``data_dir`` holding
+    train/<class>/ and test/<class>/)."""
+    if name not in LAYOUTS:
+        raise DataError(f"unknown CIFAR variant {name!r}: choose one of {', '.join(LAYOUTS)}")
+    folder, first = LAYOUTS[name][0], LAYOUTS[name][1][0]
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: no such directory")
     for candidate in (data_dir / folder, data_dir):
-        if (candidate / LAYOUTS[name][1][0]).is_file():
-            return candidate
-    raise DataError(f"{data_dir}: no {name} here (expected {folder}/{LAYOUTS[name][1][0]}, the official python "
-                    "version of the dataset)")
+        if (candidate / first).is_file():
+            return "pickle", candidate
+    if (data_dir / "train").is_dir():
+        if not any((data_dir / s).is_dir() for s in FOLDER_TEST_SPLITS):
+            raise DataError(f"{data_dir}: has train/ but no test/ folder (expected test/<class>/<image>)")
+        return "folder", data_dir
+    raise DataError(f"{data_dir}: no {name} here (expected the official python version, {folder}/{first}, or "
+                    f"image folders train/<class>/*.png and test/<class>/*.png)")
 
 
 def load_cifar(data_dir, name: str, train: bool):
     """(x uint8 N x 3 x 32 x 32, y int64, class names)."""
-    if name not in LAYOUTS:
-        raise DataError(f"unknown CIFAR variant {name!r}: choose one of {', '.join(LAYOUTS)}")
-    root = find_root(data_dir, name)
+    layout, root = find_root(data_dir, name)
+    if layout == "folder":
+        return _load_folder(root, name, train)
     _, train_files, test_files, label_key, meta_file, names_key = LAYOUTS[name]
     xs, ys = [], []
     for fname in train_files if train else test_files:
@@ -85,11 +100,9 @@ def load_cifar(data_dir, name: str, train: bool):
     return torch.from_numpy(np.concatenate(xs)), y, names
 
 
-def cifar_loader(data_dir, name, *, train, batch_size, device, rank=0, world_size=1, seed=0, drop_last=None):
-    """The whole split uploaded once to ``device``; training batches are
-    shuffled, padded-cropped and flipped there."""
-    x, y, _ = load_cifar(data_dir, name, train)
-    x, y = x.to(device), y.to(device)
-    return TensorBatches(x, y, batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size,
-                         drop_last=train if drop_last is None else drop_last,
-                         augment=RandomCropFlip(padding=4) if train else None)
+def _load_folder(root: Path, name: str, train: bool):
+    classes = sorted(e.name for e in (root / "train").iterdir() if e.is_dir() and not e.name.startswith("."))
+    if len(classes) != NUM_CLASSES[name]:
+        raise DataError(f"{root / 'train'}: {len(classes)} class folders, but {name} has {NUM_CLASSES[name]}")
+    split = root / "train" if train else next(root / s for s in FOLDER_TEST_SPLITS if (root / s).is_dir())
+    return decode_image_folder(split, size=32, classes=classes)

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 
 from .. import distributed
-from . import cifar
+from . import cifar, fashion_mnist, tiny_imagenet
 from .digits import MEAN as DIGITS_MEAN
 from .digits import STD as DIGITS_STD
 from .digits import digits_split
 from .errors import DataError
 from .folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderLoader, find_split, scan_image_folder
 from .synthetic import SyntheticBatches
-from .tensors import TensorBatches
+from .tensors import RandomCropFlip, TensorBatches
 
 
 @dataclass
@@ -31,38 +32,61 @@ def build_data(cfg, rank=0, world_size=1, device="cpu") -> Data:
         raise DataError(f"batch size {cfg.batch_size} is not divisible by the {world_size} processes")
     per_rank = cfg.batch_size // world_size
     name = cfg.dataset
+
+    def in_memory(x, y, xt, yt, augment=None, drop_last=False):
+        """The whole dataset uploaded once; batches are cut (and augmented) on the device."""
+        x, y = subset(x, y, cfg.train_subset, cfg.seed)
+        x, y, xt, yt = (t.to(device) for t in (x, y, xt, yt))
+        return (TensorBatches(x, y, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
+                              drop_last=drop_last, augment=augment),
+                TensorBatches(xt, yt, cfg.batch_size, shuffle=False, rank=rank, world_size=world_size))
+
     if name == "digits":
         (x, y), (xt, yt) = digits_split()
-        x, y, xt, yt = (t.to(device) for t in (x, y, xt, yt))
-        return Data(TensorBatches(x, y, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size),
-                    TensorBatches(xt, yt, cfg.batch_size, shuffle=False, rank=rank, world_size=world_size),
-                    10, 1, DIGITS_MEAN, DIGITS_STD, 8)
+        return Data(*in_memory(x, y, xt, yt), 10, 1, DIGITS_MEAN, DIGITS_STD, 8)
+    if name == "fashion-mnist":
+        train, val = in_memory(*fashion_mnist.load_fashion_mnist(cfg.data, train=True),
+                               *fashion_mnist.load_fashion_mnist(cfg.data, train=False))
+        return Data(train, val, 10, 1, fashion_mnist.MEAN, fashion_mnist.STD, fashion_mnist.IMAGE_SIZE)
     if name in ("cifar10", "cifar100"):
         if cfg.data is None:
-            raise DataError(f"{name} needs --data DIR (the folder holding {cifar.LAYOUTS[name][0]}/)")
-        train = cifar.cifar_loader(cfg.data, name, train=True, batch_size=cfg.batch_size, device=device, rank=rank,
-                                   world_size=world_size, seed=cfg.seed)
-        val = cifar.cifar_loader(cfg.data, name, train=False, batch_size=cfg.batch_size, device=device, rank=rank,
-                                 world_size=world_size)
+            raise DataError(f"{name} needs --data DIR (the folder holding {cifar.LAYOUTS[name][0]}/, or "
+                            "train/<class>/ and test/<class>/ image folders)")
+        x, y, _ = cifar.load_cifar(cfg.data, name, train=True)
+        xt, yt, _ = cifar.load_cifar(cfg.data, name, train=False)
         mean, std = cifar.MEAN_STD[name]
-        return Data(train, val, 10 if name == "cifar10" else 100, 3, mean, std, 32)
-    if name == "imagenet":
+        return Data(*in_memory(x, y, xt, yt, augment=RandomCropFlip(padding=4), drop_last=True), cifar.NUM_CLASSES[name], 3,
+                    mean, std, 32)
+    if name in ("imagenet", "tiny-imagenet"):
         if cfg.data is None:
-            raise DataError("imagenet needs --data DIR (holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
-        size = cfg.image_size or 224
-        train_dir, val_dir = find_split(cfg.data, "train"), find_split(cfg.data, "val")
+            raise DataError(f"{name} needs --data DIR (holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
+        if name == "imagenet":
+            size = cfg.image_size or 224
+            train_dir, val_dir = find_split(cfg.data, "train"), find_split(cfg.data, "val")
+            mean, std, augment = IMAGENET_MEAN, IMAGENET_STD, dict(val_resize=round(size * 256 / 224))
+        else:  # native 64 x 64: padded random crop, no resizing when the images have that size
+            size = cfg.image_size or tiny_imagenet.IMAGE_SIZE
+            train_dir, val_dir = tiny_imagenet.find_root(cfg.data) / "train", tiny_imagenet.find_root(cfg.data) / "val"
+            mean, std = tiny_imagenet.MEAN, tiny_imagenet.STD
+            augment = dict(val_resize=size, augment="pad-crop", padding=max(1, size // 16))
 
         def scan():  # reads a few bytes of every file: once, on rank 0, not on every rank
+            if name == "tiny-imagenet":
+                classes, train_samples, val_samples = tiny_imagenet.scan(cfg.data)
+                return (classes, train_samples), val_samples
             train_scan, val_scan = scan_image_folder(train_dir), scan_image_folder(val_dir)
             if val_scan[0] != train_scan[0]:
                 raise DataError(f"{val_dir}: its class folders differ from {train_dir}'s")
             return train_scan[:2], val_scan[1]
         (classes, samples), val_samples = distributed.from_rank0(scan)
-        common = dict(batch_size=per_rank, device=device, image_size=size, val_resize=round(size * 256 / 224),
-                      rank=rank, world_size=world_size, seed=cfg.seed, loader=cfg.loader, workers=cfg.workers)
-        return Data(ImageFolderLoader(train_dir, train=True, samples=samples, classes=classes, **common),
-                    ImageFolderLoader(val_dir, train=False, samples=val_samples, classes=classes, **common),
-                    len(classes), 3, IMAGENET_MEAN, IMAGENET_STD, size)
+        if cfg.train_subset:
+            keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_subset]
+            samples = [samples[i] for i in sorted(keep.tolist())]
+        common = dict(batch_size=per_rank, device=device, image_size=size, rank=rank, world_size=world_size,
+                      seed=cfg.seed, loader=cfg.loader, workers=cfg.workers, classes=classes, **augment)
+        return Data(ImageFolderLoader(train_dir, train=True, samples=samples, **common),
+                    ImageFolderLoader(val_dir, train=False, samples=val_samples, **common),
+                    len(classes), 3, mean, std, size)
     if name == "synthetic":
         size = cfg.image_size or 224
         common = dict(image_size=size, classes=cfg.synthetic_classes, device=device, seed=cfg.seed + rank)
@@ -70,6 +94,15 @@ def build_data(cfg, rank=0, world_size=1, device="cpu") -> Data:
                     SyntheticBatches(per_rank, batches_per_epoch=2, **common),
                     cfg.synthetic_classes, 3, IMAGENET_MEAN, IMAGENET_STD, size)
     raise DataError(f"unknown dataset {name!r}")
+
+
+def subset(x, y, n: int, seed: int):
+    """``n`` training samples drawn without replacement, fixed by ``seed``, in
+    their original order (0 or n >= len: all of them)."""
+    if not n or n >= len(y):
+        return x, y
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return x[keep], y[keep]
 
 
 def take(batches, limit: int):
@@ -84,4 +117,4 @@ def take(batches, limit: int):
         yield x, y
 
 
-__all__ = ["Data", "build_data", "take"]
+__all__ = ["Data", "build_data", "subset", "take"]

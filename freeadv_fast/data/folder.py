@@ -8,7 +8,11 @@ with bad-file checks, and the two loaders that read them.
   is not installed.
 
 Both give uint8 batches in NHWC storage seen as NCHW (channels_last) on the
-training device; normalization is left to the fused kernel. Each pass is a
+training device; normalization is left to the fused kernel. Training
+augmentation is ImageNet's random-resized crop and flip, or, for small
+native-resolution images (Tiny-ImageNet), ``pad-crop``: a zero-padded random
+crop and flip applied to the decoded batch on the device (``RandomCropFlip``,
+the same code as CIFAR's), whichever loader decoded it. Each pass is a
 permutation of the files fixed by (seed, pass); rank r of W reads its own
 contiguous block of N // W files of it, so every rank has the same number of
 batches, ranks are disjoint, and a resumed run sees the same batches.
@@ -23,10 +27,12 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .tensors import RandomCropFlip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LOADERS = ("auto", "dali", "torch")
+AUGMENTATIONS = ("random-resized-crop", "pad-crop")
 _said = set()
 
 
@@ -48,6 +54,10 @@ def quick_check(path: str) -> str | None:
             tail = f.read()
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
+    return _signature_check(head, tail, size)
+
+
+def _signature_check(head: bytes, tail: bytes, size: int) -> str | None:
     if size == 0:
         return "empty file"
     if head[:3] == b"\xff\xd8\xff":
@@ -108,6 +118,67 @@ def scan_image_folder(split_dir, *, check: bool = True, threads: int = 16):
     return classes, samples, bad
 
 
+def decode_image_folder(split_dir, *, size: int, channels: int = 3, classes=None):
+    """A whole small-image folder decoded into memory: (x uint8 N x C x size x
+    size, y int64, class names). For datasets that fit in (GPU) memory, such
+    as CIFAR stored as image files: decoded once, then batched on the device.
+    ``classes``: the class names the labels must follow (the train split's)."""
+    import warnings
+    found, samples, _ = scan_image_folder(split_dir, check=False)  # each file is checked as it is decoded
+    if classes is not None and found != list(classes):
+        raise DataError(f"{split_dir}: its class folders ({len(found)}) differ from the training split's "
+                        f"({len(classes)})")
+    to_tensor = _bytes_decoder(channels)
+    x = torch.empty(len(samples), channels, size, size, dtype=torch.uint8)
+
+    def decode(i):
+        path = samples[i][0]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            return f"{path}: unreadable ({exc.strerror or exc})"
+        if why := _signature_check(data[:16], data[-1024:], len(data)):
+            return f"{path}: {why}"
+        try:
+            image = to_tensor(data)
+        except (RuntimeError, OSError, ValueError) as exc:
+            return f"{path}: cannot decode ({str(exc).strip().splitlines()[0]})"
+        if image.shape[1:] != (size, size):
+            return f"{path}: {image.shape[2]}x{image.shape[1]} pixels, expected {size}x{size}"
+        x[i] = image
+        return None
+
+    # one thread: torchvision's decoder holds the GIL, so threads only slow these tiny images down
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs (for torchcodec) on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        problems = [p for p in map(decode, range(len(samples))) if p]
+    if problems:
+        raise DataError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return x, torch.tensor([label for _, label in samples], dtype=torch.int64), found
+
+
+def _bytes_decoder(channels: int):
+    """bytes -> uint8 C x H x W: torchvision's decoder (5x faster than PIL on
+    small images), or PIL where torchvision no longer has one."""
+    try:
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:
+        decode_image = None
+    if decode_image is not None:
+        mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+        return lambda data: decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+
+    def with_pil(data):
+        import io
+
+        import numpy as np
+        from PIL import Image
+        with Image.open(io.BytesIO(data)) as im:
+            a = np.asarray(im.convert("RGB" if channels == 3 else "L"))
+        return torch.from_numpy(a.copy()).reshape(a.shape[0], a.shape[1], -1).permute(2, 0, 1)
+    return with_pil
+
+
 def find_split(root, split: str) -> Path:
     root = Path(root)
     if not root.is_dir():
@@ -144,9 +215,15 @@ class ImageFolderLoader:
 
     def __init__(self, split_dir, *, train: bool, batch_size: int, device="cpu", image_size: int = 224,
                  val_resize: int = 256, rank: int = 0, world_size: int = 1, seed: int = 0, loader: str = "auto",
-                 workers: int | None = None, samples=None, classes=None):
+                 workers: int | None = None, samples=None, classes=None, augment: str = "random-resized-crop",
+                 padding: int = 4):
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
+        if augment not in AUGMENTATIONS:
+            raise DataError(f"unknown augmentation {augment!r}: choose one of {', '.join(AUGMENTATIONS)}")
+        # what the decoder does; pad-crop's crop and flip come after, on the device
+        self.transform = "center-crop" if not train else "resize" if augment == "pad-crop" else augment
+        self.pad_crop = RandomCropFlip(padding) if train and augment == "pad-crop" else None
         self.split_dir, self.train, self.batch_size = Path(split_dir), train, batch_size
         self.device, self.image_size, self.val_resize = torch.device(device), image_size, val_resize
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -185,9 +262,15 @@ class ImageFolderLoader:
         indices = self.rank_indices()[start * self.batch_size:]
         if not indices:
             return iter(())
-        if self.loader == "dali":
-            return self._dali_batches(indices, start)
-        return self._torch_batches(indices)
+        batches = self._dali_batches(indices, start) if self.loader == "dali" else self._torch_batches(indices)
+        return self._crop_and_flip(batches, start) if self.pad_crop else batches
+
+    def _crop_and_flip(self, batches, start):
+        gen = torch.Generator(self.device).manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
+        for _ in range(start):  # the skipped batches' draws, so batch `start` is augmented as before
+            self.pad_crop.skip(gen, self.batch_size)
+        for x, y in batches:
+            yield self.pad_crop(x, gen).contiguous(memory_format=torch.channels_last), y
 
     def __iter__(self):
         return self.skip(0)
@@ -205,7 +288,7 @@ class ImageFolderLoader:
         self._substitute(files, labels, range(len(files)), self.bad_files)
         pos = 0
         while pos < len(files):
-            pipe = dali_pipeline(files[pos:], labels[pos:], train=self.train, batch_size=self.batch_size,
+            pipe = dali_pipeline(files[pos:], labels[pos:], transform=self.transform, batch_size=self.batch_size,
                                  image_size=self.image_size, val_resize=self.val_resize,
                                  device_id=self.device.index if on_gpu else None, num_threads=self.workers,
                                  seed=(self.seed * 1_000_003 + self.epoch) * 1009 + self.rank * 101 + start + pos)
@@ -245,7 +328,8 @@ class ImageFolderLoader:
         if self._torch_loader is None:
             self._sampler = _ListSampler()
             self._torch_loader = DataLoader(
-                _FolderDataset(self.samples, self.train, self.image_size, self.val_resize), batch_size=self.batch_size,
+                _FolderDataset(self.samples, self.transform, self.image_size, self.val_resize),
+                batch_size=self.batch_size,
                 sampler=self._sampler, num_workers=self.workers, collate_fn=_collate_skipping_bad,
                 pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
                 prefetch_factor=4 if self.workers > 0 else None)
@@ -261,10 +345,11 @@ class ImageFolderLoader:
             say_once(f"{self.split_dir}: skipped {skipped} image(s) that failed to decode in pass {self.epoch}")
 
 
-def dali_pipeline(files, labels, *, train, batch_size, image_size, val_resize, device_id, num_threads, seed):
-    """Train: decode fused with a random-resized crop (scale 0.08-1, ratio
-    3/4-4/3), resize to image_size, random flip. Val: resize the shorter side
-    to val_resize, center crop image_size. uint8 HWC out, on the GPU when
+def dali_pipeline(files, labels, *, transform, batch_size, image_size, val_resize, device_id, num_threads, seed):
+    """random-resized-crop: decode fused with a random-resized crop (scale
+    0.08-1, ratio 3/4-4/3), resize to image_size, random flip. resize: decode,
+    resize to image_size x image_size. center-crop: resize the shorter side to
+    val_resize, center crop image_size. uint8 HWC out, on the GPU when
     ``device_id`` is given (``mixed`` decoding), else on the CPU."""
     from nvidia.dali import fn, pipeline_def, types
 
@@ -273,12 +358,15 @@ def dali_pipeline(files, labels, *, train, batch_size, image_size, val_resize, d
     def pipe():
         encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
         decoder = "mixed" if device_id is not None else "cpu"
-        if train:
+        if transform == "random-resized-crop":
             images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
                                                    random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
                                                    num_attempts=10)
             images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
             images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+        elif transform == "resize":
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
         else:
             images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=val_resize, antialias=True)
@@ -304,12 +392,14 @@ class _ListSampler(torch.utils.data.Sampler):
 
 
 class _FolderDataset(torch.utils.data.Dataset):
-    def __init__(self, samples, train, image_size, val_resize):
+    def __init__(self, samples, transform, image_size, val_resize):
         from torchvision import transforms as T
         self.samples = samples
-        crop = [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)), T.RandomHorizontalFlip()]
-        self.transform = T.Compose((crop if train else [T.Resize(val_resize), T.CenterCrop(image_size)])
-                                   + [T.PILToTensor()])
+        steps = {"random-resized-crop": [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+                                         T.RandomHorizontalFlip()],
+                 "resize": [T.Resize((image_size, image_size))],
+                 "center-crop": [T.Resize(val_resize), T.CenterCrop(image_size)]}[transform]
+        self.transform = T.Compose(steps + [T.PILToTensor()])
 
     def __len__(self):
         return len(self.samples)

@@ -1,0 +1,76 @@
+"""Fashion-MNIST from its standard IDX files (``train-images-idx3-ubyte``,
+``train-labels-idx1-ubyte``, ``t10k-*``; gzipped or not), held whole on the
+device as uint8. Without ``--data`` the folder of Debian's
+``dataset-fashion-mnist`` package is used when it is installed.
+"""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist",)  # apt-get install dataset-fashion-mnist
+FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+MEAN, STD = (0.2860,), (0.3530,)
+IMAGE_SIZE = 28
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (magic 0x00000801 / 0x00000803) as an array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex() or 'missing'})")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int) if len(raw) >= 4 + 4 * ndim else None
+    if dims is None or len(raw) != 4 + 4 * ndim + int(np.prod(dims)):
+        raise DataError(f"{path}: truncated or padded (its header says {None if dims is None else tuple(dims)})")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def find_root(data_dir=None) -> Path:
+    candidates = [Path(data_dir)] if data_dir else [Path(d) for d in DEFAULT_DIRS]
+    for root in candidates:
+        if _file(root, FILES[True][0]):
+            return root
+    if data_dir:
+        raise DataError(f"{data_dir}: no Fashion-MNIST here (expected {FILES[True][0]}[.gz] and the other IDX files)")
+    raise DataError("fashion-mnist needs --data DIR holding the IDX files (or, on Debian/Ubuntu, "
+                    "apt-get install dataset-fashion-mnist)")
+
+
+def _file(root: Path, name: str) -> Path | None:
+    return next((p for p in (root / name, root / f"{name}.gz") if p.is_file()), None)
+
+
+def load_fashion_mnist(data_dir=None, train: bool = True):
+    """(x uint8 N x 1 x 28 x 28, y int64)."""
+    root = find_root(data_dir)
+    paths = []
+    for name in FILES[train]:
+        path = _file(root, name)
+        if path is None:
+            raise DataError(f"{root}: {name}[.gz] is missing")
+        paths.append(path)
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{paths[0]}: images of shape {images.shape[1:]}, expected 28 x 28")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{paths[1]}: {len(labels)} labels for {len(images)} images in {paths[0]}")
+    if labels.max(initial=0) >= len(CLASSES):
+        raise DataError(f"{paths[1]}: label {labels.max()} outside 0..9")
+    x = torch.from_numpy(images.copy()).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+__all__ = ["CLASSES", "MEAN", "STD", "find_root", "load_fashion_mnist", "read_idx"]

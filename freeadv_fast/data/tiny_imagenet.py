@@ -1,0 +1,81 @@
+"""Tiny-ImageNet-200 and subsets of it: 64x64 ImageNet photos, read through
+the same DALI / torchvision loaders as ImageNet and trained at their native
+size with a padded random crop and flip.
+
+Two layouts are understood, both under one root:
+
+* ImageFolder: ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``;
+* the official archive: ``train/<wnid>/images/*.JPEG`` and a flat
+  ``val/images/*.JPEG`` whose classes are listed in ``val/val_annotations.txt``
+  (file, wnid, box). The unlabelled ``test/`` split is not used.
+
+Labels follow the sorted training class names, as torchvision's ImageFolder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import DataError
+from .folder import quick_check, say_once, scan_image_folder
+
+MEAN, STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
+IMAGE_SIZE = 64
+ANNOTATIONS = "val_annotations.txt"
+
+
+def find_root(data_dir) -> Path:
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root}: no {split}/ folder (expected Tiny-ImageNet's train/<wnid>/ and val/, "
+                            "as an ImageFolder or as the official archive with val/val_annotations.txt)")
+    return root
+
+
+def scan_val(val_dir: Path, classes: list[str]):
+    """[(path, label)] of the validation split, in either layout."""
+    annotations = val_dir / ANNOTATIONS
+    if not annotations.is_file():
+        found, samples, _ = scan_image_folder(val_dir)
+        if found != classes:
+            raise DataError(f"{val_dir}: its class folders differ from the training split's")
+        return samples
+    label_of = {wnid: i for i, wnid in enumerate(classes)}
+    images = val_dir / "images" if (val_dir / "images").is_dir() else val_dir
+    samples, other, bad = [], 0, []
+    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise DataError(f"{annotations}:{n}: expected 'file<TAB>wnid ...', got {line[:60]!r}")
+        name, wnid = fields[0].strip(), fields[1].strip()
+        if wnid not in label_of:  # a class the training split lacks (e.g. a subset of the 200)
+            other += 1
+            continue
+        path = images / name
+        if not path.is_file():
+            raise DataError(f"{annotations}:{n}: {path} does not exist")
+        if why := quick_check(str(path)):
+            bad.append((str(path), why))
+            continue
+        samples.append((str(path), label_of[wnid]))
+    if other:
+        say_once(f"{annotations}: left out {other} image(s) of classes not in {val_dir.parent / 'train'}")
+    if bad:
+        say_once(f"{val_dir}: left out {len(bad)} bad file(s), e.g. {bad[0][0]}: {bad[0][1]}")
+    if not samples:
+        raise DataError(f"{annotations}: no image of the training classes")
+    return samples
+
+
+def scan(data_dir):
+    """(classes, train samples, val samples) of the dataset at ``data_dir``."""
+    root = find_root(data_dir)
+    classes, train, _ = scan_image_folder(root / "train")
+    return classes, train, scan_val(root / "val", classes)
+
+
+__all__ = ["IMAGE_SIZE", "MEAN", "STD", "find_root", "scan", "scan_val"]
