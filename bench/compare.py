@@ -11,12 +11,14 @@ FGSM-RS make E passes; free-m makes ceil(E / m) passes of m replays, so it
 takes as many optimizer steps as natural training. All share one LR schedule
 (one-cycle by default, Fast-AT's) counted in optimizer steps.
 
-Training time is the wall clock of the trainer's passes alone (data already
-decoded; a CUDA synchronise at each end), not of the evaluation.
+Training time is the wall clock of the trainer's passes alone (a CUDA
+synchronise at each end), not of the evaluation: in-memory datasets (CIFAR,
+Fashion-MNIST) are decoded before it starts; image folders (Tiny-ImageNet)
+are decoded by their loader during the passes, as in a real run.
 
-Writes the JSON (every figure, with provenance), a markdown table and
-``compare.png`` (robust accuracy against training time, one point per method)
-beside the JSON. ``--quick``: a small CNN on a subset, a few minutes on two
+Writes the JSON (every figure, with provenance) and beside it, under the same
+name, a markdown table (.md) and a plot (.png: robust accuracy against
+training time, one point per method). ``--quick``: a small CNN on a subset, a few minutes on two
 CPU cores, for CI.
 """
 from __future__ import annotations
@@ -79,8 +81,7 @@ def parse_args(argv):
     p.add_argument("--eval-step-size", help="default epsilon / 4")
     p.add_argument("--loader", default="auto", help="image folders: dali, torch or auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="results file (default: OUT/compare.json)")
-    p.add_argument("--out", type=Path, help="folder for the table and plot (default: the JSON's folder)")
+    p.add_argument("--json", type=Path, help="results file (default: runs/compare-<dataset>-<time>/compare.json)")
     args = p.parse_args(argv)
     arch, epochs, batch, subset, samples, steps = SETTINGS[args.dataset]["quick" if args.quick else "full"]
     args.arch = args.arch or arch
@@ -101,10 +102,7 @@ def parse_args(argv):
     except (ValueError, RuntimeError) as exc:
         p.error(str(exc))
     args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
-    if args.json is None and args.out is None:
-        args.out = Path("runs") / f"compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    args.out = args.out or args.json.parent
-    args.json = args.json or args.out / "compare.json"
+    args.json = args.json or Path("runs") / f"compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}" / "compare.json"
     return args
 
 
@@ -151,7 +149,7 @@ def run_method(args, method, data, log):
             "final_train_loss": records[-1]["loss"] if records else None, "eval": result}
 
 
-def markdown(meta, rows, attack_keys):
+def markdown(rows, attack_keys):
     head = ["method", "train time", "clean"] + [k.upper() for k in attack_keys]
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
     for r in rows:
@@ -220,17 +218,16 @@ def main(argv=None) -> int:
         summary["free_time_over_natural_time"] = by["free"]["train_seconds"] / by["natural"]["train_seconds"]
         summary["free_minus_natural_robust"] = by["free"]["eval"][main_attack] - by["natural"]["eval"][main_attack]
     result = {"meta": meta, "compare": rows, "summary": summary}
-    args.out.mkdir(parents=True, exist_ok=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(meta, rows, attack_keys)
-    (args.out / "compare.md").write_text(table + "\n")
-    plot(rows, main_attack, args.out / "compare.png",
+    table = markdown(rows, attack_keys)
+    args.json.with_suffix(".md").write_text(table + "\n")
+    plot(rows, main_attack, args.json.with_suffix(".png"),
          f"{data_name}, {args.arch}, {args.epochs:g} epochs-eq., eps {args.epsilon} ({meta['device']})")
     print(table)
     for key, value in summary.items():
         print(f"{key}: {value:.3f}")
-    log(f"wrote {args.json}, {args.out / 'compare.md'} and {args.out / 'compare.png'}")
+    log(f"wrote {args.json} and its .md and .png")
     return 0
 
 

@@ -1,8 +1,10 @@
-"""Turns the committed results in bench/results/*.json into the README's
-performance section (between the bench-report markers): nothing in it is
-typed by hand, and every table names the device it was measured on.
+"""Turns the committed results in bench/results/*.json into two README
+sections: the comparison of training methods (between the compare-report
+markers, from bench/compare.py) and the performance figures (between the
+bench-report markers). Nothing in them is typed by hand, and every table
+names the device it was measured on.
 
-    python bench/report.py            # rewrite the section in README.md
+    python bench/report.py            # rewrite the sections in README.md
     python bench/report.py --check    # exit 1 if README.md is not up to date (CI)
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-START, END = "<!-- bench-report:start -->", "<!-- bench-report:end -->"
+SECTIONS = ("compare-report", "bench-report")
 
 
 def source(path, meta):
@@ -72,10 +74,43 @@ def demo_section(path, data):
                          [(m, f"{c[m]['clean_acc']:.1%}", f"{c[m]['robust_acc']:.1%}") for m in ("natural", "free")])
 
 
+def compare_section() -> str:
+    """One table of every bench/compare.py result: a row per method and run,
+    naming its data and device."""
+    rows, runs, steps_seen = [], [], set()
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        if "compare" not in data:
+            continue
+        meta = data["meta"]
+        runs.append(f"`{path.name}`: {meta['data']}, {meta['train_images']:,} training images, {meta['arch']}, "
+                    f"{meta['epochs_equivalent']:g} epochs-equivalent, batch {meta['batch_size']}, "
+                    f"{meta['precision']}, eps {meta['epsilon'] * 255:.3g}/255, {meta['eval_samples']:,} test images "
+                    f"attacked; {meta['device']}, {str(meta['date'])[:10]}"
+                    + (" (`--quick`)" if meta.get("quick") else ""))
+        steps = meta["eval_steps"][0]
+        steps_seen.add(steps)
+        for r in data["compare"]:
+            e = r["eval"]
+
+            def cell(key):
+                lo, hi = e[key + "_ci95"]
+                return f"{e[key]:.1%} ({lo:.1%}-{hi:.1%})"
+            rows.append((meta["data"], meta["device"], r["label"], r["passes"], f"{r['train_seconds'] / 60:.1f} min",
+                         cell("clean_top1"), cell(f"pgd-{steps}"), cell(f"cw-{steps}"), f"`{path.name}`"))
+    if not rows:
+        return "No comparison committed yet (run bench/compare.py).\n"
+    k = f"-{steps_seen.pop()}" if len(steps_seen) == 1 else " (steps: see the run)"
+    lines = table(("data", "device", "method", "passes", "training time", "clean", f"PGD{k}", f"CW{k}", "file"), rows)
+    return "\n".join(lines + ["", "Runs:", ""] + [f"- {r}" for r in runs]) + "\n"
+
+
 def render() -> str:
     sections = []
     for path in sorted(RESULTS.glob("*.json")):
         data = json.loads(path.read_text())
+        if "compare" in data:
+            continue  # in the comparison section
         if "ratios" in data:
             sections.append(train_step_section(path, data))
         elif "comparison" in data:
@@ -97,12 +132,15 @@ def main(argv=None) -> int:
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = p.parse_args(argv)
     text = args.readme.read_text()
-    if START not in text or END not in text:
-        print(f"{args.readme}: no {START} ... {END} section", file=sys.stderr)
-        return 2
-    before, rest = text.split(START, 1)
-    _, after = rest.split(END, 1)
-    new = f"{before}{START}\n{render()}{END}{after}"
+    new = text
+    for name, body in zip(SECTIONS, (compare_section(), render())):
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        if start not in new or end not in new:
+            print(f"{args.readme}: no {start} ... {end} section", file=sys.stderr)
+            return 2
+        before, rest = new.split(start, 1)
+        _, after = rest.split(end, 1)
+        new = f"{before}{start}\n{body}{end}{after}"
     if args.check:
         if new != text:
             print(f"{args.readme} is out of date with bench/results: run python bench/report.py", file=sys.stderr)
