@@ -1,8 +1,9 @@
 """One process per device: setup under torchrun or our own launcher, DDP.
 
-Under ``torchrun`` (any number of nodes, env:// rendezvous) the environment
-names this process's rank; ``launch`` starts N local workers itself with the
-same environment, so the training code is identical either way. GPUs use
+Under ``torchrun`` (any number of nodes) the environment names this
+process's rank, and each restart round's group gets a fresh store (see
+``round_store``); ``launch`` starts N local workers itself with the same
+environment (env:// rendezvous), so the training code is identical either way. GPUs use
 NCCL; CPU processes (``cpu=True``, how CI tests this path) use gloo.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +59,58 @@ def setup(cpu: bool = False, timeout_s: float = 600.0) -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://",
-                                timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = round_store(rank, timeout) if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
+                                **({"store": store, "rank": rank, "world_size": world} if store is not None
+                                   else {"init_method": "env://"}),
                                 **({"device_id": device} if use_cuda else {}))
     return Dist(rank, world, local, device)
+
+
+STORE_KEY = "freeadv_fast/process_group_store"
+
+
+def round_store(rank: int, timeout: datetime.timedelta, probe_s: float = 2.0) -> dist.Store:
+    """A fresh key-value store for this round's process group, under torchrun.
+
+    torchrun's agent hosts one store (MASTER_ADDR:MASTER_PORT) for the whole
+    job and keeps it across ``--max-restarts`` rounds, so a group built on it
+    with ``env://`` reads the previous round's keys: a restarted gloo worker
+    connects to the dead worker's address and fails ("Connection refused")
+    or hangs until the group timeout. (torch prefixes nothing per round;
+    TORCHELASTIC_RESTART_COUNT is per node, so it cannot name the round.)
+
+    Here rank 0 starts a new store on a free port on its node (MASTER_ADDR)
+    and announces "PORT NONCE" through the agent's store; the other ranks
+    take an announcement only once the store at that port answers with that
+    nonce, so a stale one (its server died with the previous round) is
+    retried until rank 0's arrives, within ``timeout``."""
+    addr, agent_port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = dist.TCPStore(addr, agent_port, is_master=False, timeout=timeout)
+    if rank == 0:
+        store = dist.TCPStore(addr, 0, is_master=True, timeout=timeout, wait_for_workers=False)
+        nonce = uuid.uuid4().hex
+        store.set("nonce", nonce)
+        agent.set(STORE_KEY, f"{store.port} {nonce}")
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        port, nonce = agent.get(STORE_KEY).decode().split()
+        try:
+            with socket.create_connection((addr, int(port)), timeout=probe_s):  # a dead one: refused, quietly
+                pass
+            store = dist.TCPStore(addr, int(port), is_master=False, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=probe_s))
+            if store.get("nonce").decode() == nonce:
+                store.set_timeout(timeout)
+                return store
+        except (OSError, RuntimeError, ValueError):  # DistStoreError/DistNetworkError: a dead (stale) or foreign port
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank}: rank 0 announced no reachable process-group store on {addr} "
+                               f"within {timeout.total_seconds():.0f} s")
+        time.sleep(0.1)
 
 
 def teardown():

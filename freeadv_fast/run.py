@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -65,6 +66,28 @@ def resolve_resume(cfg: RunConfig, resume) -> Path | None:
         if key in saved and saved[key] != getattr(cfg, key):
             raise CheckpointError(f"checkpoint {path} is from a {key} {saved[key]!r} run, not {getattr(cfg, key)!r}")
     return path
+
+
+def fault_injection(rank: int):
+    """TEST-ONLY hook for the fault tests; never set it otherwise. With
+    ``FREEADV_FAULT_INJECT=R:S`` in the environment, rank R kills itself
+    (SIGKILL, no cleanup) after its first batch that reaches optimizer step
+    S, in a job's first round only (``TORCHELASTIC_RESTART_COUNT`` unset or
+    0), so torchrun's restart round runs clean. (That count is per node:
+    with several nodes, rank R may fail again on a node whose count stayed
+    0.) Returns a per-batch check, or None when unset."""
+    spec = os.environ.get("FREEADV_FAULT_INJECT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    target_rank, step = (int(v) for v in spec.split(":"))
+    if rank != target_rank:
+        return None
+
+    def check(trainer):
+        if trainer.step >= step:
+            log(f"FREEADV_FAULT_INJECT: rank {rank} kills itself at step {trainer.step}")
+            os.kill(os.getpid(), signal.SIGKILL)
+    return check
 
 
 def log(msg: str):
@@ -161,8 +184,12 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     images_per_pass = getattr(data.train, "num_samples", len(data.train) * cfg.batch_size)
     last_log = {}
 
+    fault = fault_injection(d.rank)
+
     def on_batch(n):
         nonlocal bar
+        if fault is not None:
+            fault(trainer)
         if not d.is_main:
             return
         if bar is None:  # the first batch of a pass (or of a resumed one)

@@ -58,3 +58,26 @@ def test_torchrun_with_two_nodes_on_localhost(tmp_path):
         out, _ = node.communicate(timeout=300)
         assert node.returncode == 0, out
     assert_same_model(load(tmp_path / "model-full.pt"), load(single / "model-full.pt"))
+
+
+def test_a_restarted_round_gets_a_fresh_store_despite_the_previous_rounds_keys(monkeypatch):
+    """torchrun keeps its store across restarts; the previous round's announcement (its store's server died with
+    it) must be passed over, not connected to, and none of the old keys may be seen."""
+    import datetime
+    import threading
+    import time
+    agent = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    agent.set(distributed.STORE_KEY, f"{distributed.free_port()} stale")  # round 0's, its server is gone
+    timeout = datetime.timedelta(seconds=30)
+    got = {}
+    follower = threading.Thread(target=lambda: got.update(store=distributed.round_store(1, timeout, probe_s=0.5)))
+    follower.start()
+    time.sleep(1.0)  # rank 1 meets the stale announcement first
+    leader = distributed.round_store(0, timeout)
+    follower.join(timeout=30)
+    assert not follower.is_alive()
+    leader.set("hello", "from rank 0")
+    assert got["store"].get("hello") == b"from rank 0"
+    assert leader.num_keys() == 2  # nonce and hello: nothing of an earlier round

@@ -1,6 +1,6 @@
-"""Fault injection: dying workers, full disks, damaged and hostile
-checkpoints, NaN batches. Each checks that nothing is lost beyond
-the last checkpoint."""
+"""Fault injection: dying workers, torchrun's elastic restarts, full disks,
+damaged and hostile checkpoints, NaN batches. Each checks that nothing is
+lost beyond the last checkpoint."""
 import errno
 import io
 import os
@@ -86,6 +86,45 @@ def kill_tree(proc):
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+def torchrun(args, max_restarts=0, **env):
+    """The training command under torchrun: one node, two CPU processes (gloo)."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                  "MASTER_PORT", "FREEADV_FAULT_INJECT")},
+           "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                             "--nproc-per-node", "2", "--max-restarts", str(max_restarts), "-m", "freeadv_fast.train",
+                             *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=240):
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    finally:
+        kill_tree(proc)
+
+
+def test_torchrun_restarts_after_a_killed_worker_from_the_last_checkpoint_to_the_same_weights(tmp_path):
+    # 2 passes x 22 batches x 4 replays; a checkpoint every 4 batches (16 steps): rank 1 dies at step 40,
+    # after the checkpoint of step 32, once (round 0 only); torchrun restarts both workers, which resume
+    common = ["--cpu", "digits", "--epochs", "8", "--config", config_file(tmp_path, eval_every=0, checkpoint_every=4),
+              "--resume", "auto"]
+    reference = torchrun([*common, "--out", tmp_path / "reference"])
+    log = finish(reference)
+    assert reference.returncode == 0, log[-3000:]
+    out = tmp_path / "elastic"
+    elastic = torchrun([*common, "--out", out], max_restarts=1, FREEADV_FAULT_INJECT="1:40")
+    log = finish(elastic)
+    assert elastic.returncode == 0, log[-5000:]
+    assert "FREEADV_FAULT_INJECT: rank 1 kills itself at step 40" in log
+    assert f"resumed from {out / 'checkpoint-last.pt'}: pass 1/2, batch 8, step 32" in log, log[-5000:]
+    a, b = read_checkpoint(out / "checkpoint-last.pt"), read_checkpoint(tmp_path / "reference" / "checkpoint-last.pt")
+    assert a["step"] == b["step"] == 176
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for r in (0, 1):  # and each rank's perturbation buffer
+        assert torch.equal(a["ranks"][r]["delta"], b["ranks"][r]["delta"])
 
 
 def trainer_for_tests(**kw):
