@@ -55,7 +55,8 @@ def parser():
     p.add_argument("--restarts", type=int_at_least(1), default=1)
     p.add_argument("--epsilon", type=pixel)
     p.add_argument("--step-size", type=pixel)
-    p.add_argument("--limit", type=int_at_least(0), default=0, help="evaluate the first N images (0: all)")
+    p.add_argument("--limit", type=int_at_least(0), default=0,
+                   help="evaluate N held-out images, a fixed random sample of the split (0: all)")
     p.add_argument("--batch-size", type=int_at_least(1))
     p.add_argument("--precision")
     p.add_argument("--json", type=Path)

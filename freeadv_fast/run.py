@@ -123,6 +123,7 @@ def train_worker(cfg_dict: dict, resume: str | None, cpu: bool):
             distributed.teardown()
         except Exception:  # the group may be broken already; exiting is what matters
             pass
+        distributed.release_groups()
     if status:
         sys.exit(status)
 

@@ -172,7 +172,9 @@ def test_fashion_mnist_idx_files(tmp_path, compress):
     assert y.tolist() == labels[True].tolist()
     data = build_data(build_config(dataset="fashion-mnist", flags=dict(data=str(tmp_path), batch_size=8)))
     assert (data.num_classes, data.in_channels, data.image_size) == (10, 1, 28)
-    assert torch.cat([yb for _, yb in data.val]).tolist() == labels[False].tolist()
+    from freeadv_fast.data.datasets import held_out_order
+    val = torch.cat([yb for _, yb in data.val])
+    assert val.tolist() == labels[False][held_out_order(10).numpy()].tolist()  # every test image, once
 
 
 def test_fashion_mnist_mistakes_are_named(tmp_path, monkeypatch):
@@ -206,3 +208,17 @@ def test_train_subset_is_fixed_by_the_seed_and_checked(tmp_path):
     assert not torch.equal(a.train.x, other.train.x)
     with pytest.raises(ConfigError, match="train-subset"):
         build_config(dataset="cifar10", flags={**flags, "train_subset": -1})
+
+
+def test_a_held_out_prefix_samples_every_class_of_a_class_sorted_split(tmp_path):
+    """Image-folder test splits are sorted by class; an evaluation limited to
+    N images must still see all of them, not the first class or two."""
+    write_cifar_folders(tmp_path, per_class=(1, 20))
+    data = build_data(build_config(dataset="cifar10", flags=dict(data=str(tmp_path), batch_size=10)))
+    first = next(iter(data.val))[1]
+    assert len(set(first.tolist())) >= 5
+    assert sorted(torch.cat([yb for _, yb in data.val]).tolist()) == sorted(list(range(10)) * 20)
+    write_tiny(tmp_path / "tiny", official=False, val_per_class=10)
+    data = build_data(build_config(dataset="tiny-imagenet", flags=dict(data=str(tmp_path / "tiny"), batch_size=6,
+                                                                       loader="torch", workers=0)))
+    assert len(set(next(iter(data.val))[1].tolist())) == 3

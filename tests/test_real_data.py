@@ -80,5 +80,5 @@ def test_free_training_on_real_cifar10_beats_natural_under_attack(cifar10_jpeg, 
     rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["compare"]}
     natural, free = rows["natural"]["eval"], rows["free"]["eval"]
     assert free["pgd-10_ci95"][0] > natural["pgd-10_ci95"][1], (natural, free)  # CIs apart
-    assert free["clean_top1"] > 0.3  # learnt something beyond chance (10%)
+    assert free["clean_top1_ci95"][0] > 0.1  # and it learnt the task: above chance (10%)
     assert (out / "compare.png").stat().st_size > 1000 and "| free-8 |" in (out / "compare.md").read_text()

@@ -36,7 +36,8 @@ def build_data(cfg, rank=0, world_size=1, device="cpu") -> Data:
     def in_memory(x, y, xt, yt, augment=None, drop_last=False):
         """The whole dataset uploaded once; batches are cut (and augmented) on the device."""
         x, y = subset(x, y, cfg.train_subset, cfg.seed)
-        x, y, xt, yt = (t.to(device) for t in (x, y, xt, yt))
+        order = held_out_order(len(yt))
+        x, y, xt, yt = (t.to(device) for t in (x, y, xt[order], yt[order]))
         return (TensorBatches(x, y, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
                               drop_last=drop_last, augment=augment),
                 TensorBatches(xt, yt, cfg.batch_size, shuffle=False, rank=rank, world_size=world_size))
@@ -79,6 +80,7 @@ def build_data(cfg, rank=0, world_size=1, device="cpu") -> Data:
                 raise DataError(f"{val_dir}: its class folders differ from {train_dir}'s")
             return train_scan[:2], val_scan[1]
         (classes, samples), val_samples = distributed.from_rank0(scan)
+        val_samples = [val_samples[i] for i in held_out_order(len(val_samples)).tolist()]
         if cfg.train_subset:
             keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_subset]
             samples = [samples[i] for i in sorted(keep.tolist())]
@@ -94,6 +96,14 @@ def build_data(cfg, rank=0, world_size=1, device="cpu") -> Data:
                     SyntheticBatches(per_rank, batches_per_epoch=2, **common),
                     cfg.synthetic_classes, 3, IMAGENET_MEAN, IMAGENET_STD, size)
     raise DataError(f"unknown dataset {name!r}")
+
+
+def held_out_order(n: int) -> torch.Tensor:
+    """The fixed order (the same in every run) in which held-out splits are
+    read. Image-folder splits are sorted by class, so their first N images --
+    what an evaluation limited to N samples attacks -- would be a few classes
+    only; in this order any prefix is a uniform random sample."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))
 
 
 def subset(x, y, n: int, seed: int):
