@@ -24,7 +24,6 @@ CPU cores, for CI.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time

@@ -75,7 +75,8 @@ def test_free_training_on_real_cifar10_beats_natural_under_attack(cifar10_jpeg, 
     out = tmp_path / "cmp"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--data", str(cifar10_jpeg),
                           "--quick", "--methods", "natural,free", "--eval-samples", "200",
-                          "--eval-steps", "10", "--json", str(out / "compare.json")], capture_output=True, text=True, timeout=600)
+                          "--eval-steps", "10", "--json", str(out / "compare.json")],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["compare"]}
     natural, free = rows["natural"]["eval"], rows["free"]["eval"]

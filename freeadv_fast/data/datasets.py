@@ -35,7 +35,8 @@ def build_data(cfg, rank=0, world_size=1, device="cpu") -> Data:
 
     def in_memory(x, y, xt, yt, augment=None, drop_last=False):
         """The whole dataset uploaded once; batches are cut (and augmented) on the device."""
-        x, y = subset(x, y, cfg.train_subset, cfg.seed)
+        keep = subset_indices(len(y), cfg.train_subset, cfg.seed)
+        x, y = x[keep], y[keep]
         order = held_out_order(len(yt))
         x, y, xt, yt = (t.to(device) for t in (x, y, xt[order], yt[order]))
         return (TensorBatches(x, y, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
@@ -56,8 +57,8 @@ def build_data(cfg, rank=0, world_size=1, device="cpu") -> Data:
         x, y, _ = cifar.load_cifar(cfg.data, name, train=True)
         xt, yt, _ = cifar.load_cifar(cfg.data, name, train=False)
         mean, std = cifar.MEAN_STD[name]
-        return Data(*in_memory(x, y, xt, yt, augment=RandomCropFlip(padding=4), drop_last=True), cifar.NUM_CLASSES[name], 3,
-                    mean, std, 32)
+        train, val = in_memory(x, y, xt, yt, augment=RandomCropFlip(padding=4), drop_last=True)
+        return Data(train, val, cifar.NUM_CLASSES[name], 3, mean, std, 32)
     if name in ("imagenet", "tiny-imagenet"):
         if cfg.data is None:
             raise DataError(f"{name} needs --data DIR (holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
@@ -67,7 +68,8 @@ def build_data(cfg, rank=0, world_size=1, device="cpu") -> Data:
             mean, std, augment = IMAGENET_MEAN, IMAGENET_STD, dict(val_resize=round(size * 256 / 224))
         else:  # native 64 x 64: padded random crop, no resizing when the images have that size
             size = cfg.image_size or tiny_imagenet.IMAGE_SIZE
-            train_dir, val_dir = tiny_imagenet.find_root(cfg.data) / "train", tiny_imagenet.find_root(cfg.data) / "val"
+            root = tiny_imagenet.find_root(cfg.data)
+            train_dir, val_dir = root / "train", root / "val"
             mean, std = tiny_imagenet.MEAN, tiny_imagenet.STD
             augment = dict(val_resize=size, augment="pad-crop", padding=max(1, size // 16))
 
@@ -81,9 +83,7 @@ def build_data(cfg, rank=0, world_size=1, device="cpu") -> Data:
             return train_scan[:2], val_scan[1]
         (classes, samples), val_samples = distributed.from_rank0(scan)
         val_samples = [val_samples[i] for i in held_out_order(len(val_samples)).tolist()]
-        if cfg.train_subset:
-            keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_subset]
-            samples = [samples[i] for i in sorted(keep.tolist())]
+        samples = [samples[i] for i in subset_indices(len(samples), cfg.train_subset, cfg.seed).tolist()]
         common = dict(batch_size=per_rank, device=device, image_size=size, rank=rank, world_size=world_size,
                       seed=cfg.seed, loader=cfg.loader, workers=cfg.workers, classes=classes, **augment)
         return Data(ImageFolderLoader(train_dir, train=True, samples=samples, **common),
@@ -106,13 +106,13 @@ def held_out_order(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))
 
 
-def subset(x, y, n: int, seed: int):
-    """``n`` training samples drawn without replacement, fixed by ``seed``, in
-    their original order (0 or n >= len: all of them)."""
-    if not n or n >= len(y):
-        return x, y
-    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return x[keep], y[keep]
+def subset_indices(total: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of ``n`` of ``total`` training samples, drawn without
+    replacement, fixed by ``seed``, in their original order (0 or n >= total:
+    all of them)."""
+    if not n or n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
 def take(batches, limit: int):
@@ -127,4 +127,4 @@ def take(batches, limit: int):
         yield x, y
 
 
-__all__ = ["Data", "build_data", "subset", "take"]
+__all__ = ["Data", "build_data", "held_out_order", "subset_indices", "take"]
