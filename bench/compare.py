@@ -71,7 +71,9 @@ def parse_args(argv):
     p.add_argument("--pgd-steps", type=int, default=7, help="k of PGD-k training")
     p.add_argument("--epsilon", help="L-inf budget (default 8/255; fashion-mnist 0.1)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=0.2, help="peak LR of every method (Fast-AT's 0.2)")
+    p.add_argument("--free-lr", type=float, help="peak LR of free-m only (default: --lr); free-m takes m steps "
+                                                 "in a row on each batch and can diverge where the others do not")
     p.add_argument("--schedule", default="onecycle")
     p.add_argument("--precision", help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--train-subset", type=int, help="train on this many images (0: all)")
@@ -109,7 +111,8 @@ def config_for(args, method):
     """One method's settings: everything but the method (and its own step size) is shared."""
     return check(RunConfig(dataset=args.dataset, data=args.data, arch=args.arch, method=method, replays=args.replays,
                            pgd_steps=args.pgd_steps, epsilon=args.epsilon, epochs=args.epochs,
-                           batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, momentum=0.9,
+                           batch_size=args.batch_size, lr=args.free_lr if method == "free" and args.free_lr
+                           else args.lr, schedule=args.schedule, momentum=0.9,
                            weight_decay=5e-4, precision=args.precision, channels_last=args.device.type == "cuda",
                            loader=args.loader, train_subset=args.train_subset, seed=args.seed,
                            eval_step_size=args.eval_step_size))
@@ -143,7 +146,7 @@ def run_method(args, method, data, log):
     log(f"   clean {result['clean_top1']:.1%}, {attack_name('ce', args.eval_steps[0]).upper()} {robust:.1%} "
         f"({time.perf_counter() - t0:.0f} s)")
     return {"method": method, "label": label, "replays": replays, "passes": passes,
-            "optimizer_steps": trainer.step, "train_seconds": seconds,
+            "optimizer_steps": trainer.step, "train_seconds": seconds, "lr": cfg.lr,
             "images_per_s": images * replays / seconds, "step_size": cfg.step_size,
             "final_train_loss": records[-1]["loss"] if records else None, "eval": result}
 
@@ -204,7 +207,8 @@ def main(argv=None) -> int:
     attack_keys = [attack_name(loss, s) for loss in ("ce", "cw") for s in args.eval_steps]
     meta = {**provenance(args.device), "quick": args.quick, "dataset": args.dataset, "data": data_name,
             "train_images": data.train.num_samples, "arch": args.arch, "epochs_equivalent": args.epochs,
-            "batch_size": args.batch_size, "precision": args.precision, "lr": args.lr, "schedule": args.schedule,
+            "batch_size": args.batch_size, "precision": args.precision, "lr": args.lr,
+            "free_lr": args.free_lr or args.lr, "schedule": args.schedule,
             "epsilon": cfg.epsilon, "eval_step_size": cfg.eval_step_size,
             "eval_steps": args.eval_steps, "eval_samples": rows[0]["eval"]["samples"]}
     by = {r["method"]: r for r in rows}

@@ -85,7 +85,9 @@ def compare_section() -> str:
         meta = data["meta"]
         runs.append(f"`{path.name}`: {meta['data']}, {meta['train_images']:,} training images, {meta['arch']}, "
                     f"{meta['epochs_equivalent']:g} epochs-equivalent, batch {meta['batch_size']}, "
-                    f"{meta['precision']}, eps {meta['epsilon'] * 255:.3g}/255, {meta['eval_samples']:,} test images "
+                    f"{meta['precision']}, peak LR {meta['lr']:g}"
+                    + (f" (free: {meta['free_lr']:g})" if meta.get("free_lr", meta["lr"]) != meta["lr"] else "")
+                    + f", eps {meta['epsilon'] * 255:.3g}/255, {meta['eval_samples']:,} test images "
                     f"attacked; {meta['device']}, {str(meta['date'])[:10]}"
                     + (" (`--quick`)" if meta.get("quick") else ""))
         steps = meta["eval_steps"][0]

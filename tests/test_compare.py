@@ -29,8 +29,9 @@ def run_tiny(tmp_path, device="cpu", *extra):
 
 
 def test_every_method_is_trained_timed_and_attacked_alike(tmp_path):
-    result, out = run_tiny(tmp_path)
+    result, out = run_tiny(tmp_path, "cpu", "--free-lr", "0.05")
     meta, rows = result["meta"], {r["method"]: r for r in result["compare"]}
+    assert [r["lr"] for r in rows.values()] == [0.2, 0.05, 0.2, 0.2] and meta["free_lr"] == 0.05
     assert list(rows) == ["natural", "free", "pgd", "fast"]
     assert meta["train_images"] == 40 and meta["epochs_equivalent"] == 2 and meta["device_type"] == "cpu"
     assert meta["git_commit"] and meta["command"] and meta["data"] == "CIFAR-10"
