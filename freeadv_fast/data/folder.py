@@ -266,9 +266,8 @@ class ImageFolderLoader:
         return self._crop_and_flip(batches, start) if self.pad_crop else batches
 
     def _crop_and_flip(self, batches, start):
-        gen = torch.Generator(self.device).manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
-        for _ in range(start):  # the skipped batches' draws, so batch `start` is augmented as before
-            self.pad_crop.skip(gen, self.batch_size)
+        gen = self.pad_crop.generator(self.device, seed=self.seed, epoch=self.epoch, rank=self.rank, skipped=start,
+                                      batch_size=self.batch_size)
         for x, y in batches:
             yield self.pad_crop(x, gen).contiguous(memory_format=torch.channels_last), y
 

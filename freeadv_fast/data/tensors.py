@@ -48,10 +48,8 @@ class TensorBatches:
         order = self._order().to(self.x.device)
         gen = None
         if self.augment is not None:
-            gen = torch.Generator(self.x.device).manual_seed(
-                (self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
-            for _ in range(start):  # the skipped batches' draws, so batch `start` is augmented as before
-                self.augment.skip(gen, self.batch_size // self.world_size)
+            gen = self.augment.generator(self.x.device, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                                         skipped=start, batch_size=self.batch_size // self.world_size)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             idx = torch.tensor_split(idx, self.world_size)[self.rank]
@@ -79,6 +77,15 @@ class RandomCropFlip:
 
     def skip(self, gen, n):
         self._draw(gen, n, gen.device)
+
+    def generator(self, device, *, seed: int, epoch: int, rank: int, skipped: int = 0, batch_size: int = 0):
+        """The random stream of one rank's pass, fixed by (seed, epoch, rank),
+        past the draws of ``skipped`` batches of ``batch_size`` (resuming
+        mid-pass augments batch ``skipped`` as the uninterrupted pass did)."""
+        gen = torch.Generator(device).manual_seed((seed * 1_000_003 + epoch) * 1009 + rank)
+        for _ in range(skipped):
+            self.skip(gen, batch_size)
+        return gen
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n, c, h, w = x.shape
