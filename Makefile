@@ -17,7 +17,7 @@ export CUDA_HOME
 NVCC := $(if $(CUDA_HOME),$(CUDA_HOME)/bin/nvcc,)
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu)
 
-.PHONY: env demo test test-gpu wheel cmake-test bench-kernels clean
+.PHONY: env demo test test-gpu gpu-check wheel cmake-test bench-kernels clean
 
 $(VENV)/.deps: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ test-gpu:
 	else \
 		$(MAKE) env && $(PY) -m pytest -m gpu; \
 	fi
+
+## gpu-check: every GPU check in one command (at most ~8 minutes on an H100/H200):
+## build for this GPU, GPU tests, kernel and train-step benchmarks; writes
+## bench/results/*-<gpu>.json and bench/results/gpu-check-<gpu>/ (logs). Uses
+## the system python, whose torch must see a GPU.
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh
 
 ## wheel: dist/freeadv_fast-*.whl with the compiled extension inside
 wheel: env

@@ -69,6 +69,29 @@ class Timer:
         return times[len(times) // 2]
 
 
+def in_graph_ms(fn, calls=20, reps=10):
+    """Milliseconds per call with ``calls`` calls captured in one CUDA graph:
+    the op's time inside a captured training step, launch cost gone."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (reps * calls)
+
+
 def make_batch(shape, device):
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=g)
@@ -140,7 +163,8 @@ def main(argv=None):
         copy_ms = timer(lambda: dst.copy_(src), reps, warmup)
         copy_gbps = 2 * 4 * numel / copy_ms / 1e6
         print(f"\n{shape_name} {'x'.join(map(str, shape))}: device-to-device copy {copy_gbps:.1f} GB/s")
-        print(f"  {'op':<24}{'variant':<10}{'ms':>10}{'GB/s':>10}{'of copy':>9}{'vs eager':>10}")
+        print(f"  {'op':<24}{'variant':<10}{'ms':>10}{'GB/s':>10}{'of copy':>9}{'vs eager':>10}"
+              f"{'in graph':>10}{'of copy':>9}")
         eager_ms = {}
         for variant, wrap in sorted(variants, key=lambda v: v[0] != "eager"):
             calls = op_calls(x, delta, grad, out, variant) if wrap is None else reference_calls(
@@ -152,10 +176,21 @@ def main(argv=None):
                 if variant == "eager":
                     eager_ms[op_name] = ms
                 speedup = eager_ms[op_name] / ms
-                print(f"  {op_name:<24}{variant:<10}{ms:>10.3f}{gbps:>10.1f}{gbps / copy_gbps:>9.0%}{speedup:>9.1f}x")
+                graph_ms = None
+                if device.type == "cuda":
+                    try:
+                        graph_ms = in_graph_ms(fn)
+                    except Exception as exc:  # a variant that cannot be captured is reported, not fatal
+                        print(f"  ({op_name} {variant}: not capturable: {type(exc).__name__}: {exc})"[:200])
+                graphed = (f"{graph_ms:>10.3f}{MIN_BYTES[op_name] * numel / graph_ms / 1e6 / copy_gbps:>9.0%}"
+                           if graph_ms else "")
+                print(f"  {op_name:<24}{variant:<10}{ms:>10.3f}{gbps:>10.1f}{gbps / copy_gbps:>9.0%}{speedup:>9.1f}x"
+                      + graphed)
                 records.append({"op": op_name, "backend": variant, "shape": shape_name, "dims": list(shape),
                                 "time_ms": ms, "gbps": gbps, "fraction_of_copy": gbps / copy_gbps,
-                                "speedup_vs_eager": speedup, "copy_gbps": copy_gbps})
+                                "speedup_vs_eager": speedup, "copy_gbps": copy_gbps, "in_graph_ms": graph_ms,
+                                "in_graph_fraction_of_copy": (MIN_BYTES[op_name] * numel / graph_ms / 1e6 / copy_gbps
+                                                              if graph_ms else None)})
     if args.json:
         meta = {**provenance(device), "quick": args.quick, "reps": reps}
         args.json.parent.mkdir(parents=True, exist_ok=True)

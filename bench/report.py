@@ -36,8 +36,10 @@ def train_step_section(path, data):
     lines = [f"**Training throughput**, {meta['model']} at {meta['image_size']}px, batch {meta['batch_size']} "
              f"({timed}): {source(path, meta)}", ""]
     gib = lambda r: f"{r['peak_memory_gib']:.1f} GiB" if r.get("peak_memory_gib") is not None else "-"  # noqa: E731
-    lines += table(("method", "images/s", "peak GPU memory"),
-                   [(r["method"], f"{r['images_per_s']:,.1f}", gib(r)) for r in data["records"]])
+    first = lambda r: f"{r['first_call_s']:.1f} s" if r.get("first_call_s") is not None else "-"  # noqa: E731
+    lines += table(("method", "images/s", "peak GPU memory", "first call (compiling)"),
+                   [(r["method"], f"{r['images_per_s']:,.1f}", gib(r), first(r)) if "images_per_s" in r
+                    else (r["method"], f"failed: {r.get('error', '?')}", "-", "-") for r in data["records"]])
     lines += [""] + table(("ratio", "value"), [(k, f"{v:.2f}") for k, v in data["ratios"].items()])
     for proj in data.get("projections", []):
         lines.append(f"\nProjected {proj['run']} with {proj['method']}: {proj['hours_one_device']:.1f} h on one "
@@ -50,10 +52,21 @@ def kernels_section(path, data):
     meta = data["meta"]
     lines = [f"**Fused perturbation kernels** ({'quick run' if meta.get('quick') else 'full run'}): "
              f"{source(path, meta)}", ""]
-    return lines + table(("batch", "op", "variant", "ms", "GB/s", "of copy", "vs eager"),
+    in_graph = lambda r: (f"{r['in_graph_ms']:.3f}", f"{r['in_graph_fraction_of_copy']:.0%}")  # noqa: E731
+    return lines + table(("batch", "op", "variant", "ms", "GB/s", "of copy", "vs eager", "ms in a graph",
+                          "of copy in a graph"),
                          [(f"{r['shape']} {'x'.join(map(str, r['dims']))}", r["op"], r["backend"], f"{r['time_ms']:.3f}",
-                           f"{r['gbps']:.1f}", f"{r['fraction_of_copy']:.0%}", f"{r['speedup_vs_eager']:.1f}x")
+                           f"{r['gbps']:.1f}", f"{r['fraction_of_copy']:.0%}", f"{r['speedup_vs_eager']:.1f}x",
+                           *(in_graph(r) if r.get("in_graph_ms") else ("-", "-")))
                           for r in data["records"]])
+
+
+def clamp_probe_section(path, data):
+    meta = data["meta"]
+    lines = [f"**clamp's gradient at its bounds** under torch {meta['torch']} (`bench/clamp_probe.py`; our "
+             f"`clamp_input` mode is the inclusive mask the paper's code ran with): {source(path, meta)}", ""]
+    return lines + table(("device", "mask", "clamp(x, 0, 1) gradient at 0, 0.5, 1"),
+                         [(d, r["mask"], r["clamp(x, 0, 1)"]) for d, r in data["probe"].items()])
 
 
 def loader_section(path, data):
@@ -117,6 +130,8 @@ def render() -> str:
             sections.append(train_step_section(path, data))
         elif "comparison" in data:
             sections.append(demo_section(path, data))
+        elif "probe" in data:
+            sections.append(clamp_probe_section(path, data))
         elif data.get("records") and "op" in data["records"][0]:
             sections.append(kernels_section(path, data))
         elif data.get("records") and "loader" in data["records"][0]:

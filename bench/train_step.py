@@ -2,7 +2,8 @@
 the paper's own loop: one process, one model, one batch, one device.
 
     python bench/train_step.py [--device cuda|cpu] [--model resnet50|preact_resnet18|wide_resnet32_10]
-                               [--batch-size B] [--precision fp32,bf16] [--quick] [--no-compile] [--json PATH]
+                               [--batch-size B] [--precision fp32,bf16] [--quick] [--no-graph]
+                               [--compile default|max-autotune-no-cudagraphs] [--steps N] [--json PATH]
 
 Every method trains the same architecture from the same initial weights on
 the same synthetic uint8 NHWC batch already on the device (loading is out of
@@ -14,12 +15,20 @@ one attacked-and-trained batch counts B.
 
 The official loop is the paper's ImageNet code (main_free.py) reproduced:
 fp32, eager, delta as a leaf tensor with requires_grad, unfused
-sign/add/clamp, and .item() plus accuracy on every replay.
+sign/add/clamp, and .item() plus accuracy on every replay. Two stronger
+baselines are what a user adds in five lines: the same loop with bf16
+autocast and channels_last, and that loop with the model under
+torch.compile (its compile time is recorded).
+
+Variants of our engine: eager, ``graph`` (whole steps as CUDA graphs,
+--cuda-graph) and, with ``--compile MODE``, compiled models alone and
+combined with our graphs.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import sys
 import time
@@ -63,8 +72,9 @@ class Timer:
         return time.perf_counter() - t0
 
 
-def official_free_step(model, optimizer, x, y, noise, mean, std, replays, step, eps):
-    """One minibatch of the paper's main_free.py, as written there."""
+def official_free_step(model, optimizer, x, y, noise, mean, std, replays, step, eps, amp_dtype=None):
+    """One minibatch of the paper's main_free.py, as written there (with
+    ``amp_dtype``: the same under autocast, what a user adds first)."""
     x = x.float() / 255
     n = x.shape[0]
     for _ in range(replays):
@@ -72,8 +82,9 @@ def official_free_step(model, optimizer, x, y, noise, mean, std, replays, step, 
         in1 = x + noise_batch
         in1.clamp_(0, 1.0)
         in1.sub_(mean).div_(std)
-        output = model(in1)
-        loss = F.cross_entropy(output, y)
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            output = model(in1)
+        loss = F.cross_entropy(output.float(), y)
         prec1 = (output.argmax(1) == y).float().mean()
         optimizer.zero_grad()
         loss.backward()
@@ -92,7 +103,12 @@ def main(argv=None):
     p.add_argument("--image-size", type=int)
     p.add_argument("--precision", default=None, help="comma-separated: fp32,bf16 (default both on GPU, fp32 on CPU)")
     p.add_argument("--quick", action="store_true", help="few steps, small batch (the CPU run in CI)")
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variants")
+    p.add_argument("--compile", metavar="MODE", choices=["default", "max-autotune-no-cudagraphs"],
+                   help="also measure compiled models in this torch.compile mode (costs minutes of compiling)")
+    p.add_argument("--steps", type=int, help="timed calls per variant (default 20; --quick 2)")
+    p.add_argument("--methods", default="natural,free-4,free-8,pgd-7,fgsm-rs,official",
+                   help="comma-separated subset of natural,free-4,free-8,pgd-7,fgsm-rs,official")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -103,8 +119,16 @@ def main(argv=None):
     size = args.image_size or (224 if model_name == "resnet50" else 32)
     batch = args.batch_size or (8 if args.quick else (256 if model_name == "resnet50" else 128))
     precisions = (args.precision or ("fp32,bf16" if gpu else "fp32")).split(",")
-    compile_variants = [False] if (args.no_compile or (args.quick and not gpu)) else [False, True]
-    warmup, steps = (1, 2) if args.quick else (5, 20)
+    methods = set(args.methods.split(","))
+    variants = [("", dict())]
+    if gpu and not args.no_graph:
+        variants.append((" graph", dict(cuda_graph=True)))
+    if args.compile:
+        variants.append((" compile", dict(compile=args.compile)))
+        if gpu and not args.no_graph:
+            variants.append((" compile+graph", dict(compile=args.compile, cuda_graph=True)))
+    # a captured step needs 3 eager warm-up steps and the capture: 5 calls reach the steady state
+    warmup, steps = (1, 2) if args.quick else (5, args.steps or 20)
     if gpu:
         torch.backends.cudnn.benchmark = True
     classes = 1000 if model_name == "resnet50" else 10
@@ -123,9 +147,16 @@ def main(argv=None):
         model = copy.deepcopy(base)
         if info.get("channels_last"):
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        # fused SGD with the LR in a device tensor: what --cuda-graph steps with, so every variant steps alike
+        lr = torch.tensor(0.01, device=device) if gpu else 0.01
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4, fused=gpu or None)
+        started = time.perf_counter()
         step = make_step(model, optimizer)
-        for _ in range(warmup):
+        step()
+        if gpu:
+            torch.cuda.synchronize()
+        first_call_s = time.perf_counter() - started  # compile time, for compiled variants
+        for _ in range(warmup - 1):
             step()
         if gpu:
             torch.cuda.synchronize()
@@ -133,11 +164,13 @@ def main(argv=None):
         seconds = timer(step, steps)
         rate = images_per_call * steps / seconds
         record = {"method": name, "images_per_s": rate, "seconds": seconds, "steps": steps,
+                  "first_call_s": first_call_s,
                   "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if gpu else None, **info}
         records.append(record)
         mem = f"{record['peak_memory_gib']:.1f} GiB" if gpu else ""
-        print(f"  {name:<28} {rate:10.1f} images/s  {mem}", flush=True)
+        print(f"  {name:<34} {rate:10.1f} images/s  {mem}  (first call {first_call_s:.1f} s)", flush=True)
         del model, optimizer, step
+        gc.collect()  # a trainer and its step graph refer to each other: free the graph's memory pool now
         if gpu:
             torch.cuda.empty_cache()
 
@@ -147,31 +180,58 @@ def main(argv=None):
             return lambda: trainer.train_batch(x, y)
         return make
 
+    def safely(*a, **kw):
+        try:
+            measure(*a, **kw)
+        except Exception as exc:  # one variant that fails is reported; the others still run
+            print(f"  {a[0]:<34} FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            records.append({"method": a[0], "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+
     for precision in precisions:
         cl = gpu  # channels_last on GPUs, where it pays
         common = dict(precision=precision, channels_last=cl)
-        measure(f"natural {precision}", engine(NaturalTrainer, **common), batch, precision=precision,
-                channels_last=cl, replays=1, compile=False)
-        for m in (4, 8):
-            for comp in compile_variants:
-                name = f"free-{m} {precision}" + (" compile" if comp else "")
-                measure(name, engine(FreeAdversarialTrainer, replays=m, epsilon=EPS, step_size=EPS, compile=comp,
-                                     **common), batch * m, precision=precision, channels_last=cl, replays=m,
-                        compile=comp)
-        measure(f"pgd-7 {precision}", engine(PGDTrainer, steps=7, epsilon=EPS, step_size=EPS / 4, **common), batch,
-                precision=precision, channels_last=cl, replays=1, compile=False, attack_steps=7)
-        measure(f"fgsm-rs {precision}", engine(FastTrainer, epsilon=EPS, **common), batch, precision=precision,
-                channels_last=cl, replays=1, compile=False, attack_steps=1)
+        for suffix, extra in variants:
+            info = dict(precision=precision, channels_last=cl, compile=extra.get("compile", False),
+                        cuda_graph=extra.get("cuda_graph", False))
+            if "natural" in methods:
+                safely(f"natural {precision}{suffix}", engine(NaturalTrainer, **common, **extra), batch, replays=1,
+                       **info)
+            for m in (4, 8):
+                if f"free-{m}" in methods:
+                    safely(f"free-{m} {precision}{suffix}", engine(FreeAdversarialTrainer, replays=m, epsilon=EPS,
+                                                                 step_size=EPS, **common, **extra),
+                           batch * m, replays=m, **info)
+            if "pgd-7" in methods:
+                safely(f"pgd-7 {precision}{suffix}", engine(PGDTrainer, steps=7, epsilon=EPS, step_size=EPS / 4,
+                                                          **common, **extra), batch, replays=1, attack_steps=7, **info)
+            if "fgsm-rs" in methods:
+                safely(f"fgsm-rs {precision}{suffix}", engine(FastTrainer, epsilon=EPS, **common, **extra), batch,
+                       replays=1, attack_steps=1, **info)
 
-    def official(model, optimizer):
-        noise = torch.zeros(x.shape, device=device)
-        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-        return lambda: official_free_step(model, optimizer, x, y, noise, mean, std, 4, EPS, EPS)
-    measure("official free-4 fp32", official, batch * 4, precision="fp32", channels_last=False, replays=4,
-            compile=False)
+    def official(amp_dtype=None, compile_mode=None, channels_last=False):
+        def make(model, optimizer):
+            noise = torch.zeros(x.shape, device=device)
+            mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+            std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+            xs = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+            run = torch.compile(model, mode=compile_mode) if compile_mode else model
+            return lambda: official_free_step(run, optimizer, xs, y, noise, mean, std, 4, EPS, EPS, amp_dtype)
+        return make
+    if "official" in methods:
+        safely("official free-4 fp32", official(), batch * 4, precision="fp32", channels_last=False, replays=4,
+               compile=False, cuda_graph=False)
+        if gpu:
+            safely("official free-4 bf16 channels_last", official(torch.bfloat16, channels_last=True), batch * 4,
+                   precision="bf16", channels_last=True, replays=4, compile=False, cuda_graph=False)
+            if args.compile:
+                safely("official free-4 bf16 channels_last compile",
+                       official(torch.bfloat16, args.compile, channels_last=True), batch * 4, precision="bf16",
+                       channels_last=True, replays=4, compile=args.compile, cuda_graph=False)
 
-    summary = summarize(records, model_name, precisions)
+    summary = summarize(records, model_name)
     for line in summary["lines"]:
         print(line)
     if args.json:
@@ -184,36 +244,38 @@ def main(argv=None):
     return 0
 
 
-def summarize(records, model_name, precisions):
-    by = {r["method"]: r for r in records}
+def summarize(records, model_name):
+    """Ratios of free-m against natural training (same variant), against the
+    official loops, and the cost of PGD-7 and FGSM-RS per epoch-equivalent."""
+    by = {r["method"]: r["images_per_s"] for r in records if "images_per_s" in r}
     ratios, lines, projections = {}, ["", "ratios:"], []
-    for precision in precisions:
-        natural = by[f"natural {precision}"]["images_per_s"]
-        for m in (4, 8):
-            for suffix in ("", " compile"):
-                free = by.get(f"free-{m} {precision}{suffix}")
-                if free is None:
-                    continue
-                key = f"free-{m} {precision}{suffix}"
-                ratios[f"{key} / natural"] = free["images_per_s"] / natural
-                ratios[f"{key} / official free-4 fp32"] = free["images_per_s"] / by["official free-4 fp32"][
-                    "images_per_s"]
-        free4 = by[f"free-4 {precision}"]["images_per_s"]
-        # per epoch-equivalent, free-m takes one replay step per image; PGD-7 one attacked step per image
-        ratios[f"pgd-7 / free-4 cost per epoch-equivalent ({precision})"] = free4 / by[f"pgd-7 {precision}"][
-            "images_per_s"]
-        ratios[f"fgsm-rs / free-4 cost per epoch-equivalent ({precision})"] = free4 / by[f"fgsm-rs {precision}"][
-            "images_per_s"]
+    officials = [k for k in by if k.startswith("official")]
+    for name, rate in by.items():
+        if not name.startswith("free-"):
+            continue
+        kind, rest = name.split(" ", 1)  # "free-4", "bf16 graph"
+        natural = by.get(f"natural {rest}")
+        if natural:
+            ratios[f"{name} / natural {rest}"] = rate / natural
+        if kind == "free-4":
+            for official in officials:
+                ratios[f"{name} / {official}"] = rate / by[official]
+            for attack in ("pgd-7", "fgsm-rs"):
+                if f"{attack} {rest}" in by:
+                    # per epoch-equivalent free-m takes one replay step per image, PGD-7 one attacked step
+                    ratios[f"{attack} / free-4 cost per epoch-equivalent ({rest})"] = rate / by[f"{attack} {rest}"]
     for k, v in ratios.items():
-        lines.append(f"  {k:<52} {v:6.2f}")
+        lines.append(f"  {k:<64} {v:6.2f}")
     if model_name in PAPER_RUNS:
         what, n, epochs, m, paper = PAPER_RUNS[model_name]
-        best = max((r for r in records if r["method"].startswith(f"free-{m} ")), key=lambda r: r["images_per_s"])
-        hours = n * epochs / best["images_per_s"] / 3600
-        projections.append({"run": what, "method": best["method"], "hours_one_device": hours,
-                            "hours_four_devices_ideal": hours / 4, "paper": paper})
-        lines.append(f"projected: {what} with {best['method']}: {hours:.1f} h on one device, {hours / 4:.1f} h on "
-                     f"four (ideal scaling); the paper: {paper}")
+        candidates = [r for r in records if r["method"].startswith(f"free-{m} ") and "images_per_s" in r]
+        if candidates:
+            best = max(candidates, key=lambda r: r["images_per_s"])
+            hours = n * epochs / best["images_per_s"] / 3600
+            projections.append({"run": what, "method": best["method"], "hours_one_device": hours,
+                                "hours_four_devices_ideal": hours / 4, "paper": paper})
+            lines.append(f"projected: {what} with {best['method']}: {hours:.1f} h on one device, {hours / 4:.1f} h "
+                         f"on four (ideal scaling); the paper: {paper}")
     return {"ratios": ratios, "lines": lines, "projections": projections}
 
 

@@ -42,7 +42,8 @@ PerturbArgs make_args(const at::Tensor& x, const at::Tensor& delta, const std::o
   TORCH_CHECK(delta.scalar_type() == at::kFloat, "freeadv perturb: delta must be float32");
   TORCH_CHECK(x.scalar_type() == at::kByte || x.scalar_type() == at::kFloat,
               "freeadv perturb: x must be uint8 or float32, got ", x.scalar_type());
-  TORCH_CHECK(mode == 0 || mode == 1, "freeadv perturb: mode must be 0 (clamp_input) or 1 (project)");
+  TORCH_CHECK(mode >= 0 && mode <= 2,
+              "freeadv perturb: mode must be 0 (clamp_input), 1 (project) or 2 (clamp_input_strict)");
 
   // One dense layout for all: contiguous, or channels_last for 4-D tensors.
   at::MemoryFormat fmt = at::MemoryFormat::Contiguous;

@@ -12,7 +12,11 @@
 
 namespace freeadv {
 
-enum class PixelMode : int32_t { ClampInput = 0, Project = 1 };
+// ClampInput masks the gradient where x + delta is outside [lo, hi] or on a
+// bound (the paper's code as it ran: autograd of clamp gave subgradient 1 at
+// the bounds from torch 0.4.1 until 2026); ClampInputStrict masks the bounds
+// too (torch's clamp gradient since then).
+enum class PixelMode : int32_t { ClampInput = 0, Project = 1, ClampInputStrict = 2 };
 
 // Element types the kernels read and write. Any other input dtype is
 // converted by the Python wrapper first (exactly what the reference does).

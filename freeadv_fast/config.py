@@ -55,6 +55,8 @@ class RunConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # default or max-autotune-no-cudagraphs
+    cuda_graph: bool = False  # capture whole steps as CUDA graphs (freeadv_fast/graphs.py)
     loader: str = "auto"
     workers: int | None = None
     image_size: int | None = None
@@ -166,7 +168,7 @@ def check(cfg: RunConfig) -> RunConfig:
     from .models import ARCHITECTURES
     from .ops import PIXEL_MODES
     from .scheduler import SCHEDULES
-    from .trainer import PRECISIONS
+    from .trainer import COMPILE_MODES, PRECISIONS
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
     if cfg.method not in METHODS:
@@ -175,7 +177,7 @@ def check(cfg: RunConfig) -> RunConfig:
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {cfg.arch!r}: choose one of {', '.join(sorted(ARCHITECTURES))}")
     for name, choices in (("precision", PRECISIONS), ("pixel_mode", PIXEL_MODES), ("schedule", SCHEDULES),
-                          ("loader", ("auto", "dali", "torch"))):
+                          ("loader", ("auto", "dali", "torch")), ("compile_mode", COMPILE_MODES)):
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"unknown {name} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
     if not isinstance(cfg.replays, int) or cfg.replays < 1:

@@ -146,7 +146,7 @@ def build_trainer(cfg: RunConfig, data, device, dist=None):
                               replays=replays, milestones=cfg.milestones)
     rank = dist.rank if dist is not None else 0
     common = dict(mean=data.mean, std=data.std, precision=cfg.precision, channels_last=cfg.channels_last,
-                  compile=cfg.compile, scheduler=schedule, seed=cfg.seed + rank, max_bad_steps=cfg.max_bad_steps)
+                  compile=cfg.compile and cfg.compile_mode, cuda_graph=cfg.cuda_graph, scheduler=schedule, seed=cfg.seed + rank, max_bad_steps=cfg.max_bad_steps)
     attack = dict(epsilon=cfg.epsilon, step_size=cfg.step_size)
     method_args = {"free": dict(replays=replays, pixel_mode=cfg.pixel_mode, **attack),
                    "pgd": dict(steps=cfg.pgd_steps, **attack), "fast": attack, "natural": {}}[cfg.method]

@@ -39,6 +39,9 @@ class StepCountSchedule(LRScheduler):
 
     def __init__(self, optimizer: torch.optim.Optimizer, last_epoch: int = -1):
         super().__init__(optimizer, last_epoch)
+        # plain numbers: an optimizer whose LR is a device tensor (CUDA graphs)
+        # is then written with fill_, never read back to the host
+        self.base_lrs = [float(b) for b in self.base_lrs]
 
     def factor(self, step: int) -> float:
         raise NotImplementedError

@@ -59,6 +59,10 @@ def parser() -> ArgumentParser:
     p.add_argument("--precision", help="fp32, bf16 or fp16")
     p.add_argument("--channels-last", action="store_true", default=None)
     p.add_argument("--compile", action="store_true", default=None)
+    p.add_argument("--compile-mode", help="with --compile: default or max-autotune-no-cudagraphs")
+    p.add_argument("--cuda-graph", action="store_true", default=None,
+                   help="capture each training step as a CUDA graph (full batches on one GPU; else eager, said once)")
+    p.add_argument("--pixel-mode", help="clamp_input (the paper's code as it ran), clamp_input_strict or project")
     p.add_argument("--loader", help="dali or torch (image folders)")
     p.add_argument("--workers", type=nonnegative_int, help="loader worker threads/processes per rank")
     p.add_argument("--preset", choices=None, help="a named paper setting (see below)")
@@ -73,7 +77,7 @@ def parser() -> ArgumentParser:
 
 
 FLAG_KEYS = ("data", "arch", "method", "replays", "epsilon", "step_size", "pgd_steps", "epochs", "batch_size", "lr",
-             "schedule", "precision", "channels_last", "compile", "loader", "workers", "out", "eval_every", "seed",
+             "schedule", "precision", "channels_last", "compile", "compile_mode", "cuda_graph", "pixel_mode", "loader", "workers", "out", "eval_every", "seed",
              "train_subset")
 
 

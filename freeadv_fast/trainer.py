@@ -18,8 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed, ops
+from .graphs import Static, StepGraph
+from .messages import say_once
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 class NonFiniteError(RuntimeError):
@@ -39,10 +42,13 @@ class RunningMetrics:
         self._started = time.perf_counter()
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor):
-        n = y.numel()
-        self.sums[0] += loss.detach().to(self.sums.dtype) * n
+        self.accumulate(loss, logits, y)
+        self.samples += y.numel()
+
+    def accumulate(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor):
+        """The device part of ``update`` (capturable); the caller counts the samples."""
+        self.sums[0] += loss.detach().to(self.sums.dtype) * y.numel()
         self.sums[1] += (logits.detach().argmax(1) == y).sum()
-        self.samples += n
 
     def compute(self, reset: bool = True) -> dict:
         """Mean loss, accuracy and samples/s over every rank since the last reset."""
@@ -68,13 +74,22 @@ def _check_pixel_value(name, value):
 
 class Trainer:
     """Shared machinery: device placement, precision (autocast, GradScaler),
-    channels_last, torch.compile, optimizer/scheduler steps, the pass loop and
-    checkpoint state. Subclasses define ``train_batch``."""
+    channels_last, torch.compile, CUDA graphs, optimizer/scheduler steps, the
+    pass loop and checkpoint state. Subclasses define ``train_batch``.
+
+    ``cuda_graph=True`` captures each method's whole step (forward, backward,
+    perturbation update, optimizer step, device-side metrics) as a CUDA graph
+    for full batches (freeadv_fast/graphs.py). The optimizer's LR then lives
+    in a device tensor that the schedule writes, and SGD steps fused (the
+    foreach SGD reads a tensor LR on the host). fp16 (loss scaling decides on
+    the host), DDP, CPU devices and batches of another size run eagerly;
+    each fallback is said once."""
 
     method = "base"
 
     def __init__(self, model, optimizer, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32",
-                 channels_last=False, compile=False, scheduler=None, backend="auto", seed=0, max_bad_steps=10):
+                 channels_last=False, compile=False, cuda_graph=False, scheduler=None, backend="auto", seed=0,
+                 max_bad_steps=10):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.lo, self.hi = (float(v) for v in pixel_range)
@@ -101,9 +116,35 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # passes over the data completed
         self.batch_in_epoch = 0  # batches of the current pass completed
+        if compile not in (False, True) + COMPILE_MODES:
+            raise ValueError(f"compile must be True, False or a mode ({', '.join(COMPILE_MODES)}), got {compile!r}")
         self.compiled = compile
-        self._forward = torch.compile(self._forward_eager) if compile else self._forward_eager
+        # Inductor's own CUDA graphs ("reduce-overhead") would capture inside ours: offered are modes without them
+        self._compile_mode = None if compile in (True, "default") else compile
+        self._forward = (torch.compile(self._forward_eager, mode=self._compile_mode) if compile
+                         else self._forward_eager)
         self._constants: dict = {}
+        self.cuda_graph = cuda_graph and self._graphs_apply()
+        self._graph: StepGraph | None = None
+        self._graph_key = None
+        self._graph_lrs: list | None = None  # the LR tensors the graphs read
+        self._static: Static | None = None
+
+    def _graphs_apply(self) -> bool:
+        """Whether steps can be captured here; says once why not."""
+        why = None
+        if self.device.type != "cuda":
+            why = f"--cuda-graph applies to CUDA devices; on {self.device.type} training runs eagerly"
+        elif self.scaler is not None:
+            why = "--cuda-graph: fp16 training runs eagerly (loss scaling decides on the host whether to step)"
+        elif isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            why = "--cuda-graph: DDP training runs eagerly (its gradient buckets are not captured)"
+        elif not all(isinstance(self.optimizer, torch.optim.SGD) or "capturable" in g
+                     for g in self.optimizer.param_groups):
+            why = f"--cuda-graph: {type(self.optimizer).__name__} cannot step inside a graph; training runs eagerly"
+        if why:
+            say_once(why)
+        return why is None
 
     def _zeros(self, shape):
         """A float32 zero buffer in the trainer's memory format."""
@@ -149,7 +190,8 @@ class Trainer:
     def _autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # autocast's weight cache cannot outlive a graph capture (same casts, same numbers)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=not self.cuda_graph)
 
     def _forward_eager(self, inp, y):
         with self._autocast():
@@ -172,9 +214,65 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self._advance()
+
+    def _advance(self):
+        """The host side of an optimizer step: its count and the LR schedule."""
         self.step += 1
         if self.scheduler is not None:
             self.scheduler.step()
+            if self._graph_lrs is not None:
+                self._keep_graph_lrs()
+
+    # -- CUDA graphs --------------------------------------------------------
+    def _capturable_optimizer(self):
+        """LR tensors on the device, and fused SGD; said once if it changes anything."""
+        changed = set()
+        for group in self.optimizer.param_groups:
+            if not isinstance(group["lr"], torch.Tensor):
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=self.device)
+                changed.add("its learning rate now lives in a device tensor")
+            if isinstance(self.optimizer, torch.optim.SGD) and not group.get("fused"):
+                group["fused"], group["foreach"] = True, False
+                changed.add("SGD steps fused")
+            elif "capturable" in group and not group["capturable"]:
+                group["capturable"] = True
+                changed.add("it steps capturable")
+        if changed:
+            say_once(f"--cuda-graph: the optimizer was made capturable: {'; '.join(sorted(changed))}")
+        self._graph_lrs = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _keep_graph_lrs(self):
+        """The captured graphs read these LR tensors: a schedule or a loaded
+        optimizer state that put another value in their place is copied in."""
+        for group, lr in zip(self.optimizer.param_groups, self._graph_lrs):
+            if group["lr"] is not lr:
+                lr.copy_(group["lr"]) if isinstance(group["lr"], torch.Tensor) else lr.fill_(float(group["lr"]))
+                group["lr"] = lr
+
+    def _graph_for(self, key, make_static, body, generators=()) -> StepGraph:
+        """The step graph for batches described by ``key``; a new key (another
+        image size, a regrown buffer) makes new static tensors and a new graph."""
+        if self._graph_key != key:
+            if self._graph_lrs is None:
+                self._capturable_optimizer()
+            self._graph = None  # frees the old graph's memory pool first
+            self._static = make_static()
+            self._graph = StepGraph(body, generators=generators)
+            self._graph_key = key
+        self._keep_graph_lrs()
+        return self._graph
+
+    def _graphed(self, x) -> bool:
+        """Whether this prepared batch runs through the step graph."""
+        if not self.cuda_graph:
+            return False
+        captured = self._graph_key[0] if self._graph_key is not None else None
+        if captured is not None and x.shape[0] < captured[0] and tuple(x.shape[1:]) == captured[1:]:
+            say_once(f"--cuda-graph: a smaller batch ({x.shape[0]} images, the graph holds {captured[0]}) "
+                     "runs eagerly")
+            return False
+        return True  # the captured shape, or a new one (captured anew)
 
     def _train_step(self, inp, y, *, input_grad):
         """Forward, mean cross-entropy, zero grads, one backward; returns the
@@ -188,7 +286,11 @@ class Trainer:
 
     def _record(self, loss, logits, y):
         """Metrics and the non-finite-loss streak, on the device."""
-        self.metrics.update(loss, logits, y)
+        self._record_on_device(loss, logits, y)
+        self.metrics.samples += y.numel()
+
+    def _record_on_device(self, loss, logits, y):
+        self.metrics.accumulate(loss, logits, y)
         self._bad_streak.add_(1).mul_(~torch.isfinite(loss.detach()))  # +1, or back to 0 on a finite loss
         torch.maximum(self._worst_streak, self._bad_streak, out=self._worst_streak)
 
@@ -263,7 +365,7 @@ class Trainer:
 
     def log_record(self) -> dict:
         record = {"step": self.step, "epoch": self.epoch, "batch": self.batch_in_epoch,
-                  "lr": self.optimizer.param_groups[0]["lr"], **self.metrics.compute()}
+                  "lr": float(self.optimizer.param_groups[0]["lr"]), **self.metrics.compute()}
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
         return record
@@ -310,22 +412,23 @@ class FreeAdversarialTrainer(Trainer):
     method = "free"
 
     def __init__(self, model, optimizer, *, replays, epsilon, step_size, mean, std, pixel_range=(0.0, 1.0),
-                 pixel_mode="clamp_input", precision="fp32", channels_last=False, compile=False, scheduler=None,
-                 backend="auto", seed=0, max_bad_steps=10):
+                 pixel_mode="clamp_input", precision="fp32", channels_last=False, compile=False, cuda_graph=False,
+                 scheduler=None, backend="auto", seed=0, max_bad_steps=10):
         if not (isinstance(replays, int) and replays >= 1):
             raise ValueError(f"replays must be an integer >= 1, got {replays!r}")
         if pixel_mode not in ops.PIXEL_MODES:
             raise ValueError(f"unknown pixel mode {pixel_mode!r}: choose one of {', '.join(ops.PIXEL_MODES)}")
         super().__init__(model, optimizer, mean=mean, std=std, pixel_range=pixel_range, precision=precision,
-                         channels_last=channels_last, compile=compile, scheduler=scheduler, backend=backend,
-                         seed=seed, max_bad_steps=max_bad_steps)
+                         channels_last=channels_last, compile=compile, cuda_graph=cuda_graph, scheduler=scheduler,
+                         backend=backend, seed=seed, max_bad_steps=max_bad_steps)
         self.replays, self.pixel_mode = replays, pixel_mode
         self.epsilon, self.step_size = epsilon, step_size
         for name, value in (("epsilon", epsilon), ("step_size", step_size)):
             _check_pixel_value(name, value)
         self.delta: torch.Tensor | None = None
         update = self._update_and_make_input
-        self._update_and_make_input = torch.compile(update, fullgraph=True) if compile else update
+        self._update_and_make_input = (torch.compile(update, fullgraph=True, mode=self._compile_mode) if compile
+                                       else update)
 
     def _delta_for(self, x):
         n = x.shape[0]
@@ -346,6 +449,8 @@ class FreeAdversarialTrainer(Trainer):
     def train_batch(self, x, y) -> dict:
         x, y = self._prepare(x, y)
         delta = self._delta_for(x)
+        if self._graphed(x) and delta.shape[0] == self.delta.shape[0]:
+            return self._train_batch_graphed(x, y)
         C = x.shape[1]
         norm = self._norm(x)
         step, eps = self._param("step_size", self.step_size, C), self._param("epsilon", self.epsilon, C)
@@ -364,6 +469,43 @@ class FreeAdversarialTrainer(Trainer):
             self._record(loss, logits, y)
             losses.append(loss.detach())
         return {"loss": torch.stack(losses).mean(), "samples": x.shape[0], "replays": self.replays}
+
+    def _train_batch_graphed(self, x, y) -> dict:
+        """The batch's input is made eagerly (one kernel), then each replay is
+        one launch of the captured replay step. The step always writes the
+        next input: on the last replay that is a wasted write of the input
+        (2 of ~13 bytes an element), which keeps one graph instead of two."""
+        key = (tuple(x.shape), x.dtype, self.delta.data_ptr())
+        graph = self._graph_for(key, lambda: self._static_for(x, y), self._replay_step)
+        s = self._static
+        s.x.copy_(x)
+        s.y.copy_(y)
+        s.loss_sum.zero_()
+        ops.make_input(s.x, self.delta, mode=self.pixel_mode, out=s.inp, **s.norm)
+        for _ in range(self.replays):
+            graph()
+            self._advance()
+            self.metrics.samples += x.shape[0]
+        return {"loss": s.loss_sum / self.replays, "samples": x.shape[0], "replays": self.replays}
+
+    def _static_for(self, x, y):
+        C = x.shape[1]
+        return Static(x=torch.empty_like(x), y=torch.empty_like(y), norm=self._norm(x),
+                      inp=torch.empty(x.shape, dtype=self.input_dtype, device=self.device,
+                                      memory_format=self.memory_format),
+                      step=self._param("step_size", self.step_size, C), eps=self._param("epsilon", self.epsilon, C),
+                      loss_sum=torch.zeros((), device=self.device))
+
+    def _replay_step(self):
+        """One replay on the static tensors (captured): the eager replay's
+        arithmetic in the same order."""
+        s = self._static
+        loss, logits, grad = self._train_step(s.inp.detach(), s.y, input_grad=True)
+        ops.update_and_make_input_(self.delta, grad, s.x, step_size=s.step, epsilon=s.eps, mode=self.pixel_mode,
+                                   out=s.inp, **s.norm)
+        self.optimizer.step()
+        self._record_on_device(loss, logits, s.y)
+        s.loss_sum.add_(loss.detach())
 
     def rank_state(self):
         return {**super().rank_state(), "delta": None if self.delta is None else self.delta.detach().cpu()}
@@ -386,12 +528,33 @@ class NaturalTrainer(Trainer):
 
     def train_batch(self, x, y) -> dict:
         x, y = self._prepare(x, y)
+        if self._graphed(x):
+            return self._train_batch_graphed(x, y)
         self._clean = self._scratch(self._clean, x)
         inp = ops.make_input(x, self._clean[:x.shape[0]], **self._norm(x))
         loss, logits, _ = self._train_step(inp, y, input_grad=False)
         self._optimizer_step()
         self._record(loss, logits, y)
         return {"loss": loss.detach(), "samples": x.shape[0], "replays": 1}
+
+    def _train_batch_graphed(self, x, y) -> dict:
+        graph = self._graph_for((tuple(x.shape), x.dtype), lambda: _static_batch(self, x, y), self._graphed_step)
+        s = self._static
+        s.x.copy_(x)
+        s.y.copy_(y)
+        graph()
+        self._advance()
+        self.metrics.samples += x.shape[0]
+        return {"loss": s.loss.clone(), "samples": x.shape[0], "replays": 1}
+
+    def _graphed_step(self):
+        s = self._static
+        self._clean = self._scratch(self._clean, s.x)
+        inp = ops.make_input(s.x, self._clean[:s.x.shape[0]], **self._norm(s.x))
+        loss, logits, _ = self._train_step(inp, s.y, input_grad=False)
+        self.optimizer.step()
+        self._record_on_device(loss, logits, s.y)
+        s.loss.copy_(loss.detach())
 
 
 class PGDTrainer(Trainer):
@@ -437,11 +600,33 @@ class PGDTrainer(Trainer):
 
     def train_batch(self, x, y) -> dict:
         x, y = self._prepare(x, y)
+        if self._graphed(x):
+            return self._train_batch_graphed(x, y)
         inp, _ = self.attack(x, y)
         loss, logits, _ = self._train_step(inp.detach(), y, input_grad=False)
         self._optimizer_step()
         self._record(loss, logits, y)
         return {"loss": loss.detach(), "samples": x.shape[0], "replays": 1}
+
+    def _train_batch_graphed(self, x, y) -> dict:
+        # the random start draws from self.generator inside the graph
+        graph = self._graph_for((tuple(x.shape), x.dtype), lambda: _static_batch(self, x, y), self._graphed_step,
+                                generators=(self.generator,))
+        s = self._static
+        s.x.copy_(x)
+        s.y.copy_(y)
+        graph()
+        self._advance()
+        self.metrics.samples += x.shape[0]
+        return {"loss": s.loss.clone(), "samples": x.shape[0], "replays": 1}
+
+    def _graphed_step(self):
+        s = self._static
+        inp, _ = self.attack(s.x, s.y)
+        loss, logits, _ = self._train_step(inp.detach(), s.y, input_grad=False)
+        self.optimizer.step()
+        self._record_on_device(loss, logits, s.y)
+        s.loss.copy_(loss.detach())
 
 
 class FastTrainer(PGDTrainer):
@@ -458,6 +643,11 @@ class FastTrainer(PGDTrainer):
         if self.step_size is not None:
             return super()._step_size(C)
         return 1.25 * self._param("epsilon", self.epsilon, C)
+
+
+def _static_batch(trainer, x, y) -> Static:
+    """Static copies of a batch and a loss slot, for a captured one-step method."""
+    return Static(x=torch.empty_like(x), y=torch.empty_like(y), loss=torch.zeros((), device=trainer.device))
 
 
 TRAINERS = {"free": FreeAdversarialTrainer, "natural": NaturalTrainer, "pgd": PGDTrainer, "fast": FastTrainer}

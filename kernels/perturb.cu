@@ -2,10 +2,16 @@
 // the spec in freeadv_fast/ops/reference.py).
 //
 // Plain CUDA, no torch headers: the host glue in csrc/ops.cpp hands over raw
-// pointers and the stream. Each thread handles packs of kVec elements with
-// one 16-byte load of delta (and matching vector loads of x, grad and out)
-// in a grid-stride loop; a scalar loop finishes unaligned or ragged ends.
-// No atomics: every element is independent.
+// pointers and the stream. The op is pure streaming (13 bytes an element for
+// uint8 x, float32 delta and 16-bit grad and out), so what decides its speed
+// is how it moves memory: each thread takes a pack of 16 bytes of x (16
+// uint8 pixels, or 4 floats) with 16-byte vector loads and stores of every
+// tensor, in a grid-stride loop over enough resident blocks to fill the GPU;
+// the per-channel constants live in shared memory, and the channel of each
+// element is walked from one division per pack. A scalar loop finishes
+// unaligned or ragged ends. No atomics: every element is independent.
+// Nothing here needs more than sm_60 (Pascal): no bf16 arithmetic (bf16 is
+// only converted, which cuda_bf16.h emulates on old GPUs), no async copies.
 #include "perturb.h"
 
 #include <cuda_bf16.h>
@@ -22,8 +28,8 @@ namespace {
 
 struct NoTensor {};  // stands for an absent grad or out
 
-constexpr int kVec = 4;
 constexpr int kThreads = 256;
+constexpr int kMaxSharedChannels = 64;  // more channels read their constants from global memory
 
 // Correctly rounded division, matching the fp32 reference bit for bit even if
 // a build adds --use_fast_math.
@@ -41,14 +47,38 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-template <typename T>
-struct alignas(sizeof(T) * kVec) Pack {
+// kVec elements of one tensor, moved with 16-byte accesses where the pack is
+// at least 16 bytes (and with one narrower access otherwise).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec >= 16 ? 16 : sizeof(T) * kVec) Pack {
   T v[kVec];
 };
-template <>
-struct Pack<NoTensor> {
-  NoTensor v[kVec];
-};
+
+template <typename T, int kVec>
+__device__ __forceinline__ Pack<T, kVec> load_pack(const T* p) {
+  constexpr int kBytes = sizeof(T) * kVec;
+  Pack<T, kVec> r;
+  if constexpr (kBytes >= 16 && kBytes % 16 == 0) {
+#pragma unroll
+    for (int k = 0; k < kBytes / 16; ++k)
+      reinterpret_cast<uint4*>(&r)[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
+  } else {
+    r = *reinterpret_cast<const Pack<T, kVec>*>(p);
+  }
+  return r;
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, kVec>& v) {
+  constexpr int kBytes = sizeof(T) * kVec;
+  if constexpr (kBytes >= 16 && kBytes % 16 == 0) {
+#pragma unroll
+    for (int k = 0; k < kBytes / 16; ++k)
+      reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(&v)[k];
+  } else {
+    *reinterpret_cast<Pack<T, kVec>*>(p) = v;
+  }
+}
 
 struct Params {
   const float* __restrict__ step;
@@ -58,8 +88,30 @@ struct Params {
   float lo, hi;
   int64_t channels, channel_stride;
   bool project;
+  bool strict;   // ClampInputStrict: the bounds themselves masked
   bool index32;  // numel < 2^32: cheaper 32-bit index arithmetic
 };
+
+// The per-channel constants, in shared memory when they fit.
+struct Constants {
+  const float* step;
+  const float* eps;
+  const float* mean;
+  const float* std;
+};
+
+__device__ __forceinline__ Constants load_constants(const Params& p, float* smem) {
+  if (p.channels > kMaxSharedChannels) return {p.step, p.eps, p.mean, p.std};
+  const int c = static_cast<int>(p.channels);
+  for (int i = threadIdx.x; i < c; i += blockDim.x) {
+    smem[i] = p.step[i];
+    smem[kMaxSharedChannels + i] = p.eps[i];
+    smem[2 * kMaxSharedChannels + i] = p.mean[i];
+    smem[3 * kMaxSharedChannels + i] = p.std[i];
+  }
+  __syncthreads();
+  return {smem, smem + kMaxSharedChannels, smem + 2 * kMaxSharedChannels, smem + 3 * kMaxSharedChannels};
+}
 
 __device__ __forceinline__ int64_t channel_of(const Params& p, int64_t i) {
   if (p.index32)
@@ -73,21 +125,22 @@ __device__ __forceinline__ float clampf(float v, float lo, float hi) { return v 
 // The spec for one element: updates d in place (if kUpdate) and returns the
 // normalised model input made from the (new) delta.
 template <bool kUpdate>
-__device__ __forceinline__ float element(const Params& p, int64_t c, float xv, float& d, float sign) {
+__device__ __forceinline__ float element(const Params& p, const Constants& k, int64_t c, float xv, float& d,
+                                         float sign) {
   if (kUpdate) {
-    const float e = p.eps[c];
+    const float e = k.eps[c];
     if (p.project) {
-      d = clampf(d + p.step[c] * sign, -e, e);
+      d = clampf(d + k.step[c] * sign, -e, e);
       d = clampf(xv + d, p.lo, p.hi) - xv;
     } else {
       const float s = xv + d;
-      const float mask = (s > p.lo && s < p.hi) ? 1.f : 0.f;
-      d = clampf(d + p.step[c] * sign * mask, -e, e);
+      const bool inside = p.strict ? (s > p.lo && s < p.hi) : (s >= p.lo && s <= p.hi);
+      d = clampf(d + k.step[c] * sign * (inside ? 1.f : 0.f), -e, e);
     }
   }
   float v = xv + d;
   if (!p.project) v = clampf(v, p.lo, p.hi);
-  return __fdiv_rn(v - p.mean[c], p.std[c]);
+  return __fdiv_rn(v - k.mean[c], k.std[c]);
 }
 
 template <typename GT>
@@ -100,43 +153,52 @@ __device__ __forceinline__ float sign_of(GT g) {
   }
 }
 
+// 16 bytes of x per pack: 16 uint8 pixels or 4 float32 ones.
+template <typename XT>
+struct VecOf {
+  static constexpr int value = 16 / static_cast<int>(sizeof(XT));
+};
+
 template <typename XT, typename GT, typename OT, bool kUpdate>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(const XT* __restrict__ x, float* __restrict__ delta, const GT* __restrict__ grad,
                    OT* __restrict__ out, Params p, int64_t numel, bool vectorized) {
+  constexpr int kVec = VecOf<XT>::value;
   constexpr bool kGrad = !std::is_same_v<GT, NoTensor>;
   constexpr bool kOut = !std::is_same_v<OT, NoTensor>;
+  __shared__ float smem[4 * kMaxSharedChannels];
+  const Constants k = load_constants(p, smem);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 
   const int64_t vec_end = vectorized ? numel / kVec * kVec : 0;
   for (int64_t base = tid * kVec; base < vec_end; base += stride * kVec) {
-    const Pack<XT> xp = *reinterpret_cast<const Pack<XT>*>(x + base);
-    Pack<float> dp = *reinterpret_cast<const Pack<float>*>(delta + base);
-    Pack<GT> gp;
-    if constexpr (kGrad) gp = *reinterpret_cast<const Pack<GT>*>(grad + base);
-    Pack<OT> op;
+    const Pack<XT, kVec> xp = load_pack<XT, kVec>(x + base);
+    Pack<float, kVec> dp = load_pack<float, kVec>(delta + base);
+    Pack<GT, kVec> gp;
+    if constexpr (kGrad) gp = load_pack<GT, kVec>(grad + base);
+    Pack<OT, kVec> op;
     // Walk the channel from one division per pack instead of one per element.
     int64_t c = channel_of(p, base);
     int64_t r = p.index32 ? static_cast<uint32_t>(base) % static_cast<uint32_t>(p.channel_stride)
                           : base % p.channel_stride;
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const float o = element<kUpdate>(p, c, to_float(xp.v[k]), dp.v[k], sign_of<GT>(gp.v[k]));
-      if constexpr (kOut) op.v[k] = from_float<OT>(o);
+    for (int j = 0; j < kVec; ++j) {
+      const float o = element<kUpdate>(p, k, c, to_float(xp.v[j]), dp.v[j], sign_of<GT>(gp.v[j]));
+      if constexpr (kOut) op.v[j] = from_float<OT>(o);
       if (++r == p.channel_stride) {
         r = 0;
         if (++c == p.channels) c = 0;
       }
     }
-    if constexpr (kUpdate) *reinterpret_cast<Pack<float>*>(delta + base) = dp;
-    if constexpr (kOut) *reinterpret_cast<Pack<OT>*>(out + base) = op;
+    if constexpr (kUpdate) store_pack<float, kVec>(delta + base, dp);
+    if constexpr (kOut) store_pack<OT, kVec>(out + base, op);
   }
   for (int64_t i = vec_end + tid; i < numel; i += stride) {
     float d = delta[i];
     float sign = 0.f;
     if constexpr (kGrad) sign = sign_of<GT>(grad[i]);
-    const float o = element<kUpdate>(p, channel_of(p, i), to_float(x[i]), d, sign);
+    const float o = element<kUpdate>(p, k, channel_of(p, i), to_float(x[i]), d, sign);
     if constexpr (kUpdate) delta[i] = d;
     if constexpr (kOut) out[i] = from_float<OT>(o);
   }
@@ -159,22 +221,35 @@ void with_float_type(DType t, F&& f) {
   }
 }
 
+// Asked of the driver once per device, not once per launch.
 int multiprocessors() {
-  int device = 0, sms = 0;
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};
+  int device = 0;
   cudaGetDevice(&device);
+  if (device >= 0 && device < kMaxDevices && cached[device] > 0) return cached[device];
+  int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  return sms > 0 ? sms : 80;
+  sms = sms > 0 ? sms : 80;
+  if (device >= 0 && device < kMaxDevices) cached[device] = sms;
+  return sms;
 }
 
 bool aligned(const void* ptr, size_t bytes) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
+template <typename T, int kVec>
+constexpr size_t pack_alignment() {
+  return std::is_same_v<T, NoTensor> ? 1 : (sizeof(T) * kVec < 16 ? sizeof(T) * kVec : 16);
+}
+
 template <typename XT, typename GT, typename OT, bool kUpdate>
 void launch(const PerturbArgs& a, const void* grad, void* out, cudaStream_t stream) {
+  constexpr int kVec = VecOf<XT>::value;
   Params p{a.step, a.eps, a.mean, a.std, a.lo, a.hi, a.channels, a.channel_stride,
-           a.mode == PixelMode::Project, a.numel < (int64_t(1) << 32)};
-  const bool vectorized = aligned(a.x, sizeof(XT) * kVec) && aligned(a.delta, sizeof(float) * kVec) &&
-                          aligned(grad, sizeof(GT) * kVec) && aligned(out, sizeof(OT) * kVec);
-  const int64_t work = (a.numel + kVec - 1) / kVec;
+           a.mode == PixelMode::Project, a.mode == PixelMode::ClampInputStrict, a.numel < (int64_t(1) << 32)};
+  const bool vectorized = aligned(a.x, pack_alignment<XT, kVec>()) && aligned(a.delta, pack_alignment<float, kVec>()) &&
+                          aligned(grad, pack_alignment<GT, kVec>()) && aligned(out, pack_alignment<OT, kVec>());
+  const int64_t work = vectorized ? (a.numel + kVec - 1) / kVec : a.numel;
   // Enough resident blocks to saturate memory; the grid-stride loop does the rest.
   const int64_t max_blocks = int64_t(multiprocessors()) * 2048 / kThreads;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));

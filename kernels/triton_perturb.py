@@ -36,14 +36,17 @@ def _clamp(v, lo, hi):
 
 # restore_value: autotuning runs the kernel several times; each run must start
 # from the same delta or the tuning itself would move the perturbation.
-@triton.autotune(configs=_configs(), key=["numel", "X_U8", "HAS_GRAD", "HAS_OUT", "UPDATE", "PROJECT"],
+@triton.autotune(configs=_configs(), key=["numel", "X_U8", "HAS_GRAD", "HAS_OUT", "UPDATE", "PROJECT", "STRICT"],
                  restore_value=["delta_ptr"])
 @triton.jit
 def _perturb_kernel(x_ptr, delta_ptr, grad_ptr, out_ptr, step_ptr, eps_ptr, mean_ptr, std_ptr,
                     lo, hi, numel, channels, channel_stride,
                     X_U8: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_OUT: tl.constexpr,
-                    UPDATE: tl.constexpr, PROJECT: tl.constexpr, INDEX64: tl.constexpr,
+                    UPDATE: tl.constexpr, PROJECT: tl.constexpr, STRICT: tl.constexpr, INDEX64: tl.constexpr,
                     BLOCK: tl.constexpr):
+    # Inductor passes float scalars as fp64; the spec's arithmetic is fp32
+    lo = tl.cast(lo, tl.float32)
+    hi = tl.cast(hi, tl.float32)
     pid = tl.program_id(0)
     if INDEX64:
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -70,7 +73,10 @@ def _perturb_kernel(x_ptr, delta_ptr, grad_ptr, out_ptr, step_ptr, eps_ptr, mean
             d = _clamp(xv + d, lo, hi) - xv
         else:
             s = xv + d
-            mask = ((s > lo) & (s < hi)).to(tl.float32)
+            if STRICT:
+                mask = ((s > lo) & (s < hi)).to(tl.float32)
+            else:
+                mask = ((s >= lo) & (s <= hi)).to(tl.float32)
             d = _clamp(d + step * sgn * mask, -eps, eps)
         tl.store(delta_ptr + offs, d, mask=inside)
 
@@ -98,4 +104,4 @@ def perturb_triton(x: torch.Tensor, delta: torch.Tensor, grad: Optional[torch.Te
         x, delta, grad if grad is not None else x, out if out is not None else delta,
         step, eps, mean, std, float(lo), float(hi), numel, x.shape[1], channel_stride,
         X_U8=x.dtype == torch.uint8, HAS_GRAD=grad is not None, HAS_OUT=out is not None,
-        UPDATE=update, PROJECT=pixel_mode == 1, INDEX64=numel >= 2**31)
+        UPDATE=update, PROJECT=pixel_mode == 1, STRICT=pixel_mode == 2, INDEX64=numel >= 2**31)

@@ -29,3 +29,26 @@ def toy_data(n=21, size=8, classes=5, seed=1):
 
 def sgd(model, lr=0.05):
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+
+
+class _StatedClamp(torch.autograd.Function):
+    """clamp(a, lo, hi) whose gradient mask is stated, not whatever the
+    installed torch gives (inclusive bounds up to 2026, strict since)."""
+
+    @staticmethod
+    def forward(ctx, a, lo, hi, inclusive):
+        ctx.save_for_backward(a)
+        ctx.bounds = lo, hi, inclusive
+        return a.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        lo, hi, inclusive = ctx.bounds
+        inside = (a >= lo) & (a <= hi) if inclusive else (a > lo) & (a < hi)
+        return grad * inside, None, None, None
+
+
+def clamp_with_mask(a, lo, hi, mask):
+    """``mask``: "inclusive" (the paper's code as it ran on torch 1.x) or "strict"."""
+    return _StatedClamp.apply(a, lo, hi, mask == "inclusive")

@@ -74,7 +74,13 @@ def test_imagenet_sized_bf16_channels_last_batch_matches_the_reference(backend):
     out = ops.update_and_make_input_(delta, grad, x, backend=backend, **kw)
     assert torch.equal(delta, expected_delta)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out.float(), expected.float(), atol=0, rtol=2 ** -7)  # one bf16 ulp
+    # Bit for bit. The 2.4e-7 differences near zero seen at 830f5a2 came from
+    # the reference, not the kernels: it computed x / 255 with torch's CUDA
+    # division by a Python number, which multiplies by the rounded reciprocal;
+    # near mean the normalisation's cancellation magnified that ulp beyond one
+    # bf16 ulp of the result. The reference now divides exactly, as the kernels do.
+    mismatched = (out != expected).sum().item()
+    assert mismatched == 0, f"{mismatched} of {out.numel()} outputs differ"
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

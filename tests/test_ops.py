@@ -62,7 +62,7 @@ def assert_output_close(out, ref):
 
 
 def assert_delta_matches(delta, ref, mode):
-    if mode == "clamp_input":  # bit-exact by contract
+    if mode in reference.CLAMPING_MODES:  # bit-exact by contract
         assert torch.equal(delta, ref), f"max diff {(delta - ref).abs().max().item()}"
     else:
         torch.testing.assert_close(delta, ref, atol=1e-6, rtol=0)
@@ -207,7 +207,10 @@ def test_reference_semantics_by_hand():
     delta = torch.tensor([0.0, 0.04, 0.0, 0.0, 0.0, 0.03]).view(1, 6, 1, 1)
     grad = torch.tensor([1.0, 1.0, 1.0, -1.0, float("nan"), 1.0]).view(1, 6, 1, 1)
     d = reference.update_delta_(delta.clone(), grad, x, step_size=0.03, epsilon=0.05)
-    # step; clipped to eps; clamp active at hi (no gradient); at lo; NaN; x+delta>hi: masked
+    # step; clipped to eps; ON hi: the paper's mask lets it through; on lo too; NaN; x+delta>hi: masked
+    assert d.flatten().tolist() == pytest.approx([0.03, 0.05, 0.03, -0.03, 0.0, 0.03])
+    d = reference.update_delta_(delta.clone(), grad, x, step_size=0.03, epsilon=0.05, mode="clamp_input_strict")
+    # the strict mask: no gradient on either bound
     assert d.flatten().tolist() == pytest.approx([0.03, 0.05, 0.0, 0.0, 0.0, 0.03])
     d = reference.update_delta_(delta.clone(), grad, x, step_size=0.03, epsilon=0.05, mode="project")
     # project mode: no mask, then x + delta is kept inside [0, 1]

@@ -10,7 +10,7 @@ import freeadv_fast.ops as ops
 from freeadv_fast import FastTrainer, FreeAdversarialTrainer, NaturalTrainer, PGDTrainer
 from freeadv_fast.data import TensorBatches
 from freeadv_fast.scheduler import StepDecay, build_schedule, passes_for
-from helpers import EPS, MEAN, STD, STEP, sgd, small_cnn, toy_data
+from helpers import EPS, MEAN, STD, STEP, clamp_with_mask, sgd, small_cnn, toy_data
 
 CPU_BACKENDS = ops.available_backends("cpu")
 
@@ -22,10 +22,11 @@ def batches(x, y, sizes):
         i += s
 
 
-def official_free_loop(model, opt, data, *, replays, eps, step, epochs):
+def official_free_loop(model, opt, data, *, replays, eps, step, epochs, mask="inclusive"):
     """The paper's official ImageNet loop (main_free.py), in plain PyTorch:
     a leaf noise tensor, autograd through clamp and normalization,
-    delta += step * sign(grad), clip of the whole buffer."""
+    delta += step * sign(grad), clip of the whole buffer. The clamp's gradient
+    mask at the bounds is ``mask`` ("inclusive": torch 1.x, as the paper ran)."""
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     global_noise = None
@@ -39,7 +40,7 @@ def official_free_loop(model, opt, data, *, replays, eps, step, epochs):
             for _ in range(replays):
                 noise = global_noise[:n].clone().requires_grad_(True)
                 in1 = x + noise
-                in1 = in1.clamp(0, 1.0)
+                in1 = clamp_with_mask(in1, 0, 1.0, mask)
                 in1 = in1.sub(mean).div(std)
                 loss = F.cross_entropy(model(in1), y)
                 opt.zero_grad()
@@ -52,16 +53,18 @@ def official_free_loop(model, opt, data, *, replays, eps, step, epochs):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_free_training_equals_the_official_loop(backend, channels_last):
+@pytest.mark.parametrize("mask,pixel_mode", [("inclusive", "clamp_input"), ("strict", "clamp_input_strict")])
+def test_free_training_equals_the_official_loop(backend, channels_last, mask, pixel_mode):
     x, y = toy_data()
     sizes = [8, 8, 5]  # a partial last batch
     data = lambda: batches(x, y, sizes)  # noqa: E731
     ref_model = small_cnn()
     model = copy.deepcopy(ref_model)
-    ref_delta = official_free_loop(ref_model, sgd(ref_model), data, replays=3, eps=EPS, step=STEP, epochs=2)
+    ref_delta = official_free_loop(ref_model, sgd(ref_model), data, replays=3, eps=EPS, step=STEP, epochs=2,
+                                   mask=mask)
 
     trainer = FreeAdversarialTrainer(model, sgd(model), replays=3, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
-                                     channels_last=channels_last, backend=backend)
+                                     channels_last=channels_last, backend=backend, pixel_mode=pixel_mode)
     for _ in range(2):
         for xb, yb in data():
             stats = trainer.train_batch(xb, yb)
@@ -71,6 +74,20 @@ def test_free_training_equals_the_official_loop(backend, channels_last):
     assert trainer.delta.abs().max() > 0 and trainer.delta.abs().max() <= EPS + 1e-7
     for p, q in zip(model.state_dict().values(), ref_model.state_dict().values()):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4)  # BatchNorm running stats too
+
+
+def test_the_clamp_mask_decides_whether_black_and_white_pixels_are_perturbed():
+    """x = 0 or 255 with delta = 0 sits on a bound: the paper's (inclusive)
+    mask moves it, the strict one never does."""
+    x, y = toy_data()
+    moved = {}
+    for mode in ("clamp_input", "clamp_input_strict"):
+        model = small_cnn()
+        trainer = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN,
+                                         std=STD, pixel_mode=mode)
+        trainer.train_batch(x, y)
+        moved[mode] = trainer.delta[:, :, 0, :].abs().max().item()  # the row of zeros
+    assert moved["clamp_input"] > 0 and moved["clamp_input_strict"] == 0
 
 
 def test_project_mode_keeps_the_perturbed_image_in_range():

@@ -48,28 +48,29 @@ void run_case(at::MemoryFormat fmt, bool uint8_x, int64_t mode) {
   // the spec
   const at::Tensor e = channel(eps, 4), s = channel(step, 4);
   at::Tensor expected;
-  if (mode == 0) {
+  const bool clamping = mode != 1;  // 0: clamp_input (bounds let through), 2: clamp_input_strict
+  if (clamping) {
     const at::Tensor a = xf + delta;
-    const at::Tensor mask = at::logical_and(a > lo, a < hi);
+    const at::Tensor mask = mode == 2 ? at::logical_and(a > lo, a < hi) : at::logical_and(a >= lo, a <= hi);
     expected = at::clamp(delta + s * at::sign(grad) * mask, -e, e);
   } else {
     expected = at::clamp(delta + s * at::sign(grad), -e, e);
     expected = at::clamp(xf + expected, lo, hi) - xf;
   }
   at::Tensor pixels = xf + expected;
-  if (mode == 0) pixels = at::clamp(pixels, lo, hi);
+  if (clamping) pixels = at::clamp(pixels, lo, hi);
   const at::Tensor expected_out = (pixels - channel(mean, 4)) / channel(std, 4);
 
   at::Tensor out = at::empty_like(delta);
   op.call(x, delta, grad, out, step, eps, mean, std, lo, hi, mode, true);
-  check(mode == 0 ? at::equal(delta, expected) : at::allclose(delta, expected, 0.0, 1e-6),
+  check(clamping ? at::equal(delta, expected) : at::allclose(delta, expected, 0.0, 1e-6),
         "delta update matches the spec");
   check(at::allclose(out, expected_out, 0.0, 1e-6), "model input matches the spec");
 
   at::Tensor bf16 = at::empty_like(delta, at::kBFloat16);
   op.call(x, delta, std::nullopt, bf16, step, eps, mean, std, lo, hi, mode, false);
   pixels = xf + delta;
-  if (mode == 0) pixels = at::clamp(pixels, lo, hi);
+  if (clamping) pixels = at::clamp(pixels, lo, hi);
   check(at::equal(bf16, ((pixels - channel(mean, 4)) / channel(std, 4)).to(at::kBFloat16)),
         "bf16 model input equals the spec rounded to bf16");
 }
@@ -79,7 +80,7 @@ void run_case(at::MemoryFormat fmt, bool uint8_x, int64_t mode) {
 int main() {
   for (auto fmt : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast})
     for (bool u8 : {true, false})
-      for (int64_t mode : {0, 1}) run_case(fmt, u8, mode);
+      for (int64_t mode : {0, 1, 2}) run_case(fmt, u8, mode);
   std::printf("%d passed, %d failed\n", passes, failures);
   return failures == 0 ? 0 : 1;
 }

@@ -20,26 +20,19 @@ batches, ranks are disjoint, and a resumed run sees the same batches.
 from __future__ import annotations
 
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from .errors import DataError
+from ..messages import say_once
 from .tensors import RandomCropFlip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LOADERS = ("auto", "dali", "torch")
 AUGMENTATIONS = ("random-resized-crop", "pad-crop")
-_said = set()
-
-
-def say_once(message: str):
-    if message not in _said:
-        _said.add(message)
-        print(f"freeadv_fast: {message}", file=sys.stderr, flush=True)
 
 
 def quick_check(path: str) -> str | None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import DataError
-from .folder import quick_check, say_once, scan_image_folder
+from ..messages import say_once
+from .folder import quick_check, scan_image_folder
 
 MEAN, STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
 IMAGE_SIZE = 64

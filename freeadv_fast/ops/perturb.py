@@ -210,7 +210,7 @@ def random_init_(delta, x, *, epsilon, pixel_range=(0.0, 1.0), mode="clamp_input
     _check_pair(x, delta)
     eps = _params(x, epsilon=epsilon)["eps"]
     be = resolve_backend(backend, x.device)
-    if be == "torch" or mode == "clamp_input":  # nothing to fuse without a projection
+    if be == "torch" or mode in reference.CLAMPING_MODES:  # nothing to fuse without a projection
         return reference.random_init_(delta, x, epsilon=eps, pixel_range=(lo, hi), mode=mode, generator=generator)
     delta.uniform_(-1.0, 1.0, generator=generator).mul_(reference.per_channel(eps, delta))
     # with no gradient the update is only the clip and the projection

@@ -13,9 +13,16 @@ tensors hold one value per channel (or a single value).
 
 Pixel modes:
 
-* ``"clamp_input"`` -- the paper's official code. The model saw
+* ``"clamp_input"`` -- the paper's official code as it ran. The model saw
   ``normalize(clamp(x + delta, lo, hi))``, so no gradient reaches delta where
-  the clamp was active (strict inequalities, as autograd of ``clamp`` gives).
+  ``x + delta`` lies outside [lo, hi]; ON a bound it does. That is the
+  subgradient 1 that autograd of ``clamp`` gave from torch 0.4.1
+  (pytorch/pytorch#7049, 2018) until the 2026 change to strict masks
+  (pytorch/pytorch#191142; torch 2.11 has the inclusive mask, 2.14 the strict
+  one). It matters: a pixel at 0 or 1 with delta 0 sits on a bound, and with
+  the strict mask its delta never moves.
+* ``"clamp_input_strict"`` -- the same input, with the bounds masked too
+  (``lo < x + delta < hi``), as autograd of ``clamp`` gives in torch 2.14.
 * ``"project"`` -- PGD, FGSM-RS and Fast-AT's free variant. ``x + delta`` is
   kept inside [lo, hi] by projecting delta after each step; the model saw
   ``normalize(x + delta)``.
@@ -24,13 +31,18 @@ from __future__ import annotations
 
 import torch
 
-PIXEL_MODES = ("clamp_input", "project")
+# the index of a mode is its id in the compiled kernels (csrc/perturb.h PixelMode)
+PIXEL_MODES = ("clamp_input", "project", "clamp_input_strict")
+CLAMPING_MODES = ("clamp_input", "clamp_input_strict")
 
 
 def pixels(x: torch.Tensor) -> torch.Tensor:
     """The clean batch in float32 pixel units."""
     if x.dtype == torch.uint8:
-        return x.float() / 255
+        # a one-element tensor, not the number 255: torch's CUDA division by a
+        # Python number multiplies by its rounded reciprocal, which is not
+        # x / 255 correctly rounded (one ulp off for some x)
+        return x.float() / torch.full((1,) * x.dim(), 255.0, device=x.device)
     return x.float()
 
 
@@ -54,7 +66,7 @@ def make_input(x, delta, *, mean, std, pixel_range=(0.0, 1.0), mode="clamp_input
     """
     lo, hi = pixel_range
     a = pixels(x) + delta
-    if mode == "clamp_input":
+    if mode in CLAMPING_MODES:
         a = torch.clamp(a, lo, hi)
     out = (a - per_channel(mean, a)) / per_channel(std, a)
     return out.to(dtype=out_dtype or torch.float32).contiguous(
@@ -67,9 +79,9 @@ def update_delta_(delta, grad, x, *, step_size, epsilon, pixel_range=(0.0, 1.0),
     xf = pixels(x)
     step = per_channel(step_size, delta)
     eps = per_channel(epsilon, delta)
-    if mode == "clamp_input":
+    if mode in CLAMPING_MODES:
         a = xf + delta
-        mask = (a > lo) & (a < hi)
+        mask = (a > lo) & (a < hi) if mode == "clamp_input_strict" else (a >= lo) & (a <= hi)
         new = torch.clamp(delta + step * sign(grad) * mask, -eps, eps)
     else:
         new = torch.clamp(delta + step * sign(grad), -eps, eps)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# `make gpu-check`: every GPU check in one command, sized for one short run
+# (at most ~8 minutes on one H100 or H200), since GPU time here comes in
+# short runs. It builds the extension for this GPU, probes torch's clamp
+# gradient, runs the GPU tests, the kernel and the train-step benchmarks,
+# and writes bench/results/*-<gpu>.json (plus the logs under
+# bench/results/gpu-check-<gpu>/), from which `python bench/report.py`
+# regenerates the README tables. Each step has its own time limit, so one
+# slow or failing step still leaves the others' results. With $OUT set (the
+# device tool), everything written is copied there as it is made.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+start=$SECONDS
+status=0
+
+gpu=$($PY -c 'import torch; n = torch.cuda.get_device_name(); print(next((w.lower() for w in n.split() if w[:1] in "HABLV" and w[1:2].isdigit()), "gpu"))' 2>/dev/null)
+[ -n "$gpu" ] || { echo "gpu-check: torch sees no GPU" >&2; exit 2; }
+arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+logs=bench/results/gpu-check-$gpu
+mkdir -p "$logs"
+
+publish() {  # results travel back even if a later step runs out of time
+    if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/bench/results" && cp -r bench/results/*"$gpu"* "$OUT/bench/results/" 2>/dev/null; fi
+}
+step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs it, records its status
+    local name=$1 limit=$2; shift 2
+    echo "=== [$((SECONDS - start))s] $name (limit ${limit}s): $*"
+    timeout --signal=INT --kill-after=10 "$limit" "$@" > "$logs/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$logs/$name.log"
+    echo "=== $name: exit $rc after $((SECONDS - start))s"
+    echo "$name $rc" >> "$logs/status.txt"
+    [ $rc -eq 0 ] || status=1
+    publish
+}
+{
+    echo "command: make gpu-check"
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+    $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
+} > "$logs/about.txt"
+: > "$logs/status.txt"
+cat "$logs/about.txt"
+
+step build 240 env TORCH_CUDA_ARCH_LIST="$arch" $PY -m pip install --no-build-isolation --no-deps -e .
+step clamp-probe 60 $PY bench/clamp_probe.py --json "bench/results/clamp-probe-$gpu.json"
+# the CPU equality tests under this machine's torch: they state their clamp mask, so they hold on any torch
+step cpu-equality-tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_trainer.py -k "official_loop or clamp_mask"
+step kernels 120 $PY bench/kernels.py --device cuda --json "bench/results/kernels-$gpu.json"
+step train-step-preact-b128 150 $PY bench/train_step.py --model preact_resnet18 --batch-size 128 --precision bf16 \
+    --compile default --json "bench/results/train-step-preact_resnet18-b128-$gpu.json"
+step train-step-resnet50 200 $PY bench/train_step.py --model resnet50 --precision bf16,fp32 --steps 10 \
+    --json "bench/results/train-step-resnet50-$gpu.json"
+step tests 200 $PY -m pytest -m gpu -q -p no:cacheprovider -n 6 --junitxml "$logs/tests.xml"
+step train-step-preact-b512 60 $PY bench/train_step.py --model preact_resnet18 --batch-size 512 --precision bf16 \
+    --methods natural,free-8,official --json "bench/results/train-step-preact_resnet18-b512-$gpu.json"
+echo "gpu-check: done in $((SECONDS - start))s; step statuses in $logs/status.txt"
+cat "$logs/status.txt"
+publish
+exit $status
