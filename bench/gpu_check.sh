@@ -48,14 +48,19 @@ step build 240 env TORCH_CUDA_ARCH_LIST="$arch" $PY -m pip install --no-build-is
 step clamp-probe 60 $PY bench/clamp_probe.py --json "bench/results/clamp-probe-$gpu.json"
 # the CPU equality tests under this machine's torch: they state their clamp mask, so they hold on any torch
 step cpu-equality-tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_trainer.py -k "official_loop or clamp_mask"
-step kernels 120 $PY bench/kernels.py --device cuda --json "bench/results/kernels-$gpu.json"
-step train-step-preact-b128 150 $PY bench/train_step.py --model preact_resnet18 --batch-size 128 --precision bf16 \
-    --compile default --json "bench/results/train-step-preact_resnet18-b128-$gpu.json"
-step train-step-resnet50 200 $PY bench/train_step.py --model resnet50 --precision bf16,fp32 --steps 10 \
+step kernels 100 $PY bench/kernels.py --device cuda --json "bench/results/kernels-$gpu.json"
+step tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider -n 6 --junitxml "$logs/tests.xml"
+step train-step-preact-b128 70 $PY bench/train_step.py --model preact_resnet18 --batch-size 128 --precision bf16 \
+    --json "bench/results/train-step-preact_resnet18-b128-$gpu.json"
+step train-step-resnet50 120 $PY bench/train_step.py --model resnet50 --precision bf16 --steps 10 \
     --json "bench/results/train-step-resnet50-$gpu.json"
-step tests 200 $PY -m pytest -m gpu -q -p no:cacheprovider -n 6 --junitxml "$logs/tests.xml"
-step train-step-preact-b512 60 $PY bench/train_step.py --model preact_resnet18 --batch-size 512 --precision bf16 \
+step train-step-resnet50-fp32 60 $PY bench/train_step.py --model resnet50 --precision fp32 --steps 10 \
+    --methods natural,free-4 --json "bench/results/train-step-resnet50-fp32-$gpu.json"
+step train-step-preact-b512 40 $PY bench/train_step.py --model preact_resnet18 --batch-size 512 --precision bf16 \
     --methods natural,free-8,official --json "bench/results/train-step-preact_resnet18-b512-$gpu.json"
+step train-step-preact-b128-compile 90 $PY bench/train_step.py --model preact_resnet18 --batch-size 128 \
+    --precision bf16 --variants compile,compile+graph --methods natural,free-8,official \
+    --json "bench/results/train-step-preact_resnet18-b128-compile-$gpu.json"
 echo "gpu-check: done in $((SECONDS - start))s; step statuses in $logs/status.txt"
 cat "$logs/status.txt"
 publish

@@ -2,8 +2,9 @@
 the paper's own loop: one process, one model, one batch, one device.
 
     python bench/train_step.py [--device cuda|cpu] [--model resnet50|preact_resnet18|wide_resnet32_10]
-                               [--batch-size B] [--precision fp32,bf16] [--quick] [--no-graph]
-                               [--compile default|max-autotune-no-cudagraphs] [--steps N] [--json PATH]
+                               [--batch-size B] [--precision fp32,bf16] [--quick] [--steps N]
+                               [--variants eager,graph,compile,compile+graph] [--methods ...]
+                               [--compile-mode default|max-autotune-no-cudagraphs] [--json PATH]
 
 Every method trains the same architecture from the same initial weights on
 the same synthetic uint8 NHWC batch already on the device (loading is out of
@@ -21,8 +22,9 @@ autocast and channels_last, and that loop with the model under
 torch.compile (its compile time is recorded).
 
 Variants of our engine: eager, ``graph`` (whole steps as CUDA graphs,
---cuda-graph) and, with ``--compile MODE``, compiled models alone and
-combined with our graphs.
+--cuda-graph), ``compile`` (torch.compile of the model and the fused update,
+in --compile-mode) and ``compile+graph``; "first call" records the first
+step's time, which for compiled variants is mostly compiling.
 """
 from __future__ import annotations
 
@@ -103,9 +105,10 @@ def main(argv=None):
     p.add_argument("--image-size", type=int)
     p.add_argument("--precision", default=None, help="comma-separated: fp32,bf16 (default both on GPU, fp32 on CPU)")
     p.add_argument("--quick", action="store_true", help="few steps, small batch (the CPU run in CI)")
-    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variants")
-    p.add_argument("--compile", metavar="MODE", choices=["default", "max-autotune-no-cudagraphs"],
-                   help="also measure compiled models in this torch.compile mode (costs minutes of compiling)")
+    p.add_argument("--variants", help="comma-separated subset of eager,graph,compile,compile+graph (default: "
+                                      "eager,graph on a GPU, eager on CPU; compiling costs minutes)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the compile variants and of the compiled official loop")
     p.add_argument("--steps", type=int, help="timed calls per variant (default 20; --quick 2)")
     p.add_argument("--methods", default="natural,free-4,free-8,pgd-7,fgsm-rs,official",
                    help="comma-separated subset of natural,free-4,free-8,pgd-7,fgsm-rs,official")
@@ -120,13 +123,15 @@ def main(argv=None):
     batch = args.batch_size or (8 if args.quick else (256 if model_name == "resnet50" else 128))
     precisions = (args.precision or ("fp32,bf16" if gpu else "fp32")).split(",")
     methods = set(args.methods.split(","))
-    variants = [("", dict())]
-    if gpu and not args.no_graph:
-        variants.append((" graph", dict(cuda_graph=True)))
-    if args.compile:
-        variants.append((" compile", dict(compile=args.compile)))
-        if gpu and not args.no_graph:
-            variants.append((" compile+graph", dict(compile=args.compile, cuda_graph=True)))
+    known = {"eager": ("", {}), "graph": (" graph", dict(cuda_graph=True)),
+             "compile": (" compile", dict(compile=args.compile_mode)),
+             "compile+graph": (" compile+graph", dict(compile=args.compile_mode, cuda_graph=True))}
+    chosen = (args.variants or ("eager,graph" if gpu else "eager")).split(",")
+    unknown = [v for v in chosen if v not in known]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
+    variants = [known[v] for v in chosen]
+    compiling = any("compile" in v for v in chosen)
     # a captured step needs 3 eager warm-up steps and the capture: 5 calls reach the steady state
     warmup, steps = (1, 2) if args.quick else (5, args.steps or 20)
     if gpu:
@@ -221,15 +226,16 @@ def main(argv=None):
             return lambda: official_free_step(run, optimizer, xs, y, noise, mean, std, 4, EPS, EPS, amp_dtype)
         return make
     if "official" in methods:
-        safely("official free-4 fp32", official(), batch * 4, precision="fp32", channels_last=False, replays=4,
-               compile=False, cuda_graph=False)
-        if gpu:
-            safely("official free-4 bf16 channels_last", official(torch.bfloat16, channels_last=True), batch * 4,
-                   precision="bf16", channels_last=True, replays=4, compile=False, cuda_graph=False)
-            if args.compile:
-                safely("official free-4 bf16 channels_last compile",
-                       official(torch.bfloat16, args.compile, channels_last=True), batch * 4, precision="bf16",
-                       channels_last=True, replays=4, compile=args.compile, cuda_graph=False)
+        if "eager" in chosen:
+            safely("official free-4 fp32", official(), batch * 4, precision="fp32", channels_last=False, replays=4,
+                   compile=False, cuda_graph=False)
+            if gpu:
+                safely("official free-4 bf16 channels_last", official(torch.bfloat16, channels_last=True),
+                       batch * 4, precision="bf16", channels_last=True, replays=4, compile=False, cuda_graph=False)
+        if gpu and compiling:
+            safely("official free-4 bf16 channels_last compile",
+                   official(torch.bfloat16, args.compile_mode, channels_last=True), batch * 4, precision="bf16",
+                   channels_last=True, replays=4, compile=args.compile_mode, cuda_graph=False)
 
     summary = summarize(records, model_name)
     for line in summary["lines"]:

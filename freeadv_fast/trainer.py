@@ -385,11 +385,28 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
+    # how the optimizer steps, not what it learned: a checkpoint does not change these
+    _STEPPING_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+    def _load_optimizer_state(self, saved: dict):
+        """The saved optimizer state, with each group's LR in the form this
+        optimizer holds it: the same device tensor (a captured graph reads it)
+        or a Python number, whatever form the checkpoint wrote."""
+        before = [{k: g[k] for k in ("lr",) + self._STEPPING_KEYS if k in g} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved)
+        for group, old in zip(self.optimizer.param_groups, before):
+            lr = group["lr"]
+            if isinstance(old["lr"], torch.Tensor):
+                old["lr"].copy_(lr) if isinstance(lr, torch.Tensor) else old["lr"].fill_(float(lr))
+            else:
+                old["lr"] = float(lr)
+            group.update(old)
+
     def load_state_dict(self, state: dict):
         if state.get("method") != self.method:
             raise ValueError(f"the checkpoint was written by {state.get('method')!r} training, not {self.method!r}")
         distributed.unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
