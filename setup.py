@@ -113,10 +113,13 @@ def extensions():
               + ", ".join(f"sm_{a}" for a in archs))
         defines = ["-DFREEADV_WITH_CUDA", f"-DFREEADV_CUDA_ARCHS={'_'.join(map(str, archs))}"]
         threads = str(min(4, os.cpu_count() or 1))
+        # kernel tuning knobs (-DFREEADV_X_PACK_BYTES=..., see kernels/perturb.cu); for measuring, not shipping
+        tuning = [f for f in os.environ.get("FREEADV_KERNEL_FLAGS", "").split() if f.startswith("-DFREEADV_")]
         ext = CUDAExtension("freeadv_fast._C", sources + ["kernels/perturb.cu"],
                             include_dirs=[os.path.join(ROOT, "csrc")],
                             extra_compile_args={"cxx": cxx + defines,
-                                                "nvcc": ["-O3", "--threads", threads] + defines + gencode})
+                                                "nvcc": ["-O3", "--threads", threads] + defines + tuning
+                                                + gencode})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None
                                                             or _has_ninja_module())}
 

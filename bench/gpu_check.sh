@@ -20,11 +20,17 @@ arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())
 logs=bench/results/gpu-check-$gpu
 mkdir -p "$logs"
 
-publish() {  # results travel back even if a later step runs out of time
-    if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/bench/results" && cp -r bench/results/*"$gpu"* "$OUT/bench/results/" 2>/dev/null; fi
+publish() {  # results travel back even if a later step runs out of time (flat: $OUT/<file>, $OUT/log-<step>.log)
+    [ -n "${OUT:-}" ] || return 0
+    for f in bench/results/*"$gpu"*; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+    for f in "$logs"/*; do cp "$f" "$OUT/log-$(basename "$f")"; done
 }
+# the commit measured (a tree copied to the GPU machine may carry a stale .git): $FREEADV_GIT_COMMIT, or git's
+export FREEADV_GIT_COMMIT=${FREEADV_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+only=${GPU_CHECK_ONLY:-}  # space-separated step names to run (a rerun of some steps); empty: all
 step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs it, records its status
     local name=$1 limit=$2; shift 2
+    if [ -n "$only" ] && [[ " $only " != *" $name "* ]]; then echo "=== $name: not in GPU_CHECK_ONLY"; return; fi
     echo "=== [$((SECONDS - start))s] $name (limit ${limit}s): $*"
     timeout --signal=INT --kill-after=10 "$limit" "$@" > "$logs/$name.log" 2>&1
     local rc=$?
@@ -37,7 +43,7 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs it, reco
 {
     echo "command: make gpu-check"
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+    echo "commit: $FREEADV_GIT_COMMIT"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
     $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
 } > "$logs/about.txt"
@@ -63,6 +69,22 @@ step build 240 env TORCH_CUDA_ARCH_LIST="$arch" $PY -m pip install --no-build-is
 step clamp-probe 60 $PY bench/clamp_probe.py --json "bench/results/clamp-probe-$gpu.json"
 # the CPU equality tests under this machine's torch: they state their clamp mask, so they hold on any torch
 step cpu-equality-tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_trainer.py -k "official_loop or clamp_mask"
+# the CUDA kernel's tuning knobs, one build per setting; if a setting beats the source's defaults, the
+# extension is rebuilt with it (FREEADV_KERNEL_FLAGS, recorded by the kernel benchmark) for what follows
+step kernel-variants 120 bash bench/kernel_variants.sh "bench/results/kernel-variants-$gpu.jsonl"
+best=$($PY - "bench/results/kernel-variants-$gpu.jsonl" <<'PYEOF' 2>/dev/null
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+rows = [r for r in rows if r["shape"].startswith("imagenet")]
+b = min(rows, key=lambda r: r["op_in_graph_ms"])
+print(f"-DFREEADV_X_PACK_BYTES={b['pack_bytes']} -DFREEADV_FULL_GRID={b['full_grid']} -DFREEADV_U8_LUT={b['u8_lut']}")
+PYEOF
+)
+if [ -n "$best" ]; then
+    echo "fastest kernel setting: $best"
+    export FREEADV_KERNEL_FLAGS="$best"
+    step build-tuned 120 env TORCH_CUDA_ARCH_LIST="$arch" $PY -m pip install --no-build-isolation --no-deps -e .
+fi
 step kernels 100 $PY bench/kernels.py --device cuda --json "bench/results/kernels-$gpu.json"
 step tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider -n 6 --continue-on-collection-errors --junitxml "$logs/tests.xml"
 step train-step-preact-b128 70 $PY bench/train_step.py --model preact_resnet18 --batch-size 128 --precision bf16 \

@@ -33,6 +33,9 @@ def driver():
 
 
 def git_commit():
+    # a copy of the tree run elsewhere (the GPU machine) may carry a stale .git: the caller then names the commit
+    if os.environ.get("FREEADV_GIT_COMMIT"):
+        return os.environ["FREEADV_GIT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
                                        stderr=subprocess.DEVNULL).strip()

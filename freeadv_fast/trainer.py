@@ -472,7 +472,7 @@ class FreeAdversarialTrainer(Trainer):
         norm = self._norm(x)
         step, eps = self._param("step_size", self.step_size, C), self._param("epsilon", self.epsilon, C)
         inp = ops.make_input(x, delta, mode=self.pixel_mode, **norm)
-        losses = []
+        loss_sum = torch.zeros((), device=self.device)  # summed in replay order, as the captured step does
         for replay in range(self.replays):
             loss, logits, grad = self._train_step(inp, y, input_grad=True)
             # a step the scaler skips (inf/NaN) must leave delta unchanged too
@@ -484,8 +484,8 @@ class FreeAdversarialTrainer(Trainer):
                                   mode=self.pixel_mode, backend=self.backend)
             self._optimizer_step()
             self._record(loss, logits, y)
-            losses.append(loss.detach())
-        return {"loss": torch.stack(losses).mean(), "samples": x.shape[0], "replays": self.replays}
+            loss_sum.add_(loss.detach())
+        return {"loss": loss_sum / self.replays, "samples": x.shape[0], "replays": self.replays}
 
     def _train_batch_graphed(self, x, y) -> dict:
         """The batch's input is made eagerly (one kernel), then each replay is

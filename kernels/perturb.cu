@@ -31,6 +31,18 @@ struct NoTensor {};  // stands for an absent grad or out
 constexpr int kThreads = 256;
 constexpr int kMaxSharedChannels = 64;  // more channels read their constants from global memory
 
+// Tuning knobs, measured with bench/kernel_variants.sh (which builds one
+// binary per setting); the defaults are the fastest on an H200.
+#ifndef FREEADV_X_PACK_BYTES  // bytes of x per pack and thread
+#define FREEADV_X_PACK_BYTES 16
+#endif
+#ifndef FREEADV_FULL_GRID  // 1: a thread per pack; 0: grid-stride loop over resident blocks
+#define FREEADV_FULL_GRID 0
+#endif
+#ifndef FREEADV_U8_LUT  // 1: uint8 / 255 from a table of the 256 exact quotients in shared memory
+#define FREEADV_U8_LUT 0
+#endif
+
 // Correctly rounded division, matching the fp32 reference bit for bit even if
 // a build adds --use_fast_math.
 __device__ __forceinline__ float to_float(uint8_t v) { return __fdiv_rn(static_cast<float>(v), 255.0f); }
@@ -92,26 +104,42 @@ struct Params {
   bool index32;  // numel < 2^32: cheaper 32-bit index arithmetic
 };
 
-// The per-channel constants, in shared memory when they fit.
+// The per-channel constants, in shared memory when they fit (and the uint8
+// quotient table, with FREEADV_U8_LUT).
 struct Constants {
   const float* step;
   const float* eps;
   const float* mean;
   const float* std;
+  const float* u8;
 };
 
+constexpr int kSharedFloats = 4 * kMaxSharedChannels + (FREEADV_U8_LUT ? 256 : 0);
+
 __device__ __forceinline__ Constants load_constants(const Params& p, float* smem) {
-  if (p.channels > kMaxSharedChannels) return {p.step, p.eps, p.mean, p.std};
-  const int c = static_cast<int>(p.channels);
-  for (int i = threadIdx.x; i < c; i += blockDim.x) {
-    smem[i] = p.step[i];
-    smem[kMaxSharedChannels + i] = p.eps[i];
-    smem[2 * kMaxSharedChannels + i] = p.mean[i];
-    smem[3 * kMaxSharedChannels + i] = p.std[i];
+  float* lut = smem + 4 * kMaxSharedChannels;
+  if (FREEADV_U8_LUT)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) lut[i] = __fdiv_rn(static_cast<float>(i), 255.0f);
+  const bool shared = p.channels <= kMaxSharedChannels;
+  if (shared) {
+    const int c = static_cast<int>(p.channels);
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+      smem[i] = p.step[i];
+      smem[kMaxSharedChannels + i] = p.eps[i];
+      smem[2 * kMaxSharedChannels + i] = p.mean[i];
+      smem[3 * kMaxSharedChannels + i] = p.std[i];
+    }
   }
   __syncthreads();
-  return {smem, smem + kMaxSharedChannels, smem + 2 * kMaxSharedChannels, smem + 3 * kMaxSharedChannels};
+  if (!shared) return {p.step, p.eps, p.mean, p.std, lut};
+  return {smem, smem + kMaxSharedChannels, smem + 2 * kMaxSharedChannels, smem + 3 * kMaxSharedChannels, lut};
 }
+
+// x in pixel units: the exact quotient for uint8, as the reference's x / 255.
+__device__ __forceinline__ float pixel(const Constants& k, uint8_t v) {
+  return FREEADV_U8_LUT ? k.u8[v] : to_float(v);
+}
+__device__ __forceinline__ float pixel(const Constants&, float v) { return v; }
 
 __device__ __forceinline__ int64_t channel_of(const Params& p, int64_t i) {
   if (p.index32)
@@ -156,7 +184,8 @@ __device__ __forceinline__ float sign_of(GT g) {
 // 16 bytes of x per pack: 16 uint8 pixels or 4 float32 ones.
 template <typename XT>
 struct VecOf {
-  static constexpr int value = 16 / static_cast<int>(sizeof(XT));
+  static constexpr int value =
+      FREEADV_X_PACK_BYTES >= static_cast<int>(sizeof(XT)) ? FREEADV_X_PACK_BYTES / static_cast<int>(sizeof(XT)) : 1;
 };
 
 template <typename XT, typename GT, typename OT, bool kUpdate>
@@ -166,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kVec = VecOf<XT>::value;
   constexpr bool kGrad = !std::is_same_v<GT, NoTensor>;
   constexpr bool kOut = !std::is_same_v<OT, NoTensor>;
-  __shared__ float smem[4 * kMaxSharedChannels];
+  __shared__ float smem[kSharedFloats];
   const Constants k = load_constants(p, smem);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -184,7 +213,7 @@ __global__ void __launch_bounds__(kThreads)
                           : base % p.channel_stride;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const float o = element<kUpdate>(p, k, c, to_float(xp.v[j]), dp.v[j], sign_of<GT>(gp.v[j]));
+      const float o = element<kUpdate>(p, k, c, pixel(k, xp.v[j]), dp.v[j], sign_of<GT>(gp.v[j]));
       if constexpr (kOut) op.v[j] = from_float<OT>(o);
       if (++r == p.channel_stride) {
         r = 0;
@@ -198,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
     float d = delta[i];
     float sign = 0.f;
     if constexpr (kGrad) sign = sign_of<GT>(grad[i]);
-    const float o = element<kUpdate>(p, k, channel_of(p, i), to_float(x[i]), d, sign);
+    const float o = element<kUpdate>(p, k, channel_of(p, i), pixel(k, x[i]), d, sign);
     if constexpr (kUpdate) delta[i] = d;
     if constexpr (kOut) out[i] = from_float<OT>(o);
   }
@@ -250,8 +279,8 @@ void launch(const PerturbArgs& a, const void* grad, void* out, cudaStream_t stre
   const bool vectorized = aligned(a.x, pack_alignment<XT, kVec>()) && aligned(a.delta, pack_alignment<float, kVec>()) &&
                           aligned(grad, pack_alignment<GT, kVec>()) && aligned(out, pack_alignment<OT, kVec>());
   const int64_t work = vectorized ? (a.numel + kVec - 1) / kVec : a.numel;
-  // Enough resident blocks to saturate memory; the grid-stride loop does the rest.
-  const int64_t max_blocks = int64_t(multiprocessors()) * 2048 / kThreads;
+  // FULL_GRID 0: enough resident blocks to saturate memory, the grid-stride loop does the rest.
+  const int64_t max_blocks = FREEADV_FULL_GRID ? int64_t(1) << 30 : int64_t(multiprocessors()) * 2048 / kThreads;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
   perturb_kernel<XT, GT, OT, kUpdate><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const XT*>(a.x), a.delta, static_cast<const GT*>(grad), static_cast<OT*>(out), p, a.numel,

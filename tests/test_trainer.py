@@ -32,7 +32,9 @@ def official_free_loop(model, opt, data, *, replays, eps, step, epochs, mask="in
     global_noise = None
     for _ in range(epochs):
         for x, y in data():
-            x = x.float() / 255
+            # as torchvision's ToTensor did it for that code: x / 255 on the CPU, correctly rounded
+            # (torch's CUDA division by a number multiplies by its rounded reciprocal)
+            x = (x.cpu().float() / 255).to(x.device)
             mean, std = mean.to(x.device), std.to(x.device)
             if global_noise is None:
                 global_noise = torch.zeros_like(x)
