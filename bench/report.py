@@ -120,6 +120,18 @@ def compare_section() -> str:
     return "\n".join(lines + ["", "Runs:", ""] + [f"- {r}" for r in runs]) + "\n"
 
 
+def kernel_variants_section(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    lines = [f"**CUDA kernel tuning** (`bench/kernel_variants.sh`: update_and_make_input_, uint8 x, bf16 grad "
+             f"and out, channels_last; one build per setting; every setting computed the same bits): "
+             f"`{path.name}`", ""]
+    return lines + table(("batch", "x bytes a pack", "grid", "uint8 table", "ms", "ms in a graph",
+                          "of copy in a graph"),
+                         [(r["shape"], r["pack_bytes"], "one thread a pack" if r["full_grid"] else "grid-stride",
+                           "yes" if r["u8_lut"] else "no", f"{r['op_ms']:.4f}", f"{r['op_in_graph_ms']:.4f}",
+                           f"{r['op_in_graph_gbps'] / r['copy_in_graph_gbps']:.0%}") for r in rows])
+
+
 def render() -> str:
     sections = []
     for path in sorted(RESULTS.glob("*.json")):
@@ -136,6 +148,7 @@ def render() -> str:
             sections.append(kernels_section(path, data))
         elif data.get("records") and "loader" in data["records"][0]:
             sections.append(loader_section(path, data))
+    sections += [kernel_variants_section(path) for path in sorted(RESULTS.glob("kernel-variants-*.jsonl"))]
     if not sections:
         return "No results committed yet."
     gpu = any("CPU" not in json.loads(p.read_text())["meta"].get("device", "CPU") for p in RESULTS.glob("*.json"))

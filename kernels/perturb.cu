@@ -2,14 +2,15 @@
 // the spec in freeadv_fast/ops/reference.py).
 //
 // Plain CUDA, no torch headers: the host glue in csrc/ops.cpp hands over raw
-// pointers and the stream. The op is pure streaming (13 bytes an element for
-// uint8 x, float32 delta and 16-bit grad and out), so what decides its speed
-// is how it moves memory: each thread takes a pack of 16 bytes of x (16
-// uint8 pixels, or 4 floats) with 16-byte vector loads and stores of every
-// tensor, in a grid-stride loop over enough resident blocks to fill the GPU;
-// the per-channel constants live in shared memory, and the channel of each
-// element is walked from one division per pack. A scalar loop finishes
-// unaligned or ragged ends. No atomics: every element is independent.
+// pointers and the stream. The op is streaming (13 bytes an element for
+// uint8 x, float32 delta and 16-bit grad and out) with two correctly rounded
+// divisions an element (x / 255 and the normalisation, exact as the spec
+// asks): each thread takes a pack of x (FREEADV_X_PACK_BYTES) with vector
+// loads and stores of every tensor (16 bytes where the pack is that large),
+// in a grid-stride loop over enough resident blocks to fill the GPU; the
+// per-channel constants and the 256 uint8 quotients live in shared memory,
+// and the channel of each element is walked from one division per pack. A
+// scalar loop finishes unaligned or ragged ends. No atomics.
 // Nothing here needs more than sm_60 (Pascal): no bf16 arithmetic (bf16 is
 // only converted, which cuda_bf16.h emulates on old GPUs), no async copies.
 #include "perturb.h"
@@ -31,16 +32,21 @@ struct NoTensor {};  // stands for an absent grad or out
 constexpr int kThreads = 256;
 constexpr int kMaxSharedChannels = 64;  // more channels read their constants from global memory
 
-// Tuning knobs, measured with bench/kernel_variants.sh (which builds one
-// binary per setting); the defaults are the fastest on an H200.
+// Tuning knobs, measured with bench/kernel_variants.sh (one binary per
+// setting; bench/results/kernel-variants-h200.jsonl). The defaults were the
+// fastest of the eight on an H200 at the ImageNet batch, 20 calls in a
+// graph: 0.145 ms (83% of a copy's bandwidth) against 0.149-0.170 ms for
+// the others. The table saves one of the two correctly rounded divisions
+// an element needs; 16-byte packs of uint8 x (64 bytes of delta a thread)
+// were slower than 4-byte ones (16 bytes of delta).
 #ifndef FREEADV_X_PACK_BYTES  // bytes of x per pack and thread
-#define FREEADV_X_PACK_BYTES 16
+#define FREEADV_X_PACK_BYTES 4
 #endif
 #ifndef FREEADV_FULL_GRID  // 1: a thread per pack; 0: grid-stride loop over resident blocks
 #define FREEADV_FULL_GRID 0
 #endif
 #ifndef FREEADV_U8_LUT  // 1: uint8 / 255 from a table of the 256 exact quotients in shared memory
-#define FREEADV_U8_LUT 0
+#define FREEADV_U8_LUT 1
 #endif
 
 // Correctly rounded division, matching the fp32 reference bit for bit even if
