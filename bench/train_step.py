@@ -146,6 +146,18 @@ def main(argv=None):
     y = torch.randint(0, classes, (batch,), device=device, generator=g)
     timer = Timer(device)
     records = []
+
+    def save():
+        """The summary, and the JSON so far: a run cut short by a time limit keeps what it measured."""
+        summary = summarize(records, model_name)
+        if args.json:
+            meta = {**provenance(device), "model": model_name, "image_size": size, "batch_size": batch,
+                    "warmup": warmup, "steps": steps, "quick": args.quick}
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            out = {"meta": meta, "records": records, "ratios": summary["ratios"],
+                   "projections": summary["projections"]}
+            args.json.write_text(json.dumps(out, indent=1) + "\n")
+        return summary
     print(f"{device_name(device)}; {model_name} at {size}px, batch {batch}; torch {torch.__version__}", flush=True)
 
     def measure(name, make_step, images_per_call, **info):
@@ -172,6 +184,7 @@ def main(argv=None):
                   "first_call_s": first_call_s,
                   "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if gpu else None, **info}
         records.append(record)
+        save()
         mem = f"{record['peak_memory_gib']:.1f} GiB" if gpu else ""
         print(f"  {name:<34} {rate:10.1f} images/s  {mem}  (first call {first_call_s:.1f} s)", flush=True)
         del model, optimizer, step
@@ -237,15 +250,10 @@ def main(argv=None):
                    official(torch.bfloat16, args.compile_mode, channels_last=True), batch * 4, precision="bf16",
                    channels_last=True, replays=4, compile=args.compile_mode, cuda_graph=False)
 
-    summary = summarize(records, model_name)
+    summary = save()
     for line in summary["lines"]:
         print(line)
     if args.json:
-        meta = {**provenance(device), "model": model_name, "image_size": size, "batch_size": batch,
-                "warmup": warmup, "steps": steps, "quick": args.quick}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"meta": meta, "records": records, "ratios": summary["ratios"], "projections": summary["projections"]}
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 
