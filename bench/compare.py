@@ -81,6 +81,8 @@ def parse_args(argv):
     p.add_argument("--eval-steps", help="PGD / CW steps, comma-separated")
     p.add_argument("--eval-step-size", help="default epsilon / 4")
     p.add_argument("--loader", default="auto", help="image folders: dali, torch or auto")
+    p.add_argument("--cuda-graph", action="store_true", help="capture every method's training step as a CUDA graph")
+    p.add_argument("--compile", action="store_true", help="torch.compile every method's model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="results file (default: runs/compare-<dataset>-<time>/compare.json)")
     args = p.parse_args(argv)
@@ -115,6 +117,7 @@ def config_for(args, method):
                            else args.lr, schedule=args.schedule, momentum=0.9,
                            weight_decay=5e-4, precision=args.precision, channels_last=args.device.type == "cuda",
                            loader=args.loader, train_subset=args.train_subset, seed=args.seed,
+                           cuda_graph=args.cuda_graph, compile=args.compile,
                            eval_step_size=args.eval_step_size))
 
 
@@ -208,7 +211,8 @@ def main(argv=None) -> int:
     meta = {**provenance(args.device), "quick": args.quick, "dataset": args.dataset, "data": data_name,
             "train_images": data.train.num_samples, "arch": args.arch, "epochs_equivalent": args.epochs,
             "batch_size": args.batch_size, "precision": args.precision, "lr": args.lr,
-            "free_lr": args.free_lr or args.lr, "schedule": args.schedule,
+            "free_lr": args.free_lr or args.lr, "schedule": args.schedule, "cuda_graph": args.cuda_graph,
+            "compile": args.compile,
             "epsilon": cfg.epsilon, "eval_step_size": cfg.eval_step_size,
             "eval_steps": args.eval_steps, "eval_samples": rows[0]["eval"]["samples"]}
     by = {r["method"]: r for r in rows}

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from .config import ConfigError, pixel_value
 
@@ -32,3 +34,33 @@ def pixel(text):
         return pixel_value(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_writable_dir(path, what: str):
+    """Refuses, before any work starts, a directory that cannot be made or written to."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a directory")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise ConfigError(f"{what} {path} cannot be made: {base} is a file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path} cannot be written: {base} is not writable (read-only?)")
+
+
+def check_writable_file(path, what: str):
+    """Refuses, before any work starts, a file path that cannot be written
+    (a directory, a path under a file, an unwritable folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory, not a file")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} {path} cannot be written")
+    check_writable_dir(path.parent, f"{what}'s folder")

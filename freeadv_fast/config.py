@@ -24,13 +24,22 @@ class ConfigError(ValueError):
 
 
 def pixel_value(text) -> float:
-    """``0.03``, ``8/255`` or ``8 / 255`` as a float."""
-    if isinstance(text, (int, float)):
-        return float(text)
+    """``0.03``, ``8/255`` or ``8 / 255`` as a float; never inf, and never a
+    nonzero value that rounds to 0."""
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise ConfigError(f"not a number or fraction: {text!r}")
     try:
-        return float(Fraction(str(text).replace(" ", "")))
+        exact = Fraction(str(text).replace(" ", ""))
+        value = float(exact)
     except (ValueError, ZeroDivisionError):
         raise ConfigError(f"not a number or fraction: {text!r}") from None
+    except OverflowError:
+        raise ConfigError(f"{text!r} is too large for a float") from None
+    if exact != 0 and value == 0:
+        raise ConfigError(f"{text!r} is too small: it rounds to 0 as a float")
+    if not math.isfinite(value):
+        raise ConfigError(f"not a finite number: {text!r}")
+    return value
 
 
 @dataclass
@@ -126,7 +135,8 @@ def _apply(cfg: RunConfig, values: dict, source: str) -> RunConfig:
     known = set(RunConfig.keys())
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        names = (k if k.isidentifier() else repr(k) for k in unknown)  # one line, whatever the key holds
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(names)}")
     return dataclasses.replace(cfg, **values)
 
 
@@ -136,10 +146,19 @@ def load_yaml(path) -> dict:
         values = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text (a binary file?)") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    bad = [k for k in values if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config file {path}: keys must be setting names, got {bad[0]!r}")
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 
@@ -149,6 +168,8 @@ def build_config(*, dataset=None, preset=None, file=None, flags=None) -> RunConf
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     file_values = load_yaml(file) if file else {}
     dataset = dataset or flags.get("dataset") or file_values.get("dataset")
+    if dataset is not None and not isinstance(dataset, str):
+        raise ConfigError(f"dataset must be a string, got {dataset!r} ({type(dataset).__name__})")
     if preset is None and dataset in DATASET_PRESET:
         preset = DATASET_PRESET[dataset]
     if preset is not None:
@@ -162,6 +183,33 @@ def build_config(*, dataset=None, preset=None, file=None, flags=None) -> RunConf
     return check(cfg)
 
 
+_PIXEL_FIELDS = ("epsilon", "step_size", "eval_step_size")  # numbers or fractions like 8/255
+# what a value of each declared type may be (bool is an int in Python, never a number here)
+_TYPE_CHECKS = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+              "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+}
+
+
+def _check_types(cfg: RunConfig):
+    """Every value against its declared type (flags, YAML and presets alike);
+    the message names the setting, the value and what is allowed."""
+    for f in fields(RunConfig):
+        value = getattr(cfg, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        ok, what = zip(*(_TYPE_CHECKS[k] for k in kinds if k != "None"))
+        if not any(check_one(value) for check_one in ok):
+            allowed = " or ".join(what) + (" (or null)" if "None" in kinds else "")
+            raise ConfigError(f"{f.name.replace('_', '-')} must be {allowed}, got {value!r} "
+                              f"({type(value).__name__})")
+
+
 def check(cfg: RunConfig) -> RunConfig:
     """Normalizes values (fractions, defaults that depend on others) and
     raises ConfigError naming the first problem."""
@@ -169,6 +217,16 @@ def check(cfg: RunConfig) -> RunConfig:
     from .ops import PIXEL_MODES
     from .scheduler import SCHEDULES
     from .trainer import COMPILE_MODES, PRECISIONS
+    for name in _PIXEL_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None:
+            try:
+                setattr(cfg, name, pixel_value(value))
+            except ConfigError as exc:
+                raise ConfigError(f"{name.replace('_', '-')}: {exc}") from None
+    if isinstance(cfg.final_eval_steps, int) and not isinstance(cfg.final_eval_steps, bool):
+        cfg.final_eval_steps = [cfg.final_eval_steps]
+    _check_types(cfg)
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
     if cfg.method not in METHODS:
@@ -195,7 +253,7 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"step size must be between 0 and 1 (the pixel range), got {cfg.step_size:g}")
     cfg.eval_step_size = pixel_value(cfg.eval_step_size) if cfg.eval_step_size is not None else cfg.epsilon / 4
     for name in ("batch_size", "pgd_steps", "eval_samples", "eval_steps", "eval_restarts", "log_every",
-                 "max_bad_steps"):
+                 "max_bad_steps", "synthetic_classes", "synthetic_batches"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -207,6 +265,22 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"epochs must be positive, got {cfg.epochs!r}")
     if not cfg.lr > 0:
         raise ConfigError(f"lr must be positive, got {cfg.lr!r}")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum!r}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"weight-decay must be >= 0, got {cfg.weight_decay!r}")
+    if cfg.nesterov and cfg.momentum == 0:
+        raise ConfigError("nesterov needs a momentum above 0 (got momentum 0)")
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in cfg.milestones):
+        raise ConfigError(f"milestones must be positive integers (optimizer steps), got {cfg.milestones!r}")
+    for name in ("image_size", "workers"):
+        value = getattr(cfg, name)
+        if value is not None and value < (1 if name == "image_size" else 0):
+            raise ConfigError(f"{name.replace('_', '-')} must be {'positive' if name == 'image_size' else '>= 0'}, "
+                              f"got {value!r}")
+    for name in ("data", "out"):
+        if getattr(cfg, name) == "":
+            raise ConfigError(f"{name} must not be empty (leave it out for the default)")
     if cfg.schedule == "multistep" and not cfg.milestones:
         raise ConfigError("the multistep schedule needs milestones (optimizer steps)")
     if isinstance(cfg.final_eval_steps, int):

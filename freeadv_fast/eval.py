@@ -21,7 +21,7 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError, read_checkpoint
-from .cli import ArgumentParser, int_at_least, pixel
+from .cli import ArgumentParser, check_writable_file, int_at_least, pixel
 from .config import DATASETS, ConfigError, RunConfig, check
 from .data.datasets import build_data, take
 from .evaluate import evaluate
@@ -79,6 +79,12 @@ def settings(args) -> dict:
     cfg = check(dataclasses.replace(cfg, **overrides))
     steps, step = PAPER_EVAL.get(cfg.dataset, (cfg.final_eval_steps, cfg.eval_step_size))
     epsilon = args.epsilon if args.epsilon is not None else cfg.epsilon
+    if not 0 <= epsilon <= 1:
+        raise ConfigError(f"--epsilon must be between 0 and 1 (the pixel range), got {epsilon:g}")
+    if args.step_size is not None and not 0 <= args.step_size <= 1:
+        raise ConfigError(f"--step-size must be between 0 and 1 (the pixel range), got {args.step_size:g}")
+    if args.json is not None:  # before the evaluation, not after it
+        check_writable_file(args.json, "--json")
     if args.step_size is None and args.epsilon is not None and cfg.dataset not in PAPER_EVAL:
         step = epsilon / 4
     return {"config": cfg.to_dict(), "epsilon": epsilon, "step_size": step if args.step_size is None else args.step_size,
@@ -131,6 +137,7 @@ def _evaluate(job, d) -> int:
         result["checkpoint"], result["dataset"], result["arch"] = job["checkpoint"], cfg.dataset, cfg.arch
         print(format_table(result, f"{cfg.arch} on {cfg.dataset}"), flush=True)
         if job["json"]:
+            Path(job["json"]).parent.mkdir(parents=True, exist_ok=True)
             Path(job["json"]).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
@@ -182,6 +189,9 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the workers' own handlers are in place (start-up)
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -13,10 +13,16 @@ def attack_name(loss: str, steps: int, restarts: int = 1) -> str:
     return name + (f"x{restarts}" if restarts > 1 else "")
 
 
+class EvaluationStopped(Exception):
+    """``should_stop()`` turned true between two batches of an evaluation."""
+
+
 def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), losses=("ce",), restarts=1, limit=0,
-             precision="fp32", seed=0, progress=None) -> dict:
+             precision="fp32", seed=0, progress=None, should_stop=None) -> dict:
     """{"samples", "clean_top1", "clean_top5", "<attack>": acc, "<metric>_ci": (lo, hi), ...}; accuracies
-    are fractions. ``limit`` caps the samples per rank (0: all). The model is put in eval mode and back."""
+    are fractions. ``limit`` caps the samples per rank (0: all). The model is put in eval mode and back.
+    ``should_stop()`` is asked between batches; when true, EvaluationStopped is raised (a stop request is
+    answered within one batch's attacks, not at the end of a long evaluation)."""
     net = distributed.unwrap(model)
     was_training = net.training
     net.eval()
@@ -26,6 +32,8 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
     gen = torch.Generator(device).manual_seed(seed)
     try:
         for x, y in take(batches, limit):
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped
             x, y = x.to(device), y.to(device)
             hits = attacks.correct(net, x, y, mean=mean, std=std, precision=precision, topk=(1, 5))
             row = [len(y), hits[1].sum(), hits[5].sum()]

@@ -4,6 +4,7 @@ evaluation. ``python -m freeadv_fast.train`` starts one of these per device.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from .checkpoint import CheckpointError, find_resumable, load_checkpoint, read_c
 from .config import ConfigError, RunConfig, to_yaml
 from .data.datasets import build_data
 from .data.errors import DataError
-from .evaluate import attack_name, evaluate
+from .evaluate import EvaluationStopped, attack_name, evaluate
 from .models import create_model
 from .scheduler import build_schedule, passes_for
 from .trainer import TRAINERS, NonFiniteError
@@ -94,6 +95,16 @@ def log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
+# a full disk, a read-only or vanished output: the run stops cleanly, naming the cause
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT,
+                 errno.ENOTDIR, errno.EISDIR, errno.EFBIG}
+
+
+def _kept(cfg) -> str:
+    last = Path(cfg.out) / "checkpoint-last.pt"
+    return f"the last good checkpoint, {last}, is kept" if last.exists() else "no checkpoint had been written"
+
+
 def train_worker(cfg_dict: dict, resume: str | None, cpu: bool):
     """Entry point of every rank. User errors exit with status 2 and one line."""
     cfg = RunConfig(**cfg_dict)
@@ -108,10 +119,15 @@ def train_worker(cfg_dict: dict, resume: str | None, cpu: bool):
         log(f"freeadv_fast.train: error: {exc}")
         status = 2
     except NonFiniteError as exc:
-        last = Path(cfg.out) / "checkpoint-last.pt"
-        kept = f"the last good checkpoint, {last}, is kept" if last.exists() else "no checkpoint had been written"
-        log(f"freeadv_fast.train: rank {d.rank}: training diverged, stopping: {exc}; {kept}")
+        log(f"freeadv_fast.train: rank {d.rank}: training diverged, stopping: {exc}; {_kept(cfg)}")
         status = 3
+    except OSError as exc:
+        if exc.errno not in OUTPUT_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        log(f"freeadv_fast.train: error: rank {d.rank}: cannot write the run's files{where}: "
+            f"{exc.strerror or exc}; {_kept(cfg)}")
+        status = 2
     except Exception as exc:
         if not (d.distributed and distributed.is_peer_failure(exc)):
             raise
@@ -126,6 +142,44 @@ def train_worker(cfg_dict: dict, resume: str | None, cpu: bool):
         distributed.release_groups()
     if status:
         sys.exit(status)
+
+
+# what a resumed run must share with the run that wrote the checkpoint: the
+# perturbation buffer, the batch order and the LR schedule depend on them
+SAME_RUN_KEYS = ("dataset", "data", "arch", "method", "replays", "batch_size", "image_size", "train_subset",
+                 "epochs", "schedule", "milestones", "seed")
+
+
+def check_same_run(saved: dict, cfg: RunConfig, path) -> None:
+    def norm(key, value):
+        return str(Path(value).resolve()) if key == "data" and value else value
+    changed = [f"{k.replace('_', '-')} {saved[k]!r} (now {getattr(cfg, k)!r})" for k in SAME_RUN_KEYS
+               if k in saved and norm(k, saved[k]) != norm(k, getattr(cfg, k))]
+    if changed:
+        raise ConfigError(f"{path} was written by a different run: {', '.join(changed)}; free training's "
+                          "perturbation buffer, the batch order and the LR schedule depend on these. Resume "
+                          "with the same settings, or start a new run with another --out")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl. A crash in the middle of an
+    append leaves a partial last line: resuming is what that case needs, so
+    the line is dropped (and said); damage anywhere else is an error."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if number == len(lines):
+                log(f"{path}: dropped its last line, cut short (a crash while it was written)")
+                path.write_text("".join(json.dumps(r) + "\n" for r in records))
+                break
+            raise CheckpointError(f"{path}: line {number} is not a JSON record; fix or remove the file") from None
+        records.append(record)
+    return records
 
 
 def build_trainer(cfg: RunConfig, data, device, dist=None):
@@ -164,7 +218,9 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     state = {**cfg.to_dict(), "best_robust": -1.0}  # stored in every checkpoint
     path = Path(resume) if resume else None  # already resolved by resolve_resume
     if path is not None:
-        state["best_robust"] = load_checkpoint(path, trainer).get("best_robust", -1.0)
+        saved = load_checkpoint(path, trainer)
+        check_same_run(saved, cfg, path)
+        state["best_robust"] = saved.get("best_robust", -1.0)
         if d.is_main:
             log(f"resumed from {path}: pass {trainer.epoch + 1}/{passes}, batch {trainer.batch_in_epoch}, "
                 f"step {trainer.step}")
@@ -172,7 +228,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     metrics_file = out / "metrics.jsonl"
     history: list[dict] = []
     if d.is_main and metrics_file.exists():
-        history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+        history = read_metrics(metrics_file)
 
     def write_metrics(record):
         record = {"time": time.time(), **record}
@@ -267,7 +323,14 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
                 f"to {out / 'checkpoint-last.pt'}. Resume with the same command plus --resume auto "
                 f"(and --out {out})")
         return 128 + stop.signum if stop.signum else 1
-    final = final_evaluation(cfg, model, data, d)
+    try:
+        final = final_evaluation(cfg, model, data, d, should_stop=lambda: bool(stop.signum))
+    except EvaluationStopped:
+        if d.is_main:
+            last = out / "checkpoint-last.pt"
+            log(f"stopped by {signal.Signals(stop.signum).name} during the final evaluation; training is complete "
+                f"and saved in {last}. Evaluate it with: python -m freeadv_fast.eval {last}")
+        return 128 + stop.signum
     if d.is_main:
         (out / "final.json").write_text(json.dumps(final, indent=1) + "\n")
         from .report import format_table
@@ -277,11 +340,11 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     return 0
 
 
-def final_evaluation(cfg, model, data, d) -> dict:
+def final_evaluation(cfg, model, data, d, should_stop=None) -> dict:
     limit = -(-cfg.final_eval_samples // d.world_size) if cfg.final_eval_samples else 0
     return evaluate(model, data.val, mean=data.mean, std=data.std, epsilon=cfg.epsilon,
                     step_size=cfg.eval_step_size, steps=tuple(cfg.final_eval_steps), restarts=cfg.eval_restarts,
-                    limit=limit, precision=cfg.precision, seed=cfg.seed)
+                    limit=limit, precision=cfg.precision, seed=cfg.seed, should_stop=should_stop)
 
 
 __all__ = ["USER_ERRORS", "build_trainer", "resolve_resume", "train_worker"]

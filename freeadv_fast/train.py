@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .cli import ArgumentParser, int_at_least, pixel
+from .cli import ArgumentParser, check_writable_dir, int_at_least, pixel
 from .config import DATASETS, EMBEDDED_DEFAULT, PRESETS, ConfigError, build_config, to_yaml
 from .data.errors import DataError
 from .run import USER_ERRORS, resolve_resume, train_worker
@@ -77,8 +77,8 @@ def parser() -> ArgumentParser:
 
 
 FLAG_KEYS = ("data", "arch", "method", "replays", "epsilon", "step_size", "pgd_steps", "epochs", "batch_size", "lr",
-             "schedule", "precision", "channels_last", "compile", "compile_mode", "cuda_graph", "pixel_mode", "loader", "workers", "out", "eval_every", "seed",
-             "train_subset")
+             "schedule", "precision", "channels_last", "compile", "compile_mode", "cuda_graph", "pixel_mode",
+             "loader", "workers", "out", "eval_every", "seed", "train_subset")
 
 
 def plan_processes(args) -> tuple[int, bool]:
@@ -99,6 +99,7 @@ def plan_processes(args) -> tuple[int, bool]:
 
 
 def check_out_dir(out: Path, resume):
+    check_writable_dir(out, "--out")
     if resume is None and out.exists() and any((out / f).exists() for f in ("config.yaml", "comparison.json")):
         raise ConfigError(f"{out} holds another run; continue it with --resume auto or choose another --out")
 
@@ -202,6 +203,9 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the workers' own handlers are in place (start-up)
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

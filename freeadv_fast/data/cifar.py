@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..messages import say_once
 from .errors import DataError
 from .folder import decode_image_folder
 
@@ -45,7 +46,8 @@ def _load(path: Path) -> dict:
     except FileNotFoundError:
         raise DataError(f"{path}: missing (expected the official python version of the dataset)") from None
     except Exception as exc:
-        raise DataError(f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from None
+        why = " ".join(str(exc).split())  # one line, whatever the unpickler said
+        raise DataError(f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {why})") from None
 
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -73,31 +75,66 @@ def find_root(data_dir, name: str) -> tuple[str, Path]:
                     f"image folders train/<class>/*.png and test/<class>/*.png)")
 
 
+def _pixels(path: Path, raw) -> np.ndarray:
+    """The images of one pickle as uint8 N x 3 x 32 x 32; another integer
+    dtype is converted when every value is a pixel (0..255), anything else is
+    refused by name -- never wrapped modulo 256."""
+    a = np.asarray(raw)
+    if a.dtype.kind == "f":
+        raise DataError(f"{path}: images are {a.dtype} (values {a.min():.3g}..{a.max():.3g}); CIFAR pickles hold "
+                        "uint8 pixels 0..255")
+    if a.dtype.kind not in "iu":
+        raise DataError(f"{path}: images are {a.dtype}, not integer pixels")
+    if a.dtype != np.uint8:
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise DataError(f"{path}: pixel values {a.min()}..{a.max()} in a {a.dtype} array, outside 0..255")
+        say_once(f"{path}: {a.dtype} pixels (all within 0..255) converted to uint8")
+    if a.size % 3072 or (a.ndim == 2 and a.shape[1] != 3072) or a.ndim not in (2, 4):
+        raise DataError(f"{path}: images of shape {a.shape}, expected N x 3072 (3 x 32 x 32 each)")
+    return a.astype(np.uint8).reshape(-1, 3, 32, 32)
+
+
+def _class_names(path: Path, names_key: bytes, classes: int):
+    meta = _load(path)
+    names = meta.get(names_key) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
+        raise DataError(f"{path}: no list of class names under {names_key.decode()!r}")
+    if len(names) != classes:
+        raise DataError(f"{path}: {len(names)} class names, but this dataset has {classes} classes")
+    return [n.decode() if isinstance(n, bytes) else n for n in names]
+
+
 def load_cifar(data_dir, name: str, train: bool):
     """(x uint8 N x 3 x 32 x 32, y int64, class names)."""
     layout, root = find_root(data_dir, name)
     if layout == "folder":
         return _load_folder(root, name, train)
     _, train_files, test_files, label_key, meta_file, names_key = LAYOUTS[name]
+    classes = NUM_CLASSES[name]
     xs, ys = [], []
     for fname in train_files if train else test_files:
-        d = _load(root / fname)
-        try:
-            data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            labels = np.asarray(d[label_key], dtype=np.int64)
-        except (KeyError, ValueError) as exc:
-            raise DataError(f"{root / fname}: unexpected contents ({exc})") from None
+        path = root / fname
+        d = _load(path)
+        if not isinstance(d, dict):
+            raise DataError(f"{path}: holds a {type(d).__name__}, not the dict of a CIFAR pickle")
+        missing = [k.decode() for k in (b"data", label_key) if k not in d]
+        if missing:
+            raise DataError(f"{path}: no {' or '.join(map(repr, missing))} in it")
+        data = _pixels(path, d[b"data"])
+        labels = np.asarray(d[label_key])
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise DataError(f"{path}: labels of shape {labels.shape} and dtype {labels.dtype}, expected one integer "
+                            "label per image")
         if len(data) != len(labels):
-            raise DataError(f"{root / fname}: {len(data)} images but {len(labels)} labels")
+            raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+            raise DataError(f"{path}: labels {labels.min()}..{labels.max()}, outside 0..{classes - 1} ({name} has "
+                            f"{classes} classes)")
         xs.append(data)
-        ys.append(labels)
+        ys.append(labels.astype(np.int64))
     meta_path = root / meta_file
-    names = [n.decode() for n in _load(meta_path)[names_key]] if meta_path.exists() else None
-    y = torch.from_numpy(np.concatenate(ys))
-    classes = len(names) if names else int(y.max()) + 1
-    if y.min() < 0 or y.max() >= classes:
-        raise DataError(f"{root}: labels outside 0..{classes - 1}")
-    return torch.from_numpy(np.concatenate(xs)), y, names
+    names = _class_names(meta_path, names_key, classes) if meta_path.exists() else None
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), names
 
 
 def _load_folder(root: Path, name: str, train: bool):

@@ -6,6 +6,7 @@ device as uint8. Without ``--data`` the folder of Debian's
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a damaged .gz
         raise DataError(f"{path}: unreadable ({exc})") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex() or 'missing'})")
@@ -65,6 +66,8 @@ def load_fashion_mnist(data_dir=None, train: bool = True):
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"{paths[0]}: images of shape {images.shape[1:]}, expected 28 x 28")
+    if len(images) == 0:
+        raise DataError(f"{paths[0]}: holds no images")
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataError(f"{paths[1]}: {len(labels)} labels for {len(images)} images in {paths[0]}")
     if labels.max(initial=0) >= len(CLASSES):

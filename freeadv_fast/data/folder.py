@@ -20,6 +20,7 @@ batches, ranks are disjoint, and a resumed run sees the same batches.
 from __future__ import annotations
 
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,14 +36,20 @@ LOADERS = ("auto", "dali", "torch")
 AUGMENTATIONS = ("random-resized-crop", "pad-crop")
 
 
+# No decoder is asked for more pixels than this (PIL's own refusal threshold):
+# a header claiming 65,000 x 65,000 would otherwise take 12 GB, or kill DALI.
+MAX_IMAGE_PIXELS = 178_956_970
+_HEAD = 4096  # bytes read from the start: the signature, and the size in PNG/JPEG headers
+
+
 def quick_check(path: str) -> str | None:
     """Why ``path`` cannot be a whole image (None if it looks fine): checks the
-    format's signature and, for JPEG and PNG, its end marker, which a
-    truncated file lacks. Reads a few bytes only."""
+    format's signature, for JPEG and PNG the end marker, which a truncated file
+    lacks, and the pixel count the header claims. Reads a few KB only."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(_HEAD)
             f.seek(max(0, size - 1024))
             tail = f.read()
     except OSError as exc:
@@ -50,9 +57,67 @@ def quick_check(path: str) -> str | None:
     return _signature_check(head, tail, size)
 
 
+def header_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR or a JPEG's frame header within
+    ``head``; None when not found there."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 <= len(head):
+            if head[i] != 0xFF:
+                return None
+            marker = head[i + 1]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                return int.from_bytes(head[i + 7:i + 9], "big"), int.from_bytes(head[i + 5:i + 7], "big")
+            i += 2 + int.from_bytes(head[i + 2:i + 4], "big")
+    return None
+
+
+def png_problem(data: bytes) -> str | None:
+    """Why a whole PNG file in memory is damaged (None if sound): chunk
+    lengths and CRCs, IHDR first and IEND last, the image data inflating to
+    the size its header implies. torchvision 0.29's PNG decoder crashes the
+    process (SIGSEGV) on some damaged files (an IDAT CRC error, found by the
+    fuzzing tests), so nothing unchecked is handed to it."""
+    pos, chunks, idat = 8, [], []
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        if len(body) != length or pos + 12 + length > len(data):
+            return "truncated PNG chunk"
+        if zlib.crc32(kind + body) & 0xFFFFFFFF != int.from_bytes(data[pos + 8 + length:pos + 12 + length], "big"):
+            return f"damaged PNG ({kind.decode('latin-1')!r} chunk fails its CRC)"
+        chunks.append(kind)
+        if kind == b"IDAT":
+            idat.append(body)
+        pos += 12 + length
+        if kind == b"IEND":
+            break
+    if not chunks or chunks[0] != b"IHDR" or chunks[-1] != b"IEND" or not idat:
+        return "damaged PNG (chunks missing or out of order)"
+    ihdr = data[16:29]
+    width, height, depth, color, interlace = (int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big"),
+                                              ihdr[8], ihdr[9], ihdr[12])
+    try:
+        pixels = zlib.decompress(b"".join(idat))
+    except zlib.error as exc:
+        return f"damaged PNG (image data does not inflate: {exc})"
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(color)
+    if channels is None or depth not in (1, 2, 4, 8, 16):
+        return f"unsupported PNG (colour type {color}, bit depth {depth})"
+    if interlace == 0 and len(pixels) != height * (1 + (width * channels * depth + 7) // 8):
+        return f"damaged PNG ({len(pixels)} bytes of image data for {width}x{height})"
+    return None
+
+
 def _signature_check(head: bytes, tail: bytes, size: int) -> str | None:
     if size == 0:
         return "empty file"
+    dims = header_size(head)
+    if dims and dims[0] * dims[1] > MAX_IMAGE_PIXELS:
+        return (f"its header claims {dims[0]}x{dims[1]} pixels, more than the {MAX_IMAGE_PIXELS:,} any loader here "
+                "decodes")
     if head[:3] == b"\xff\xd8\xff":
         return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
     if head[:8] == b"\x89PNG\r\n\x1a\n":
@@ -130,7 +195,10 @@ def decode_image_folder(split_dir, *, size: int, channels: int = 3, classes=None
             data = Path(path).read_bytes()
         except OSError as exc:
             return f"{path}: unreadable ({exc.strerror or exc})"
-        if why := _signature_check(data[:16], data[-1024:], len(data)):
+        why = _signature_check(data[:_HEAD], data[-1024:], len(data))
+        if why is None and data[:8] == b"\x89PNG\r\n\x1a\n":
+            why = png_problem(data)
+        if why:
             return f"{path}: {why}"
         try:
             image = to_tensor(data)
@@ -138,6 +206,9 @@ def decode_image_folder(split_dir, *, size: int, channels: int = 3, classes=None
             return f"{path}: cannot decode ({str(exc).strip().splitlines()[0]})"
         if image.shape[1:] != (size, size):
             return f"{path}: {image.shape[2]}x{image.shape[1]} pixels, expected {size}x{size}"
+        if image.dtype != torch.uint8:  # 16-bit PNG: scaled to 8 bits, never cut to its low byte
+            say_once(f"{split_dir}: {image.dtype} images (16-bit PNG) scaled to 8 bits, e.g. {path}")
+            image = (image.to(torch.float32) * (255 / 65535)).round().to(torch.uint8)
         x[i] = image
         return None
 
@@ -402,7 +473,7 @@ class _FolderDataset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 return self.transform(im.convert("RGB")), label
-        except (OSError, ValueError, SyntaxError):  # PIL's errors for broken files
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's errors for broken files
             return None
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import DataError
+
 
 class TensorBatches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True, seed: int = 0,
@@ -20,7 +22,8 @@ class TensorBatches:
         if batch_size < 1 or batch_size % world_size:
             raise ValueError(f"batch size {batch_size} must be a positive multiple of the {world_size} process(es)")
         if len(x) < batch_size and drop_last:
-            raise ValueError(f"{len(x)} samples cannot fill one batch of {batch_size}")
+            raise DataError(f"the training split has {len(x)} images, fewer than one batch of {batch_size}: "
+                            "lower --batch-size (or train on more images)")
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.rank, self.world_size, self.augment = rank, world_size, augment

@@ -46,7 +46,13 @@ def scan_val(val_dir: Path, classes: list[str]):
     label_of = {wnid: i for i, wnid in enumerate(classes)}
     images = val_dir / "images" if (val_dir / "images").is_dir() else val_dir
     samples, other, bad = [], 0, []
-    for n, line in enumerate(annotations.read_text().splitlines(), 1):
+    try:
+        text = annotations.read_text()
+    except UnicodeDecodeError:
+        raise DataError(f"{annotations}: not a text file (expected lines of 'file<TAB>wnid ...')") from None
+    except OSError as exc:
+        raise DataError(f"{annotations}: unreadable ({exc.strerror or exc})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         fields = line.split("\t")

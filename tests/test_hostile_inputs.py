@@ -1,0 +1,425 @@
+"""Bad input ends in one line and status 2 (or is handled), never a
+traceback: generated configurations (Hypothesis), a corpus of hand-made
+hostile cases through the commands, and the recovery paths they exercise."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from freeadv_fast.config import ConfigError, RunConfig, build_config
+from freeadv_fast.run import check_same_run, read_metrics
+
+ANY_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12) | st.sampled_from(["8/255", "1e400", "1e-400", "0.1", "-1", "nan", "inf", "a/b", "1/0"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=2),
+    max_leaves=4)
+CONFIGS = st.dictionaries(st.sampled_from(RunConfig.keys()) | st.text(max_size=8), ANY_VALUE, max_size=5)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=CONFIGS)
+def test_any_yaml_config_is_accepted_or_refused_by_name(tmp_path, values):
+    """The invariant for settings from a file: a RunConfig or a ConfigError, nothing else."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(values))
+    try:
+        cfg = build_config(file=path)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert isinstance(cfg, RunConfig) and 0 <= cfg.epsilon <= 1 and cfg.lr > 0
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('lr: "0.1"', "lr must be a finite number, got '0.1'"),
+    ("momentum: -1", "momentum must be in [0, 1)"),
+    ("weight_decay: -1", "weight-decay must be >= 0"),
+    ("milestones: [a]", "milestones must be positive integers"),
+    ("nesterov: true\nmomentum: 0", "nesterov needs a momentum above 0"),
+    ("1: 2", "keys must be setting names, got 1"),
+    ("data: 123", "data must be a string"),
+    ("out: [a, b]", "out must be a string"),
+    ("workers: many", "workers must be an integer"),
+    ("image_size: -5", "image-size must be positive"),
+    ("image_size: 0", "image-size must be positive"),
+    ("epsilon: 1e400", "too large for a float"),
+    ("epsilon: '1e-400'", "rounds to 0"),
+    ("synthetic_classes: 0", "synthetic-classes must be a positive integer"),
+    ("synthetic_batches: 0", "synthetic-batches must be a positive integer"),
+    ('out: ""', "out must not be empty"),
+])
+def test_the_reported_config_mistakes_are_named(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        build_config(file=path)
+
+
+def test_a_binary_file_or_a_directory_as_config_is_named(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="is not text"):
+        build_config(file=tmp_path / "bin.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        build_config(file=tmp_path)
+
+
+def test_a_partial_last_metrics_line_is_dropped_and_a_damaged_middle_one_is_named(tmp_path, capfd):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1}, {"step": 2}]
+    assert "dropped its last line" in capfd.readouterr().err
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(Exception, match="line 2 is not a JSON record"):
+        read_metrics(path)
+
+
+def test_resuming_another_run_is_refused_naming_what_changed(tmp_path):
+    saved = {**RunConfig(dataset="cifar10", data=str(tmp_path), batch_size=128).__dict__}
+    check_same_run(saved, RunConfig(dataset="cifar10", data=str(tmp_path / "."), batch_size=128), "c.pt")
+    with pytest.raises(ConfigError, match=r"batch-size 128 \(now 256\)"):
+        check_same_run(saved, RunConfig(dataset="cifar10", data=str(tmp_path), batch_size=256), "c.pt")
+    with pytest.raises(ConfigError, match="data"):
+        check_same_run(saved, RunConfig(dataset="cifar10", data=str(tmp_path / "other"), batch_size=128), "c.pt")
+
+
+def test_a_batch_larger_than_the_training_split_is_a_data_error():
+    import torch
+
+    from freeadv_fast.data.errors import DataError
+    from freeadv_fast.data.tensors import TensorBatches
+    with pytest.raises(DataError, match="has 5 images, fewer than one batch of 20: lower --batch-size"):
+        TensorBatches(torch.zeros(5, 3, 4, 4), torch.zeros(5), 20, drop_last=True)
+
+
+def run_cli(*args, module="freeadv_fast.train", timeout=120):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_refusal(result, expected):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--out", "{file}"], "is a file, not a directory"),
+    (["--out", "{file}/run"], "cannot be made"),
+    (["--out", ""], "out must not be empty"),
+    (["--epsilon", "1e400"], "too large for a float"),
+    (["--epsilon", "1e-400"], "rounds to 0"),
+])
+def test_train_refuses_in_one_line(tmp_path, args, expected):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    args = [a.format(file=file) for a in args]
+    assert_one_line_refusal(run_cli("--cpu", "digits", "--eval-every", "0", *args), expected)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    r = run_cli("--cpu", "--preset", "digits-demo", "--method", "natural", "--epochs", "1", "--eval-every", "0",
+                "--out", out, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / "checkpoint-last.pt"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--epsilon=-0.1"], "--epsilon must be between 0 and 1"),
+    (["--step-size=-1"], "--step-size must be between 0 and 1"),
+    (["--epsilon", "1e400"], "too large for a float"),
+    (["--json", "{dir}"], "is a directory, not a file"),
+    (["--json", "{file}/x.json"], "is a file, not a directory"),
+])
+def test_eval_refuses_before_it_evaluates(checkpoint, tmp_path, args, expected):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    args = [a.format(dir=tmp_path, file=file) for a in args]
+    assert_one_line_refusal(run_cli(checkpoint, "--cpu", *args, module="freeadv_fast.eval"), expected)
+
+
+def test_eval_writes_json_into_a_folder_it_makes(checkpoint, tmp_path):
+    target = tmp_path / "new" / "folder" / "e.json"
+    r = run_cli(checkpoint, "--cpu", "--limit", "8", "--steps", "1", "--json", target, module="freeadv_fast.eval")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(target.read_text())
+
+
+# -- data files that pass the first checks -----------------------------------------------------------------------
+def write_pickles(root, batch=None, meta=True, labels_key=b"labels"):
+    import pickle
+
+    import numpy as np
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    good = {b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), labels_key: [i % 10 for i in range(20)]}
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(d / f, "wb") as fh:
+            pickle.dump(good if batch is None or f != "data_batch_1" else batch, fh, protocol=2)
+    if meta is True:
+        meta = {b"label_names": [f"c{i}".encode() for i in range(10)]}
+    if meta is not None:
+        with open(d / "batches.meta", "wb") as fh:
+            pickle.dump(meta, fh, protocol=2)
+    return root
+
+
+def _cifar_cases():
+    import numpy as np
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
+    labels = [i % 10 for i in range(20)]
+    return [
+        ("labels-50-no-meta", {b"data": pixels, b"labels": [50] * 20}, None, "labels 50..50, outside 0..9"),
+        ("a-list", [1, 2, 3], True, "holds a list, not the dict"),
+        ("meta-without-names", None, {b"other": 1}, "no list of class names"),
+        ("meta-with-a-str", None, {b"label_names": "abc"}, "no list of class names"),
+        ("labels-2d", {b"data": pixels, b"labels": np.zeros((20, 2), dtype=np.int64)}, True, "labels of shape (20, 2)"),
+        ("float-data", {b"data": pixels.astype(np.float32) / 255, b"labels": labels}, True, "images are float32"),
+        ("int64-1000", {b"data": np.full((20, 3072), 1000, dtype=np.int64), b"labels": labels}, True,
+         "pixel values 1000..1000"),
+    ]
+
+
+@pytest.mark.parametrize("case", _cifar_cases(), ids=lambda c: c[0])
+def test_malformed_cifar_pickles_are_refused_by_name(tmp_path, case):
+    from freeadv_fast.data import cifar
+    from freeadv_fast.data.errors import DataError
+    _, batch, meta, expected = case
+    write_pickles(tmp_path, batch=batch, meta=meta)
+    with pytest.raises(DataError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        cifar.load_cifar(tmp_path, "cifar10", train=True)
+
+
+def test_int16_pixels_within_range_are_converted_with_a_note(tmp_path, capfd):
+    import numpy as np
+
+    from freeadv_fast.data import cifar
+    data = np.arange(20 * 3072).reshape(20, 3072) % 256
+    write_pickles(tmp_path, batch={b"data": data.astype(np.int16), b"labels": [i % 10 for i in range(20)]})
+    x, _, _ = cifar.load_cifar(tmp_path, "cifar10", train=True)
+    assert x[:20].flatten().tolist()[:300] == data.flatten().tolist()[:300]
+    assert "int16 pixels (all within 0..255) converted to uint8" in capfd.readouterr().err
+
+
+def png_bytes(width, height, bit_depth=8, raw=b"\0"):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_never_cut_to_its_low_byte(tmp_path):
+    import numpy as np
+
+    from freeadv_fast.data.folder import decode_image_folder
+    values = np.full((32, 32, 3), 17038, dtype=">u2")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(png_bytes(32, 32, 16, b"".join(b"\0" + r.tobytes() for r in values)))
+    x, _, _ = decode_image_folder(tmp_path, size=32)
+    assert x.unique().tolist() == [round(17038 * 255 / 65535)]  # 66, not 17038 % 256 = 142
+
+
+def test_a_decompression_bomb_is_named_by_the_loaders_and_the_checker(tmp_path):
+    from freeadv_fast.data.folder import quick_check, scan_image_folder
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "ok.png").write_bytes(png_bytes(4, 4))
+    bomb = tmp_path / "a" / "bomb.png"
+    bomb.write_bytes(png_bytes(65000, 65000))
+    assert "claims 65000x65000 pixels" in quick_check(str(bomb))
+    _, samples, bad = scan_image_folder(tmp_path)
+    assert [p for p, _ in bad] == [str(bomb)] and str(bomb) not in [p for p, _ in samples]
+    r = subprocess.run([sys.executable, "-m", "freeadv_fast.data", "check", str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert "Traceback" not in r.stderr and "65000x65000" in r.stdout + r.stderr, (r.stdout, r.stderr)
+
+
+def test_a_corrupt_gzip_and_an_empty_idx_file_are_named(tmp_path):
+    import gzip
+
+    import numpy as np
+
+    from freeadv_fast.data import fashion_mnist
+    from freeadv_fast.data.errors import DataError
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\0\0\x08\x03" + bytes(100))[:20] + b"garbage" * 10)
+    with pytest.raises(DataError, match="unreadable"):
+        fashion_mnist.read_idx(tmp_path / "bad.gz")
+    names = fashion_mnist.FILES[True]
+    images = np.zeros((0, 28, 28), dtype=np.uint8)
+    for name, array in zip(names, (images, np.zeros(0, dtype=np.uint8))):
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+        (tmp_path / name).write_bytes(header + array.tobytes())
+    with pytest.raises(DataError, match="holds no images"):
+        fashion_mnist.load_fashion_mnist(tmp_path, train=True)
+
+
+def test_tiny_imagenet_annotations_that_are_not_text_are_named(tmp_path):
+    from freeadv_fast.data import tiny_imagenet
+    from freeadv_fast.data.errors import DataError
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    (tmp_path / "val" / "val_annotations.txt").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(DataError, match="not a text file"):
+        tiny_imagenet.scan_val(tmp_path / "val", ["n01"])
+
+
+def test_a_full_disk_mid_run_stops_in_one_line_keeping_the_last_checkpoint(tmp_path, monkeypatch, capfd):
+    """Every fsync after the first checkpoint fails with ENOSPC, as on a disk that filled up mid-run."""
+    import errno
+    import os
+
+    from freeadv_fast import train
+    from freeadv_fast.checkpoint import read_checkpoint
+    real_fsync, calls = os.fsync, []
+
+    def filling_up(fd):
+        calls.append(fd)
+        if len(calls) > 2:  # the first checkpoint's file and folder went through
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", filling_up)
+    out = tmp_path / "run"
+    try:
+        code = train.main(["--cpu", "--preset", "digits-demo", "--epochs", "8", "--eval-every", "0", "--out", str(out)])
+    except SystemExit as stop:
+        code = stop.code
+    monkeypatch.undo()
+    err = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "cannot write the run's files" in err and "No space left on device" in err
+    assert f"the last good checkpoint, {out / 'checkpoint-last.pt'}, is kept" in err
+    assert read_checkpoint(out / "checkpoint-last.pt")["epoch"] == 1
+
+
+def test_sigterm_during_the_final_evaluation_stops_within_a_batch(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text("final_eval_steps: [500]\neval_every: 0\n")
+    proc = subprocess.Popen([sys.executable, "-m", "freeadv_fast.train", "--cpu", "--preset", "digits-demo",
+                             "--method", "natural", "--epochs", "1", "--config", str(tmp_path / "c.yaml"),
+                             "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:  # the pass summary comes right before the final evaluation
+            lines.append(line)
+            if "pass 1/1: loss" in line:
+                break
+        time.sleep(1.0)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert code == 128 + signal.SIGTERM, "".join(lines) + rest
+    assert time.monotonic() - sent < 60  # PGD-500 on 449 images would take minutes
+    assert "during the final evaluation" in rest and "python -m freeadv_fast.eval" in rest and "Traceback" not in rest
+    assert not (out / "final.json").exists() and (out / "checkpoint-last.pt").exists()
+
+
+def test_an_evaluation_asked_to_stop_raises_between_batches():
+    import torch
+
+    from freeadv_fast.evaluate import EvaluationStopped, evaluate
+    from helpers import small_cnn
+    batches = [(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))] * 3
+    with pytest.raises(EvaluationStopped):
+        evaluate(small_cnn(), batches, mean=0.5, std=0.5, epsilon=0.1, step_size=0.05, should_stop=lambda: True)
+
+
+# -- generated damage to every file format ------------------------------------------------------------------------
+def _mutate(data: bytes, edits) -> bytes:
+    """Overwrites, cuts or extends ``data`` as Hypothesis says."""
+    out = bytearray(data)
+    for kind, where, value in edits:
+        i = where % (len(out) + 1)
+        if kind == "set" and out:
+            out[i % len(out)] = value
+        elif kind == "cut":
+            del out[i:]
+        else:
+            out[i:i] = bytes([value]) * 7
+    return bytes(out)
+
+
+EDITS = st.lists(st.tuples(st.sampled_from(["set", "cut", "grow"]), st.integers(0, 1 << 20), st.integers(0, 255)),
+                 min_size=1, max_size=6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=EDITS, which=st.sampled_from(["data_batch_1", "batches.meta"]))
+def test_damaged_cifar_pickles_load_or_are_refused_by_name(tmp_path_factory, edits, which):
+    from freeadv_fast.data import cifar
+    from freeadv_fast.data.errors import DataError
+    root = write_pickles(tmp_path_factory.mktemp("c"))
+    path = root / "cifar-10-batches-py" / which
+    path.write_bytes(_mutate(path.read_bytes(), edits))
+    try:
+        x, y, _ = cifar.load_cifar(root, "cifar10", train=True)
+    except DataError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert x.dtype.is_floating_point is False and int(y.max()) < 10 and len(x) == len(y)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=EDITS, gz=st.booleans())
+def test_damaged_idx_files_load_or_are_refused_by_name(tmp_path_factory, edits, gz):
+    import gzip
+
+    import numpy as np
+
+    from freeadv_fast.data import fashion_mnist
+    from freeadv_fast.data.errors import DataError
+    root = tmp_path_factory.mktemp("f")
+    arrays = (np.zeros((3, 28, 28), dtype=np.uint8), np.array([1, 2, 3], dtype=np.uint8))
+    for i, (name, array) in enumerate(zip(fashion_mnist.FILES[True], arrays)):
+        raw = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape) + array.tobytes()
+        if gz:
+            raw = gzip.compress(raw)
+        (root / (name + (".gz" if gz else ""))).write_bytes(_mutate(raw, edits) if i == 0 else raw)
+    try:
+        x, y = fashion_mnist.load_fashion_mnist(root, train=True)
+    except DataError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert x.shape[1:] == (1, 28, 28) and len(x) == len(y)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=EDITS, png=st.booleans())
+def test_damaged_images_decode_or_are_refused_by_name(tmp_path_factory, edits, png):
+    import io
+
+    from PIL import Image
+
+    from freeadv_fast.data.errors import DataError
+    from freeadv_fast.data.folder import decode_image_folder, full_check
+    root = tmp_path_factory.mktemp("i")
+    (root / "a").mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(buf, format="PNG" if png else "JPEG")
+    path = root / "a" / ("x.png" if png else "x.jpg")
+    path.write_bytes(_mutate(buf.getvalue(), edits))
+    why = full_check(str(path))
+    assert why is None or "\n" not in why
+    try:
+        x, _, _ = decode_image_folder(root, size=32)
+    except DataError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert x.shape == (1, 3, 32, 32)
