@@ -43,9 +43,20 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _usable(path, what: str) -> Path:
+    """``path`` as a Path the OS accepts (no NUL byte, no name over the limit), else ConfigError."""
+    try:
+        path = Path(path)
+        path.exists()
+        return path
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"{what} {str(path)[:80]!r} cannot be used as a path ({why})") from None
+
+
 def check_writable_dir(path, what: str):
     """Refuses, before any work starts, a directory that cannot be made or written to."""
-    path = Path(path)
+    path = _usable(path, what)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what} {path} is a file, not a directory")
     base = _nearest_existing(path)
@@ -58,7 +69,7 @@ def check_writable_dir(path, what: str):
 def check_writable_file(path, what: str):
     """Refuses, before any work starts, a file path that cannot be written
     (a directory, a path under a file, an unwritable folder)."""
-    path = Path(path)
+    path = _usable(path, what)
     if path.is_dir():
         raise ConfigError(f"{what} {path} is a directory, not a file")
     if path.exists() and not os.access(path, os.W_OK):

@@ -279,8 +279,11 @@ def check(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{name.replace('_', '-')} must be {'positive' if name == 'image_size' else '>= 0'}, "
                               f"got {value!r}")
     for name in ("data", "out"):
-        if getattr(cfg, name) == "":
+        value = getattr(cfg, name)
+        if value == "":
             raise ConfigError(f"{name} must not be empty (leave it out for the default)")
+        if value is not None and ("\0" in value or any(len(part.encode()) > 255 for part in value.split("/"))):
+            raise ConfigError(f"{name} {value[:80]!r} cannot be a path (a NUL byte, or a name over 255 bytes)")
     if cfg.schedule == "multistep" and not cfg.milestones:
         raise ConfigError("the multistep schedule needs milestones (optimizer steps)")
     if isinstance(cfg.final_eval_steps, int):

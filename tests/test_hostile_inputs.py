@@ -423,3 +423,23 @@ def test_damaged_images_decode_or_are_refused_by_name(tmp_path_factory, edits, p
         assert "\n" not in str(exc)
     else:
         assert x.shape == (1, 3, 32, 32)
+
+
+ODD_PATHS = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
+    ["", ".", "..", "/", "/dev/null", "/proc/self", "a\0b", "x" * 300, "~", "-", "a\nb", "/etc/passwd/x"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(path=ODD_PATHS)
+def test_odd_paths_are_used_or_refused_by_name(path):
+    """Output folders, files and data folders from any string: usable, or one named refusal."""
+    from freeadv_fast.cli import check_writable_dir, check_writable_file
+    from freeadv_fast.data import cifar
+    from freeadv_fast.data.errors import DataError
+    for check in (lambda: check_writable_dir(path, "--out"), lambda: check_writable_file(path, "--json")):
+        try:
+            check()
+        except ConfigError as exc:
+            assert "\n" not in str(exc).replace(repr(path), "")
+    with pytest.raises(DataError):
+        cifar.find_root(path or ".", "cifar10")

@@ -62,8 +62,12 @@ def find_root(data_dir, name: str) -> tuple[str, Path]:
         raise DataError(f"unknown CIFAR variant {name!r}: choose one of {', '.join(LAYOUTS)}")
     folder, first = LAYOUTS[name][0], LAYOUTS[name][1][0]
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: no such directory")
+    try:
+        if not data_dir.is_dir():
+            raise DataError(f"{data_dir}: no such directory")
+    except (OSError, ValueError) as exc:  # a NUL byte, a name over the limit
+        raise DataError(f"{str(data_dir)[:80]!r} cannot be used as a path ({getattr(exc, 'strerror', None) or exc})"
+                        ) from None
     for candidate in (data_dir / folder, data_dir):
         if (candidate / first).is_file():
             return "pickle", candidate
