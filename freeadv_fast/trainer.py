@@ -247,8 +247,7 @@ class Trainer:
         optimizer state that put another value in their place is copied in."""
         for group, lr in zip(self.optimizer.param_groups, self._graph_lrs):
             if group["lr"] is not lr:
-                lr.copy_(group["lr"]) if isinstance(group["lr"], torch.Tensor) else lr.fill_(float(group["lr"]))
-                group["lr"] = lr
+                group["lr"] = _write_into(lr, group["lr"])
 
     def _graph_for(self, key, make_static, body, generators=()) -> StepGraph:
         """The step graph for batches described by ``key``; a new key (another
@@ -262,6 +261,20 @@ class Trainer:
             self._graph_key = key
         self._keep_graph_lrs()
         return self._graph
+
+    def _one_step_graphed(self, x, y, generators=()) -> dict:
+        """A batch of a one-step method (natural, PGD-k, FGSM-RS) through its
+        captured ``_graphed_step``, which reads ``self._static``."""
+        def make_static():
+            return Static(x=torch.empty_like(x), y=torch.empty_like(y), loss=torch.zeros((), device=self.device))
+        graph = self._graph_for((tuple(x.shape), x.dtype), make_static, self._graphed_step, generators)
+        s = self._static
+        s.x.copy_(x)
+        s.y.copy_(y)
+        graph()
+        self._advance()
+        self.metrics.samples += x.shape[0]
+        return {"loss": s.loss.clone(), "samples": x.shape[0], "replays": 1}
 
     def _graphed(self, x) -> bool:
         """Whether this prepared batch runs through the step graph."""
@@ -395,11 +408,7 @@ class Trainer:
         before = [{k: g[k] for k in ("lr",) + self._STEPPING_KEYS if k in g} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(saved)
         for group, old in zip(self.optimizer.param_groups, before):
-            lr = group["lr"]
-            if isinstance(old["lr"], torch.Tensor):
-                old["lr"].copy_(lr) if isinstance(lr, torch.Tensor) else old["lr"].fill_(float(lr))
-            else:
-                old["lr"] = float(lr)
+            old["lr"] = _write_into(old["lr"], group["lr"]) if isinstance(old["lr"], torch.Tensor) else float(group["lr"])
             group.update(old)
 
     def load_state_dict(self, state: dict):
@@ -555,14 +564,7 @@ class NaturalTrainer(Trainer):
         return {"loss": loss.detach(), "samples": x.shape[0], "replays": 1}
 
     def _train_batch_graphed(self, x, y) -> dict:
-        graph = self._graph_for((tuple(x.shape), x.dtype), lambda: _static_batch(self, x, y), self._graphed_step)
-        s = self._static
-        s.x.copy_(x)
-        s.y.copy_(y)
-        graph()
-        self._advance()
-        self.metrics.samples += x.shape[0]
-        return {"loss": s.loss.clone(), "samples": x.shape[0], "replays": 1}
+        return self._one_step_graphed(x, y)
 
     def _graphed_step(self):
         s = self._static
@@ -626,16 +628,7 @@ class PGDTrainer(Trainer):
         return {"loss": loss.detach(), "samples": x.shape[0], "replays": 1}
 
     def _train_batch_graphed(self, x, y) -> dict:
-        # the random start draws from self.generator inside the graph
-        graph = self._graph_for((tuple(x.shape), x.dtype), lambda: _static_batch(self, x, y), self._graphed_step,
-                                generators=(self.generator,))
-        s = self._static
-        s.x.copy_(x)
-        s.y.copy_(y)
-        graph()
-        self._advance()
-        self.metrics.samples += x.shape[0]
-        return {"loss": s.loss.clone(), "samples": x.shape[0], "replays": 1}
+        return self._one_step_graphed(x, y, generators=(self.generator,))  # the random start draws in the graph
 
     def _graphed_step(self):
         s = self._static
@@ -662,9 +655,9 @@ class FastTrainer(PGDTrainer):
         return 1.25 * self._param("epsilon", self.epsilon, C)
 
 
-def _static_batch(trainer, x, y) -> Static:
-    """Static copies of a batch and a loss slot, for a captured one-step method."""
-    return Static(x=torch.empty_like(x), y=torch.empty_like(y), loss=torch.zeros((), device=trainer.device))
+def _write_into(target: torch.Tensor, value) -> torch.Tensor:
+    """``value`` (a number or a tensor) written into ``target``, which is returned."""
+    return target.copy_(value) if isinstance(value, torch.Tensor) else target.fill_(float(value))
 
 
 TRAINERS = {"free": FreeAdversarialTrainer, "natural": NaturalTrainer, "pgd": PGDTrainer, "fast": FastTrainer}
