@@ -118,6 +118,9 @@ def train_worker(cfg_dict: dict, resume: str | None, cpu: bool):
     except USER_ERRORS as exc:
         log(f"freeadv_fast.train: error: {exc}")
         status = 2
+    except KeyboardInterrupt:  # before training installed its stop handler: nothing to save yet
+        log(f"freeadv_fast.train: rank {d.rank}: interrupted during start-up")
+        status = 130
     except NonFiniteError as exc:
         log(f"freeadv_fast.train: rank {d.rank}: training diverged, stopping: {exc}; {_kept(cfg)}")
         status = 3

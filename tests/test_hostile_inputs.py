@@ -443,3 +443,24 @@ def test_odd_paths_are_used_or_refused_by_name(path):
             assert "\n" not in str(exc).replace(repr(path), "")
     with pytest.raises(DataError):
         cifar.find_root(path or ".", "cifar10")
+
+
+def test_ctrl_c_during_start_up_is_a_quiet_exit(tmp_path):
+    """SIGINT once the command has printed its configuration, while data and model are being built."""
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "freeadv_fast.train", "--cpu", "digits", "--out",
+                             str(tmp_path / "run")], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("configuration"):
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert "Traceback" not in rest, rest[-2000:]
+    # interrupted before training (130), or training had begun and stopped at a batch with a checkpoint
+    assert code == 130 and ("interrupted" in rest or "stopped by SIGINT" in rest), (code, rest[-2000:])
