@@ -464,3 +464,23 @@ def test_ctrl_c_during_start_up_is_a_quiet_exit(tmp_path):
     assert "Traceback" not in rest, rest[-2000:]
     # interrupted before training (130), or training had begun and stopped at a batch with a checkpoint
     assert code == 130 and ("interrupted" in rest or "stopped by SIGINT" in rest), (code, rest[-2000:])
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only bind mount (needs root, as in CI); skipped where mounting is not allowed."""
+    src, mnt = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    mnt.mkdir()
+    if subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (not root?)")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], capture_output=True).returncode:
+            pytest.skip("cannot remount read-only here")
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_out_on_a_read_only_filesystem_is_refused_before_the_work(read_only_dir):
+    assert_one_line_refusal(run_cli("--cpu", "digits", "--out", read_only_dir / "run"), "is not writable")
