@@ -286,8 +286,6 @@ def check(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{name} {value[:80]!r} cannot be a path (a NUL byte, or a name over 255 bytes)")
     if cfg.schedule == "multistep" and not cfg.milestones:
         raise ConfigError("the multistep schedule needs milestones (optimizer steps)")
-    if isinstance(cfg.final_eval_steps, int):
-        cfg.final_eval_steps = [cfg.final_eval_steps]
     if not all(isinstance(s, int) and s >= 1 for s in cfg.final_eval_steps):
         raise ConfigError(f"final-eval-steps must be positive integers, got {cfg.final_eval_steps!r}")
     return cfg

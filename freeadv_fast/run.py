@@ -46,8 +46,8 @@ def resolve_resume(cfg: RunConfig, resume) -> Path | None:
     """The checkpoint to resume from: PATH as given, or for ``auto`` the run
     directory's newest readable one (falling back to the previous checkpoint
     when the last is truncated or corrupted), or None to start afresh. Reads
-    it once, before any worker starts, refusing an unreadable one or one of
-    another architecture, dataset or method."""
+    it once, before any worker starts, refusing an unreadable one or one
+    written by a different run (check_same_run)."""
     if resume is None:
         return None
     if resume == "auto":
@@ -66,6 +66,7 @@ def resolve_resume(cfg: RunConfig, resume) -> Path | None:
     for key in ("arch", "dataset", "method"):
         if key in saved and saved[key] != getattr(cfg, key):
             raise CheckpointError(f"checkpoint {path} is from a {key} {saved[key]!r} run, not {getattr(cfg, key)!r}")
+    check_same_run(saved, cfg, path)
     return path
 
 
@@ -203,7 +204,8 @@ def build_trainer(cfg: RunConfig, data, device, dist=None):
                               replays=replays, milestones=cfg.milestones)
     rank = dist.rank if dist is not None else 0
     common = dict(mean=data.mean, std=data.std, precision=cfg.precision, channels_last=cfg.channels_last,
-                  compile=cfg.compile and cfg.compile_mode, cuda_graph=cfg.cuda_graph, scheduler=schedule, seed=cfg.seed + rank, max_bad_steps=cfg.max_bad_steps)
+                  compile=cfg.compile and cfg.compile_mode, cuda_graph=cfg.cuda_graph, scheduler=schedule,
+                  seed=cfg.seed + rank, max_bad_steps=cfg.max_bad_steps)
     attack = dict(epsilon=cfg.epsilon, step_size=cfg.step_size)
     method_args = {"free": dict(replays=replays, pixel_mode=cfg.pixel_mode, **attack),
                    "pgd": dict(steps=cfg.pgd_steps, **attack), "fast": attack, "natural": {}}[cfg.method]
@@ -221,9 +223,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     state = {**cfg.to_dict(), "best_robust": -1.0}  # stored in every checkpoint
     path = Path(resume) if resume else None  # already resolved by resolve_resume
     if path is not None:
-        saved = load_checkpoint(path, trainer)
-        check_same_run(saved, cfg, path)
-        state["best_robust"] = saved.get("best_robust", -1.0)
+        state["best_robust"] = load_checkpoint(path, trainer).get("best_robust", -1.0)
         if d.is_main:
             log(f"resumed from {path}: pass {trainer.epoch + 1}/{passes}, batch {trainer.batch_in_epoch}, "
                 f"step {trainer.step}")

@@ -41,12 +41,9 @@ class RunningMetrics:
         self.samples = 0
         self._started = time.perf_counter()
 
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor):
-        self.accumulate(loss, logits, y)
-        self.samples += y.numel()
-
     def accumulate(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor):
-        """The device part of ``update`` (capturable); the caller counts the samples."""
+        """Adds a batch's loss and correct count on the device (capturable: no
+        sync); the caller adds the batch's size to ``samples``."""
         self.sums[0] += loss.detach().to(self.sums.dtype) * y.numel()
         self.sums[1] += (logits.detach().argmax(1) == y).sum()
 

@@ -484,3 +484,9 @@ def read_only_dir(tmp_path):
 
 def test_out_on_a_read_only_filesystem_is_refused_before_the_work(read_only_dir):
     assert_one_line_refusal(run_cli("--cpu", "digits", "--out", read_only_dir / "run"), "is not writable")
+
+
+def test_resume_auto_with_another_batch_size_is_refused_before_any_work(checkpoint):
+    r = run_cli("--cpu", "--preset", "digits-demo", "--method", "natural", "--epochs", "1", "--eval-every", "0",
+                "--batch-size", "32", "--out", checkpoint.parent, "--resume", "auto")
+    assert_one_line_refusal(r, "batch-size 64 (now 32)")
