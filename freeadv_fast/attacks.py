@@ -10,23 +10,15 @@ eval mode.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from . import ops
+from .common import autocast
 from .ops import reference
 
 LOSSES = ("ce", "cw")
-_AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _autocast(device, precision):
-    if precision not in _AMP:
-        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(_AMP)}")
-    dtype = _AMP[precision]
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def margin_loss(logits, y):
@@ -50,7 +42,7 @@ def logits_of(model, x, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32", 
     """The model's logits for pixel-space ``x`` (+ ``delta``), without gradients."""
     if delta is None:
         delta = torch.zeros(x.shape, device=x.device)
-    with torch.no_grad(), _autocast(x.device, precision):
+    with torch.no_grad(), autocast(x.device, precision):
         inp = ops.make_input(x, delta, mean=mean, std=std, pixel_range=pixel_range, mode="project", backend=backend)
         return model(inp).float()
 
@@ -90,7 +82,7 @@ def pgd(model, x, y, *, epsilon, step_size, steps, restarts=1, random_start=True
         inp = ops.make_input(xs, delta, mode="project", **kw)
         for _ in range(steps):
             inp.requires_grad_(True)
-            with _autocast(x.device, precision):
+            with autocast(x.device, precision):
                 logits = model(inp)
             objective = per_sample_loss(logits, ys, loss).sum()
             if precision == "fp16":

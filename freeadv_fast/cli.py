@@ -1,11 +1,14 @@
-"""What the commands share: one-line argument errors, typed arguments."""
+"""What the commands share: one-line argument errors, typed arguments, the
+flags generated from ``RunConfig`` and checks of output paths."""
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import ConfigError, pixel_value
+from . import messages
+from .config import ConfigError, RunConfig, flag_name, pixel_value
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -34,6 +37,69 @@ def pixel(text):
         return pixel_value(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def int_list(minimum: int):
+    def parse(text):
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"must be integers >= {minimum}, got {text!r}")
+        return values
+    parse.__name__ = "comma-separated integers"
+    return parse
+
+
+def _flag_type(f):
+    kinds = str(f.type)
+    low = f.metadata.get("min")
+    if f.metadata.get("pixel"):
+        return pixel
+    if kinds == "list":
+        return int_list(low if low is not None else 0)
+    if kinds.startswith("int"):
+        return int_at_least(low) if low is not None else int
+    return float if kinds.startswith("float") else str
+
+
+def add_config_flags(parser, *, skip=(), rename=None, show_defaults=True):
+    """One flag per RunConfig field (but ``skip``), typed and documented from
+    the field's metadata; ``rename`` maps a field to another flag name. A
+    flag left out stays None: the preset, the YAML file or the default holds."""
+    rename = rename or {}
+    for f in fields(RunConfig):
+        if f.name in skip:
+            continue
+        name = rename.get(f.name, flag_name(f.name))
+        flag = "--" + name
+        default = f.default_factory() if f.default is MISSING else f.default
+        help = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            help += f" (one of {', '.join(sorted(choices()) if len(choices()) > 8 else choices())})"
+        if show_defaults and default not in (None, [], ""):
+            shown = ",".join(map(str, default)) if isinstance(default, list) else f"{default:.4g}" \
+                if isinstance(default, float) else default
+            help += f"; default {shown}"
+        if str(f.type) == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_flag_type(f), metavar=name.upper().replace("-", "_"),
+                                help=help)
+
+
+def config_flags(args) -> dict:
+    """The RunConfig settings given as flags."""
+    return {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
+
+
+def use_log_level(level: str | None):
+    """--log-level for this process and the workers it starts."""
+    if level:
+        os.environ["FREEADV_LOG_LEVEL"] = level
+    messages.set_level(level)
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -1,12 +1,16 @@
 """Run configuration: defaults, paper presets (data, not code), YAML files and
 flags merged in that order, every value checked before anything starts.
 
-An unknown key -- in a preset, a YAML file or a flag -- is an error, never
-ignored. Pixel values (epsilon, step size) accept fractions like ``4/255``.
+``RunConfig`` is the one list of settings: each field's help, allowed values
+and lower bound are its metadata, from which the command-line flags
+(freeadv_fast/cli.py) and ``check`` are made. An unknown key -- in a preset,
+a YAML file or a flag -- is an error, never ignored. Pixel values (epsilon,
+step size) accept fractions like ``4/255``.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
@@ -14,8 +18,14 @@ from pathlib import Path
 
 import yaml
 
-METHODS = ("free", "natural", "pgd", "fast")
-DATASETS = ("imagenet", "cifar10", "cifar100", "tiny-imagenet", "fashion-mnist", "synthetic", "digits")
+from .common import COMPILE_MODES, PRECISIONS
+from .data import DATASETS
+from .data.folder import LOADERS
+from .methods import METHODS
+from .models import ARCHITECTURES
+from .ops import PIXEL_MODES
+from .scheduler import SCHEDULES
+
 EMBEDDED_DEFAULT = "digits"
 
 
@@ -42,49 +52,64 @@ def pixel_value(text) -> float:
     return value
 
 
+def setting(default=None, help="", *, choices=None, min=None, pixel=False, factory=None):
+    """A RunConfig field: its default and the metadata its flag and its check
+    are made from (``choices``: a callable giving the allowed names)."""
+    meta = dict(help=help, choices=choices, min=min, pixel=pixel)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class RunConfig:
-    dataset: str = EMBEDDED_DEFAULT
-    data: str | None = None
-    arch: str | None = None  # None: the dataset's default
-    method: str = "free"
-    replays: int = 4
-    epsilon: float = 4 / 255
-    step_size: float | None = None  # None: free: epsilon; pgd: 2.5 * eps / steps; fast: 1.25 * eps
-    pgd_steps: int = 7  # PGD training's attack steps
-    pixel_mode: str = "clamp_input"
-    epochs: float = 90.0  # natural-training epochs; free-m makes ceil(epochs / m) passes
-    batch_size: int = 256  # global, over every process
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
-    schedule: str = "step"  # step (official: /10 every ceil(30/m) passes), multistep, cosine, onecycle, constant
-    milestones: list = field(default_factory=list)  # multistep: optimizer steps
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    compile_mode: str = "default"  # default or max-autotune-no-cudagraphs
-    cuda_graph: bool = False  # capture whole steps as CUDA graphs (freeadv_fast/graphs.py)
-    loader: str = "auto"
-    workers: int | None = None
-    image_size: int | None = None
-    sync_batchnorm: bool = False
-    out: str | None = None
-    eval_every: int = 1  # passes; 0 turns periodic evaluation off
-    eval_samples: int = 1000  # held-out images for the periodic evaluation
-    eval_steps: int = 10  # PGD steps of the periodic evaluation
-    final_eval_steps: list = field(default_factory=lambda: [10])
-    final_eval_samples: int = 0  # 0: the whole validation split
-    eval_restarts: int = 1
-    eval_step_size: float | None = None  # None: epsilon / 4
-    log_every: int = 50  # batches between metric reads
-    checkpoint_every: int = 0  # batches; 0: once per pass
-    max_bad_steps: int = 10  # consecutive non-finite losses that stop a run
-    seed: int = 0
-    train_subset: int = 0  # train on this many images of the training split (a fixed random subset); 0: all
-    synthetic_classes: int = 1000
-    synthetic_batches: int = 50
+    dataset: str = setting(EMBEDDED_DEFAULT, "the dataset", choices=lambda: DATASETS)
+    data: str | None = setting(None, "dataset folder")
+    arch: str | None = setting(None, "model architecture (default: the dataset's)", choices=lambda: ARCHITECTURES)
+    method: str = setting("free", "training method", choices=lambda: METHODS)
+    replays: int = setting(4, "m of free-m: replays of each minibatch", min=1)
+    epsilon: float = setting(4 / 255, "L-inf budget in pixel units, e.g. 4/255", pixel=True)
+    step_size: float | None = setting(None, "attack step in pixel units (default: the method's rule)", pixel=True)
+    pgd_steps: int = setting(7, "attack steps of PGD training", min=1)
+    pixel_mode: str = setting("clamp_input", "clamp_input (the paper's code as it ran), clamp_input_strict or "
+                              "project", choices=lambda: PIXEL_MODES)
+    epochs: float = setting(90.0, "natural-training epochs (free-m makes ceil(E/m) passes)")
+    batch_size: int = setting(256, "global batch size, over every process", min=1)
+    lr: float = setting(0.1, "peak learning rate")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(1e-4, "SGD weight decay")
+    nesterov: bool = setting(False, "Nesterov momentum")
+    schedule: str = setting("step", "LR schedule counted in optimizer steps (step: the official /10 every "
+                            "ceil(30/m) passes)", choices=lambda: SCHEDULES)
+    milestones: list = setting(help="multistep: optimizer steps at which the LR falls tenfold", factory=list, min=1)
+    precision: str = setting("fp32", "arithmetic precision", choices=lambda: PRECISIONS)
+    channels_last: bool = setting(False, "channels_last memory format")
+    compile: bool = setting(False, "torch.compile the model and the perturbation update")
+    compile_mode: str = setting("default", "with --compile: the compile mode", choices=lambda: COMPILE_MODES)
+    cuda_graph: bool = setting(False, "capture each training step as a CUDA graph (full batches on one GPU; "
+                               "else eager, said once)")
+    loader: str = setting("auto", "image-folder loader", choices=lambda: LOADERS)
+    workers: int | None = setting(None, "loader worker threads/processes per rank", min=0)
+    image_size: int | None = setting(None, "training image size of image folders (default: the dataset's)", min=1)
+    sync_batchnorm: bool = setting(False, "synchronize batch-norm statistics across processes")
+    out: str | None = setting(None, "run directory (default runs/<dataset>-<method>-<time>)")
+    eval_every: int = setting(1, "passes between held-out evaluations (0: off)", min=0)
+    eval_samples: int = setting(1000, "held-out images of the periodic evaluation", min=1)
+    eval_steps: int = setting(10, "PGD steps of the periodic evaluation", min=1)
+    final_eval_steps: list = setting(help="PGD steps of the final evaluation, comma-separated",
+                                     factory=lambda: [10], min=1)
+    final_eval_samples: int = setting(0, "held-out images of the final evaluation (0: the whole split)", min=0)
+    eval_restarts: int = setting(1, "random restarts of every evaluation attack", min=1)
+    eval_step_size: float | None = setting(None, "evaluation attack step (default: epsilon / 4)", pixel=True)
+    log_every: int = setting(50, "batches between metric reads", min=1)
+    checkpoint_every: int = setting(0, "batches between checkpoints (0: once per pass)", min=0)
+    max_bad_steps: int = setting(10, "consecutive non-finite losses that stop a run", min=1)
+    tensorboard: bool = setting(False, "also write the metrics to TensorBoard, in <out>/tensorboard (pip install "
+                                "'freeadv_fast[tensorboard]')")
+    seed: int = setting(0, "random seed", min=0)
+    train_subset: int = setting(0, "train on N images of the training split (a fixed random subset; 0: all)", min=0)
+    synthetic_classes: int = setting(1000, "synthetic data: classes", min=1)
+    synthetic_batches: int = setting(50, "synthetic data: batches per pass", min=1)
 
     @classmethod
     def keys(cls):
@@ -124,12 +149,6 @@ PRESETS: dict[str, dict] = {
                         epochs=80, eval_every=5, eval_samples=449, eval_steps=10, final_eval_steps=[20],
                         final_eval_samples=0, eval_step_size=0.0375, log_every=10, precision="fp32"),
 }
-DATASET_PRESET = {"imagenet": "imagenet-free4-eps4", "cifar10": "cifar10-free8", "cifar100": "cifar100-free8",
-                  "digits": "digits-demo"}
-DEFAULT_ARCH = {"imagenet": "resnet50", "cifar10": "wide_resnet32_10", "cifar100": "wide_resnet32_10",
-                "tiny-imagenet": "preact_resnet18", "fashion-mnist": "small_cnn", "synthetic": "resnet50",
-                "digits": "small_cnn"}
-
 
 def _apply(cfg: RunConfig, values: dict, source: str) -> RunConfig:
     known = set(RunConfig.keys())
@@ -170,8 +189,8 @@ def build_config(*, dataset=None, preset=None, file=None, flags=None) -> RunConf
     dataset = dataset or flags.get("dataset") or file_values.get("dataset")
     if dataset is not None and not isinstance(dataset, str):
         raise ConfigError(f"dataset must be a string, got {dataset!r} ({type(dataset).__name__})")
-    if preset is None and dataset in DATASET_PRESET:
-        preset = DATASET_PRESET[dataset]
+    if preset is None and dataset in DATASETS:
+        preset = DATASETS[dataset].preset
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
@@ -183,7 +202,6 @@ def build_config(*, dataset=None, preset=None, file=None, flags=None) -> RunConf
     return check(cfg)
 
 
-_PIXEL_FIELDS = ("epsilon", "step_size", "eval_step_size")  # numbers or fractions like 8/255
 # what a value of each declared type may be (bool is an int in Python, never a number here)
 _TYPE_CHECKS = {
     "str": (lambda v: isinstance(v, str), "a string"),
@@ -195,73 +213,61 @@ _TYPE_CHECKS = {
 }
 
 
-def _check_types(cfg: RunConfig):
-    """Every value against its declared type (flags, YAML and presets alike);
+def flag_name(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_field(f, value):
+    """One value against its field's declared type, choices and lower bound;
     the message names the setting, the value and what is allowed."""
+    kinds = [k.strip() for k in str(f.type).split("|")]
+    if value is None and "None" in kinds:
+        return
+    ok, what = zip(*(_TYPE_CHECKS[k] for k in kinds if k != "None"))
+    if not any(check_one(value) for check_one in ok):
+        allowed = " or ".join(what) + (" (or null)" if "None" in kinds else "")
+        raise ConfigError(f"{flag_name(f.name)} must be {allowed}, got {value!r} ({type(value).__name__})")
+    choices, low = f.metadata.get("choices"), f.metadata.get("min")
+    if choices is not None and value not in choices():
+        names = sorted(choices()) if f.name == "arch" else list(choices())
+        raise ConfigError(f"unknown {f.name.replace('_', ' ')} {value!r}: choose one of {', '.join(names)}")
+    if low is not None:
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in items):
+            what = "positive" if low == 1 else "non-negative" if low == 0 else f">= {low}"
+            what = f"{what} integers" if isinstance(value, list) else f"a {what} integer"
+            raise ConfigError(f"{flag_name(f.name)} must be {what}, got {value!r}")
+
+
+def check(cfg: RunConfig, names: dict | None = None) -> RunConfig:
+    """Normalizes values (fractions, defaults that depend on others) and
+    raises ConfigError naming the first problem (a setting by its entry in
+    ``names``, when a command spells it otherwise)."""
+    names = names or {}
     for f in fields(RunConfig):
         value = getattr(cfg, f.name)
-        kinds = [k.strip() for k in str(f.type).split("|")]
-        if value is None and "None" in kinds:
-            continue
-        ok, what = zip(*(_TYPE_CHECKS[k] for k in kinds if k != "None"))
-        if not any(check_one(value) for check_one in ok):
-            allowed = " or ".join(what) + (" (or null)" if "None" in kinds else "")
-            raise ConfigError(f"{f.name.replace('_', '-')} must be {allowed}, got {value!r} "
-                              f"({type(value).__name__})")
-
-
-def check(cfg: RunConfig) -> RunConfig:
-    """Normalizes values (fractions, defaults that depend on others) and
-    raises ConfigError naming the first problem."""
-    from .models import ARCHITECTURES
-    from .ops import PIXEL_MODES
-    from .scheduler import SCHEDULES
-    from .trainer import COMPILE_MODES, PRECISIONS
-    for name in _PIXEL_FIELDS:
-        value = getattr(cfg, name)
-        if value is not None:
+        if f.metadata.get("pixel") and value is not None:
             try:
-                setattr(cfg, name, pixel_value(value))
+                setattr(cfg, f.name, pixel_value(value))
             except ConfigError as exc:
-                raise ConfigError(f"{name.replace('_', '-')}: {exc}") from None
+                raise ConfigError(f"{flag_name(f.name)}: {exc}") from None
     if isinstance(cfg.final_eval_steps, int) and not isinstance(cfg.final_eval_steps, bool):
         cfg.final_eval_steps = [cfg.final_eval_steps]
-    _check_types(cfg)
-    if cfg.dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    cfg.arch = cfg.arch or DEFAULT_ARCH[cfg.dataset]
-    if cfg.arch not in ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {cfg.arch!r}: choose one of {', '.join(sorted(ARCHITECTURES))}")
-    for name, choices in (("precision", PRECISIONS), ("pixel_mode", PIXEL_MODES), ("schedule", SCHEDULES),
-                          ("loader", ("auto", "dali", "torch")), ("compile_mode", COMPILE_MODES)):
-        if getattr(cfg, name) not in choices:
-            raise ConfigError(f"unknown {name} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
-    if not isinstance(cfg.replays, int) or cfg.replays < 1:
-        raise ConfigError(f"replays must be an integer >= 1, got {cfg.replays!r}")
-    if cfg.method != "free":
-        cfg.replays = 1
-    cfg.epsilon = pixel_value(cfg.epsilon)
-    if not 0 <= cfg.epsilon <= 1:
-        raise ConfigError(f"epsilon must be between 0 and 1 (the pixel range), got {cfg.epsilon:g}")
+    if cfg.arch is None and cfg.dataset in DATASETS:
+        cfg.arch = DATASETS[cfg.dataset].default_arch
+    for f in fields(RunConfig):
+        _check_field(f, getattr(cfg, f.name))
+    method = METHODS[cfg.method]
+    cfg.replays = method.replays(cfg)
     if cfg.step_size is None:
-        cfg.step_size = {"free": cfg.epsilon, "pgd": 2.5 * cfg.epsilon / cfg.pgd_steps,
-                         "fast": 1.25 * cfg.epsilon, "natural": 0.0}[cfg.method]
-    cfg.step_size = pixel_value(cfg.step_size)
-    if not 0 <= cfg.step_size <= 1:
-        raise ConfigError(f"step size must be between 0 and 1 (the pixel range), got {cfg.step_size:g}")
-    cfg.eval_step_size = pixel_value(cfg.eval_step_size) if cfg.eval_step_size is not None else cfg.epsilon / 4
-    for name in ("batch_size", "pgd_steps", "eval_samples", "eval_steps", "eval_restarts", "log_every",
-                 "max_bad_steps", "synthetic_classes", "synthetic_batches"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    for name in ("eval_every", "checkpoint_every", "final_eval_samples", "seed", "train_subset"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
-    if not (isinstance(cfg.epochs, (int, float)) and cfg.epochs > 0 and math.isfinite(cfg.epochs)):
+        cfg.step_size = pixel_value(method.default_step_size(cfg))
+    if cfg.eval_step_size is None:
+        cfg.eval_step_size = cfg.epsilon / 4
+    for f in fields(RunConfig):
+        if f.metadata.get("pixel") and not 0 <= getattr(cfg, f.name) <= 1:
+            raise ConfigError(f"{names.get(f.name, f.name.replace('_', ' '))} must be between 0 and 1 (the pixel "
+                              f"range), got {getattr(cfg, f.name):g}")
+    if not cfg.epochs > 0:
         raise ConfigError(f"epochs must be positive, got {cfg.epochs!r}")
     if not cfg.lr > 0:
         raise ConfigError(f"lr must be positive, got {cfg.lr!r}")
@@ -271,23 +277,17 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"weight-decay must be >= 0, got {cfg.weight_decay!r}")
     if cfg.nesterov and cfg.momentum == 0:
         raise ConfigError("nesterov needs a momentum above 0 (got momentum 0)")
-    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in cfg.milestones):
-        raise ConfigError(f"milestones must be positive integers (optimizer steps), got {cfg.milestones!r}")
-    for name in ("image_size", "workers"):
-        value = getattr(cfg, name)
-        if value is not None and value < (1 if name == "image_size" else 0):
-            raise ConfigError(f"{name.replace('_', '-')} must be {'positive' if name == 'image_size' else '>= 0'}, "
-                              f"got {value!r}")
     for name in ("data", "out"):
         value = getattr(cfg, name)
         if value == "":
             raise ConfigError(f"{name} must not be empty (leave it out for the default)")
         if value is not None and ("\0" in value or any(len(part.encode()) > 255 for part in value.split("/"))):
             raise ConfigError(f"{name} {value[:80]!r} cannot be a path (a NUL byte, or a name over 255 bytes)")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard: the tensorboard package is not installed "
+                          "(pip install 'freeadv_fast[tensorboard]')")
     if cfg.schedule == "multistep" and not cfg.milestones:
         raise ConfigError("the multistep schedule needs milestones (optimizer steps)")
-    if not all(isinstance(s, int) and s >= 1 for s in cfg.final_eval_steps):
-        raise ConfigError(f"final-eval-steps must be positive integers, got {cfg.final_eval_steps!r}")
     return cfg
 
 

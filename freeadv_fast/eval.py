@@ -11,7 +11,6 @@ step 1/255 on ImageNet, PGD-20/100 with step 2/255 on CIFAR.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -19,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, messages
 from .checkpoint import CheckpointError, read_checkpoint
-from .cli import ArgumentParser, check_writable_file, int_at_least, pixel
-from .config import DATASETS, ConfigError, RunConfig, check
+from .cli import ArgumentParser, add_config_flags, check_writable_file, config_flags, int_at_least, use_log_level
+from .config import ConfigError, RunConfig, check
+from .data import DATASETS
 from .data.datasets import build_data, take
 from .evaluate import evaluate
 from .models import create_model
@@ -30,37 +30,23 @@ from .report import format_table
 from .run import USER_ERRORS
 
 PROG = "python -m freeadv_fast.eval"
-PAPER_EVAL = {"imagenet": ([10, 50, 100], 1 / 255), "cifar10": ([20, 100], 2 / 255),
-              "cifar100": ([20, 100], 2 / 255)}
-
-
-def steps_list(text):
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"steps must be positive integers, got {text!r}")
-    return steps
+# the run settings this command takes, and the flags they go by here
+FLAGS = {"data": "data", "batch_size": "batch-size", "precision": "precision", "epsilon": "epsilon",
+         "eval_step_size": "step-size", "final_eval_steps": "steps", "eval_restarts": "restarts",
+         "final_eval_samples": "limit", "seed": "seed"}
 
 
 def parser():
-    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                       epilog="Unless given, settings are the checkpoint's; the attack is the dataset's paper "
+                              "evaluation (or epsilon / 4 steps), with 1 restart on the whole split, seed 0.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("dataset", nargs="?", help=f"one of {', '.join(DATASETS)} (default: the checkpoint's)")
-    p.add_argument("--data")
     p.add_argument("--attack", choices=["pgd", "cw", "autoattack"], action="append",
                    help="repeatable (default: pgd)")
-    p.add_argument("--steps", type=steps_list)
-    p.add_argument("--restarts", type=int_at_least(1), default=1)
-    p.add_argument("--epsilon", type=pixel)
-    p.add_argument("--step-size", type=pixel)
-    p.add_argument("--limit", type=int_at_least(0), default=0,
-                   help="evaluate N held-out images, a fixed random sample of the split (0: all)")
-    p.add_argument("--batch-size", type=int_at_least(1))
-    p.add_argument("--precision")
     p.add_argument("--json", type=Path)
-    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--log-level", choices=messages.LEVELS, help="what is said on stderr (default: info)")
+    add_config_flags(p, skip=set(RunConfig.keys()) - set(FLAGS), rename=FLAGS, show_defaults=False)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpus", type=int_at_least(1))
     where.add_argument("--cpu", action="store_true")
@@ -69,28 +55,31 @@ def parser():
 
 
 def settings(args) -> dict:
+    """The checkpoint's run settings with the given flags over them, checked
+    as training checks them; the attack follows the dataset's paper
+    evaluation unless the flags say otherwise."""
     state = read_checkpoint(args.checkpoint)
     saved = {k: v for k, v in state.get("config", {}).items() if k in RunConfig.keys()}
     if "arch" not in saved:
         raise CheckpointError(f"checkpoint {args.checkpoint} does not say which architecture it holds")
+    given = config_flags(args)
+    if args.dataset is not None:
+        given["dataset"] = args.dataset
     cfg = RunConfig(**saved)
-    overrides = {k: v for k, v in dict(dataset=args.dataset, data=args.data, batch_size=args.batch_size,
-                                       precision=args.precision).items() if v is not None}
-    cfg = check(dataclasses.replace(cfg, **overrides))
-    steps, step = PAPER_EVAL.get(cfg.dataset, (cfg.final_eval_steps, cfg.eval_step_size))
-    epsilon = args.epsilon if args.epsilon is not None else cfg.epsilon
-    if not 0 <= epsilon <= 1:
-        raise ConfigError(f"--epsilon must be between 0 and 1 (the pixel range), got {epsilon:g}")
-    if args.step_size is not None and not 0 <= args.step_size <= 1:
-        raise ConfigError(f"--step-size must be between 0 and 1 (the pixel range), got {args.step_size:g}")
+    own = dict(eval_restarts=1, final_eval_samples=0, seed=0)  # this command's defaults, not the run's
+    cfg = check(dataclasses.replace(cfg, **{**own, **given}), names={k: f"--{v}" for k, v in FLAGS.items()})
+    paper = DATASETS[cfg.dataset].eval_attack
+    steps, step = paper if paper else (cfg.final_eval_steps, cfg.eval_step_size)
+    if "eval_step_size" in given:
+        step = cfg.eval_step_size
+    elif "epsilon" in given and not paper:
+        step = cfg.epsilon / 4
     if args.json is not None:  # before the evaluation, not after it
         check_writable_file(args.json, "--json")
-    if args.step_size is None and args.epsilon is not None and cfg.dataset not in PAPER_EVAL:
-        step = epsilon / 4
-    return {"config": cfg.to_dict(), "epsilon": epsilon, "step_size": step if args.step_size is None else args.step_size,
-            "steps": args.steps or steps, "attacks": args.attack or ["pgd"], "restarts": args.restarts,
-            "limit": args.limit, "seed": args.seed, "checkpoint": str(args.checkpoint),
-            "json": str(args.json) if args.json else None}
+    return {"config": cfg, "epsilon": cfg.epsilon, "step_size": step,
+            "steps": given.get("final_eval_steps", steps), "attacks": args.attack or ["pgd"],
+            "restarts": cfg.eval_restarts, "limit": cfg.final_eval_samples, "seed": cfg.seed,
+            "checkpoint": str(args.checkpoint), "json": str(args.json) if args.json else None}
 
 
 def eval_worker(job: dict, cpu: bool):
@@ -98,7 +87,7 @@ def eval_worker(job: dict, cpu: bool):
         d = distributed.setup(cpu=cpu)
         status = _evaluate(job, d)
     except USER_ERRORS as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        messages.error(f"{PROG}: error: {exc}")
         status = 2
     finally:
         try:
@@ -110,7 +99,7 @@ def eval_worker(job: dict, cpu: bool):
 
 
 def _evaluate(job, d) -> int:
-    cfg = RunConfig(**job["config"])
+    cfg = job["config"]
     data = build_data(cfg, d.rank, d.world_size, d.device)
     state = read_checkpoint(job["checkpoint"])
     model = create_model(cfg.arch, data.num_classes, data.in_channels)
@@ -123,9 +112,9 @@ def _evaluate(job, d) -> int:
     limit = -(-job["limit"] // d.world_size) if job["limit"] else 0
     losses = [{"pgd": "ce", "cw": "cw"}[a] for a in job["attacks"] if a != "autoattack"]
     if d.is_main:
-        print(f"evaluating {job['checkpoint']} ({cfg.arch}) on {cfg.dataset}: eps {job['epsilon']:.4g}, "
-              f"step {job['step_size']:.4g}, steps {job['steps']}, restarts {job['restarts']}, "
-              f"{d.world_size} process(es)", file=sys.stderr, flush=True)
+        messages.info(f"evaluating {job['checkpoint']} ({cfg.arch}) on {cfg.dataset}: eps {job['epsilon']:.4g}, "
+                      f"step {job['step_size']:.4g}, steps {job['steps']}, restarts {job['restarts']}, "
+                      f"{d.world_size} process(es)")
     result = evaluate(model, data.val, mean=data.mean, std=data.std, epsilon=job["epsilon"],
                       step_size=job["step_size"], steps=tuple(job["steps"]), losses=tuple(losses) or ("ce",),
                       restarts=job["restarts"], limit=limit, precision=cfg.precision, seed=job["seed"])
@@ -174,6 +163,7 @@ def autoattack(model, data, cfg, job, limit, d) -> dict:
 def main(argv=None) -> int:
     from .train import plan_processes
     args = parser().parse_args(argv)
+    use_log_level(args.log_level)
     try:
         nproc, cpu = plan_processes(args)
         job = settings(args)
@@ -187,10 +177,10 @@ def main(argv=None) -> int:
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else 1
     except USER_ERRORS as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        messages.error(f"{PROG}: error: {exc}")
         return 2
     except KeyboardInterrupt:  # before the workers' own handlers are in place (start-up)
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        messages.error(f"{PROG}: interrupted")
         return 130
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, messages
 from .checkpoint import CheckpointError, find_resumable, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, to_yaml
 from .data.datasets import build_data
@@ -24,7 +24,8 @@ from .data.errors import DataError
 from .evaluate import EvaluationStopped, attack_name, evaluate
 from .models import create_model
 from .scheduler import build_schedule, passes_for
-from .trainer import TRAINERS, NonFiniteError
+from .methods import METHODS
+from .trainer import NonFiniteError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -53,11 +54,11 @@ def resolve_resume(cfg: RunConfig, resume) -> Path | None:
     if resume == "auto":
         path, state, problems = find_resumable(Path(cfg.out) / "checkpoint-last.pt")
         for problem in problems:
-            log(f"skipping a checkpoint: {problem}")
+            messages.warning(f"skipping a checkpoint: {problem}")
         if path is None:
             if problems:
                 raise CheckpointError(f"no readable checkpoint in {cfg.out} to resume from")
-            log(f"no checkpoint in {cfg.out} yet: starting from scratch")
+            messages.info(f"no checkpoint in {cfg.out} yet: starting from scratch")
             return None
     else:
         path = Path(resume)
@@ -87,13 +88,9 @@ def fault_injection(rank: int):
 
     def check(trainer):
         if trainer.step >= step:
-            log(f"FREEADV_FAULT_INJECT: rank {rank} kills itself at step {trainer.step}")
+            messages.warning(f"FREEADV_FAULT_INJECT: rank {rank} kills itself at step {trainer.step}")
             os.kill(os.getpid(), signal.SIGKILL)
     return check
-
-
-def log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
 
 
 # a full disk, a read-only or vanished output: the run stops cleanly, naming the cause
@@ -106,37 +103,36 @@ def _kept(cfg) -> str:
     return f"the last good checkpoint, {last}, is kept" if last.exists() else "no checkpoint had been written"
 
 
-def train_worker(cfg_dict: dict, resume: str | None, cpu: bool):
+def train_worker(cfg: RunConfig, resume: str | None, cpu: bool):
     """Entry point of every rank. User errors exit with status 2 and one line."""
-    cfg = RunConfig(**cfg_dict)
     try:
         d = distributed.setup(cpu=cpu)
     except RuntimeError as exc:
-        log(f"freeadv_fast.train: error: {exc}")
+        messages.error(f"freeadv_fast.train: error: {exc}")
         sys.exit(2)
     try:
         status = _train(cfg, d, resume)
     except USER_ERRORS as exc:
-        log(f"freeadv_fast.train: error: {exc}")
+        messages.error(f"freeadv_fast.train: error: {exc}")
         status = 2
     except KeyboardInterrupt:  # before training installed its stop handler: nothing to save yet
-        log(f"freeadv_fast.train: rank {d.rank}: interrupted during start-up")
+        messages.error(f"freeadv_fast.train: rank {d.rank}: interrupted during start-up")
         status = 130
     except NonFiniteError as exc:
-        log(f"freeadv_fast.train: rank {d.rank}: training diverged, stopping: {exc}; {_kept(cfg)}")
+        messages.error(f"freeadv_fast.train: rank {d.rank}: training diverged, stopping: {exc}; {_kept(cfg)}")
         status = 3
     except OSError as exc:
         if exc.errno not in OUTPUT_ERRNOS:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
-        log(f"freeadv_fast.train: error: rank {d.rank}: cannot write the run's files{where}: "
+        messages.error(f"freeadv_fast.train: error: rank {d.rank}: cannot write the run's files{where}: "
             f"{exc.strerror or exc}; {_kept(cfg)}")
         status = 2
     except Exception as exc:
         if not (d.distributed and distributed.is_peer_failure(exc)):
             raise
         first = str(exc).strip().splitlines()[0]
-        log(f"freeadv_fast.train: rank {d.rank}: another process failed, stopping ({first})")
+        messages.error(f"freeadv_fast.train: rank {d.rank}: another process failed, stopping ({first})")
         status = 1
     finally:
         try:
@@ -178,7 +174,7 @@ def read_metrics(path: Path) -> list[dict]:
                 raise ValueError("not an object")
         except ValueError:
             if number == len(lines):
-                log(f"{path}: dropped its last line, cut short (a crash while it was written)")
+                messages.warning(f"{path}: dropped its last line, cut short (a crash while it was written)")
                 path.write_text("".join(json.dumps(r) + "\n" for r in records))
                 break
             raise CheckpointError(f"{path}: line {number} is not a JSON record; fix or remove the file") from None
@@ -198,7 +194,8 @@ def build_trainer(cfg: RunConfig, data, device, dist=None):
         model = distributed.wrap_model(model, dist, sync_batchnorm=cfg.sync_batchnorm)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    replays = cfg.replays if cfg.method == "free" else 1
+    method = METHODS[cfg.method]
+    replays = method.replays(cfg)
     passes = passes_for(cfg.epochs, replays)
     schedule = build_schedule(cfg.schedule, optimizer, steps_per_pass=len(data.train) * replays, passes=passes,
                               replays=replays, milestones=cfg.milestones)
@@ -206,10 +203,21 @@ def build_trainer(cfg: RunConfig, data, device, dist=None):
     common = dict(mean=data.mean, std=data.std, precision=cfg.precision, channels_last=cfg.channels_last,
                   compile=cfg.compile and cfg.compile_mode, cuda_graph=cfg.cuda_graph, scheduler=schedule,
                   seed=cfg.seed + rank, max_bad_steps=cfg.max_bad_steps)
-    attack = dict(epsilon=cfg.epsilon, step_size=cfg.step_size)
-    method_args = {"free": dict(replays=replays, pixel_mode=cfg.pixel_mode, **attack),
-                   "pgd": dict(steps=cfg.pgd_steps, **attack), "fast": attack, "natural": {}}[cfg.method]
-    return TRAINERS[cfg.method](model, optimizer, **method_args, **common), model, passes, replays
+    return method.trainer(model, optimizer, **method.trainer_args(cfg), **common), model, passes, replays
+
+
+def tensorboard_writer(out: Path):
+    """Writes each metrics record's numbers to TensorBoard under <out>/tensorboard
+    (as "train/loss", "eval/clean_top1", ...), at the record's optimizer step."""
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(record):
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("time", "step"):
+                writer.add_scalar(f"{record['type']}/{key}", value, record["step"], walltime=record["time"])
+        writer.flush()
+    return write
 
 
 def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
@@ -225,13 +233,15 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     if path is not None:
         state["best_robust"] = load_checkpoint(path, trainer).get("best_robust", -1.0)
         if d.is_main:
-            log(f"resumed from {path}: pass {trainer.epoch + 1}/{passes}, batch {trainer.batch_in_epoch}, "
-                f"step {trainer.step}")
+            messages.info(f"resumed from {path}: pass {trainer.epoch + 1}/{passes}, "
+                f"batch {trainer.batch_in_epoch}, step {trainer.step}")
 
     metrics_file = out / "metrics.jsonl"
     history: list[dict] = []
     if d.is_main and metrics_file.exists():
         history = read_metrics(metrics_file)
+
+    board = tensorboard_writer(out) if cfg.tensorboard and d.is_main else None
 
     def write_metrics(record):
         record = {"time": time.time(), **record}
@@ -239,6 +249,8 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
         if d.is_main:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if board is not None:
+            board(record)
 
     bar = None
     images_per_pass = getattr(data.train, "num_samples", len(data.train) * cfg.batch_size)
@@ -277,7 +289,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
         if summary["samples"]:
             on_log(summary)
         if d.is_main:
-            log(f"pass {epoch}/{passes}: loss {last_log.get('loss', math.nan):.4f}, "
+            messages.info(f"pass {epoch}/{passes}: loss {last_log.get('loss', math.nan):.4f}, "
                 f"train acc {last_log.get('acc', math.nan):.4f}, {last_log.get('images_per_s', 0):.0f} images/s, "
                 f"lr {trainer.optimizer.param_groups[0]['lr']:.4g}")
         if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == passes):
@@ -287,7 +299,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
             robust = result[attack_name("ce", cfg.eval_steps)]
             write_metrics({"type": "eval", "step": trainer.step, "epoch": epoch, **result})
             if d.is_main:
-                log(f"  eval on {result['samples']} held-out images: clean {result['clean_top1']:.4f}, "
+                messages.info(f"  eval on {result['samples']} held-out images: clean {result['clean_top1']:.4f}, "
                     f"PGD-{cfg.eval_steps} {robust:.4f} (eps {cfg.epsilon:.4g})")
                 from .report import plot_curves
                 plot_curves(history, out / "curves.png")
@@ -311,8 +323,9 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
-        log(f"{cfg.method} training of {cfg.arch} on {cfg.dataset}: {passes} passes x {len(data.train)} batches x "
-            f"{replays} replay(s) = {passes * len(data.train) * replays} optimizer steps, {d.world_size} process(es) "
+        messages.info(f"{cfg.method} training of {cfg.arch} on {cfg.dataset}: {passes} passes x {len(data.train)} "
+            f"batches x {replays} replay(s) = {passes * len(data.train) * replays} optimizer steps, "
+            f"{d.world_size} process(es) "
             f"on {d.device.type}; run directory {out}")
     completed = trainer.fit(data.train, passes, log_every=cfg.log_every, on_log=on_log,
                             checkpoint_path=out / "checkpoint-last.pt", checkpoint_every=cfg.checkpoint_every,
@@ -322,8 +335,8 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     if not completed:
         if d.is_main:
             name = signal.Signals(stop.signum).name if stop.signum else "a stop request"
-            log(f"stopped by {name} at pass {trainer.epoch + 1}, batch {trainer.batch_in_epoch}; checkpoint written "
-                f"to {out / 'checkpoint-last.pt'}. Resume with the same command plus --resume auto "
+            messages.warning(f"stopped by {name} at pass {trainer.epoch + 1}, batch {trainer.batch_in_epoch}; "
+                f"checkpoint written to {out / 'checkpoint-last.pt'}. Resume with the same command plus --resume auto "
                 f"(and --out {out})")
         return 128 + stop.signum if stop.signum else 1
     try:
@@ -331,13 +344,13 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     except EvaluationStopped:
         if d.is_main:
             last = out / "checkpoint-last.pt"
-            log(f"stopped by {signal.Signals(stop.signum).name} during the final evaluation; training is complete "
-                f"and saved in {last}. Evaluate it with: python -m freeadv_fast.eval {last}")
+            messages.warning(f"stopped by {signal.Signals(stop.signum).name} during the final evaluation; training "
+                f"is complete and saved in {last}. Evaluate it with: python -m freeadv_fast.eval {last}")
         return 128 + stop.signum
     if d.is_main:
         (out / "final.json").write_text(json.dumps(final, indent=1) + "\n")
         from .report import format_table
-        log(format_table(final, f"final evaluation ({cfg.method}, eps {cfg.epsilon:.4g})"))
+        messages.info(format_table(final, f"final evaluation ({cfg.method}, eps {cfg.epsilon:.4g})"))
         if not (out / "checkpoint-best.pt").exists():  # no periodic evaluation ran
             shutil.copyfile(out / "checkpoint-last.pt", out / "checkpoint-best.pt")
     return 0

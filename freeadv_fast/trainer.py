@@ -1,5 +1,7 @@
-"""The training engine: Free-m (Algorithm 1 of the paper) and the baselines
-(natural, PGD-k, FGSM-RS) on one piece of loop machinery.
+"""The training engine every method shares (freeadv_fast/methods/ defines
+Free-m and the baselines on it): device placement, precision, compile and
+CUDA graphs, the optimizer and schedule steps, the pass loop, metrics and
+checkpoint state.
 
 A replay of Free-m is one forward and ONE backward: the backward gives the
 weight gradients and, because the model input requires grad, the input
@@ -12,17 +14,14 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from . import distributed, ops
+from .common import COMPILE_MODES, autocast, check_pixel_range, check_precision
 from .graphs import Static, StepGraph
 from .messages import say_once
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 class NonFiniteError(RuntimeError):
@@ -62,7 +61,7 @@ class RunningMetrics:
         return out
 
 
-def _check_pixel_value(name, value):
+def check_pixel_value(name, value):
     """Fails now, not at the first batch, on a negative or NaN epsilon/step size."""
     if not isinstance(value, torch.Tensor):
         values = value if isinstance(value, (tuple, list)) else (value,)
@@ -87,16 +86,12 @@ class Trainer:
     def __init__(self, model, optimizer, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32",
                  channels_last=False, compile=False, cuda_graph=False, scheduler=None, backend="auto", seed=0,
                  max_bad_steps=10):
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-        self.lo, self.hi = (float(v) for v in pixel_range)
-        if not self.lo < self.hi:
-            raise ValueError(f"pixel_range must be (lo, hi) with lo < hi, got {tuple(pixel_range)}")
+        self.amp_dtype = check_precision(precision)
+        self.lo, self.hi = check_pixel_range(pixel_range)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.device = next(model.parameters()).device
         self.backend = ops.resolve_backend(backend, self.device)
         self.precision = precision
-        self.amp_dtype = PRECISIONS[precision]
         # the model sees its input in the autocast dtype anyway; writing it so halves the traffic
         self.input_dtype = self.amp_dtype or torch.float32
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -116,11 +111,9 @@ class Trainer:
         if compile not in (False, True) + COMPILE_MODES:
             raise ValueError(f"compile must be True, False or a mode ({', '.join(COMPILE_MODES)}), got {compile!r}")
         self.compiled = compile
-        # Inductor's own CUDA graphs ("reduce-overhead") would capture inside ours: offered are modes without them
         self._compile_mode = None if compile in (True, "default") else compile
         self._forward = (torch.compile(self._forward_eager, mode=self._compile_mode) if compile
                          else self._forward_eager)
-        self._constants: dict = {}
         self.cuda_graph = cuda_graph and self._graphs_apply()
         self._graph: StepGraph | None = None
         self._graph_key = None
@@ -165,11 +158,8 @@ class Trainer:
 
     # -- pieces of a step ---------------------------------------------------
     def _param(self, name, value, channels, positive=False):
-        """A per-channel float32 tensor on the device, made once."""
-        key = (name, channels)
-        if key not in self._constants:
-            self._constants[key] = ops.channel_param(value, name, channels, self.device, positive=positive)
-        return self._constants[key]
+        """A per-channel float32 tensor on the device (ops.channel_param makes each once)."""
+        return ops.channel_param(value, name, channels, self.device, positive=positive)
 
     def _prepare(self, x, y):
         x = x.to(self.device, non_blocking=True)
@@ -185,10 +175,8 @@ class Trainer:
                     backend=self.backend)
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
         # autocast's weight cache cannot outlive a graph capture (same casts, same numbers)
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=not self.cuda_graph)
+        return autocast(self.device, self.precision, cache_enabled=not self.cuda_graph)
 
     def _forward_eager(self, inp, y):
         with self._autocast():
@@ -202,8 +190,9 @@ class Trainer:
         """A 0-dim device tensor: 1 when the scaler will take this step, 0 when it
         will skip it (inf/NaN gradients). Unscales the gradients; no sync."""
         self.scaler.unscale_(self.optimizer)
-        found_inf = sum(self.scaler._found_inf_per_device(self.optimizer).values())
-        return (found_inf == 0).float()
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # the largest |gradient| is finite exactly when the scaler finds no inf/NaN and steps
+        return torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)).float()
 
     def _optimizer_step(self):
         if self.scaler is not None:
@@ -420,241 +409,6 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
 
 
-class FreeAdversarialTrainer(Trainer):
-    """Free-m: each minibatch is replayed ``replays`` times; every replay is one
-    optimizer step and one update of the persistent perturbation ``delta``
-    from the same backward pass.
-
-    ``delta`` (float32, pixel units) persists across minibatches and epochs;
-    a smaller batch uses and updates its leading slice, a larger one grows it
-    keeping the old values. ``pixel_mode="clamp_input"`` is the paper's code
-    (the model sees ``normalize(clamp(x + delta))``); ``"project"`` keeps
-    ``x + delta`` in the pixel range instead.
-    """
-
-    method = "free"
-
-    def __init__(self, model, optimizer, *, replays, epsilon, step_size, mean, std, pixel_range=(0.0, 1.0),
-                 pixel_mode="clamp_input", precision="fp32", channels_last=False, compile=False, cuda_graph=False,
-                 scheduler=None, backend="auto", seed=0, max_bad_steps=10):
-        if not (isinstance(replays, int) and replays >= 1):
-            raise ValueError(f"replays must be an integer >= 1, got {replays!r}")
-        if pixel_mode not in ops.PIXEL_MODES:
-            raise ValueError(f"unknown pixel mode {pixel_mode!r}: choose one of {', '.join(ops.PIXEL_MODES)}")
-        super().__init__(model, optimizer, mean=mean, std=std, pixel_range=pixel_range, precision=precision,
-                         channels_last=channels_last, compile=compile, cuda_graph=cuda_graph, scheduler=scheduler,
-                         backend=backend, seed=seed, max_bad_steps=max_bad_steps)
-        self.replays, self.pixel_mode = replays, pixel_mode
-        self.epsilon, self.step_size = epsilon, step_size
-        for name, value in (("epsilon", epsilon), ("step_size", step_size)):
-            _check_pixel_value(name, value)
-        self.delta: torch.Tensor | None = None
-        update = self._update_and_make_input
-        self._update_and_make_input = (torch.compile(update, fullgraph=True, mode=self._compile_mode) if compile
-                                       else update)
-
-    def _delta_for(self, x):
-        n = x.shape[0]
-        if self.delta is not None and self.delta.shape[1:] != x.shape[1:]:
-            raise ValueError(f"batch of images {tuple(x.shape[1:])} but the perturbation buffer holds "
-                             f"{tuple(self.delta.shape[1:])}: free training needs one image size")
-        if self.delta is None or n > self.delta.shape[0]:
-            grown = self._zeros(x.shape)
-            if self.delta is not None:
-                grown[:self.delta.shape[0]] = self.delta
-            self.delta = grown
-        return self.delta[:n]
-
-    def _update_and_make_input(self, delta, grad, x, step, eps, norm):
-        return ops.update_and_make_input_(delta, grad, x, step_size=step, epsilon=eps, mode=self.pixel_mode,
-                                          **norm)
-
-    def train_batch(self, x, y) -> dict:
-        x, y = self._prepare(x, y)
-        delta = self._delta_for(x)
-        if self._graphed(x) and delta.shape[0] == self.delta.shape[0]:
-            return self._train_batch_graphed(x, y)
-        C = x.shape[1]
-        norm = self._norm(x)
-        step, eps = self._param("step_size", self.step_size, C), self._param("epsilon", self.epsilon, C)
-        inp = ops.make_input(x, delta, mode=self.pixel_mode, **norm)
-        loss_sum = torch.zeros((), device=self.device)  # summed in replay order, as the captured step does
-        for replay in range(self.replays):
-            loss, logits, grad = self._train_step(inp, y, input_grad=True)
-            # a step the scaler skips (inf/NaN) must leave delta unchanged too
-            step_now = step * self._gradient_ok() if self.scaler is not None else step
-            if replay + 1 < self.replays:
-                inp = self._update_and_make_input(delta, grad, x, step_now, eps, norm)
-            else:  # the next minibatch makes its own input
-                ops.update_delta_(delta, grad, x, step_size=step_now, epsilon=eps, pixel_range=(self.lo, self.hi),
-                                  mode=self.pixel_mode, backend=self.backend)
-            self._optimizer_step()
-            self._record(loss, logits, y)
-            loss_sum.add_(loss.detach())
-        return {"loss": loss_sum / self.replays, "samples": x.shape[0], "replays": self.replays}
-
-    def _train_batch_graphed(self, x, y) -> dict:
-        """The batch's input is made eagerly (one kernel), then each replay is
-        one launch of the captured replay step. The step always writes the
-        next input: on the last replay that is a wasted write of the input
-        (2 of ~13 bytes an element), which keeps one graph instead of two."""
-        key = (tuple(x.shape), x.dtype, self.delta.data_ptr())
-        graph = self._graph_for(key, lambda: self._static_for(x, y), self._replay_step)
-        s = self._static
-        s.x.copy_(x)
-        s.y.copy_(y)
-        s.loss_sum.zero_()
-        ops.make_input(s.x, self.delta, mode=self.pixel_mode, out=s.inp, **s.norm)
-        for _ in range(self.replays):
-            graph()
-            self._advance()
-            self.metrics.samples += x.shape[0]
-        return {"loss": s.loss_sum / self.replays, "samples": x.shape[0], "replays": self.replays}
-
-    def _static_for(self, x, y):
-        C = x.shape[1]
-        return Static(x=torch.empty_like(x), y=torch.empty_like(y), norm=self._norm(x),
-                      inp=torch.empty(x.shape, dtype=self.input_dtype, device=self.device,
-                                      memory_format=self.memory_format),
-                      step=self._param("step_size", self.step_size, C), eps=self._param("epsilon", self.epsilon, C),
-                      loss_sum=torch.zeros((), device=self.device))
-
-    def _replay_step(self):
-        """One replay on the static tensors (captured): the eager replay's
-        arithmetic in the same order."""
-        s = self._static
-        loss, logits, grad = self._train_step(s.inp.detach(), s.y, input_grad=True)
-        ops.update_and_make_input_(self.delta, grad, s.x, step_size=s.step, epsilon=s.eps, mode=self.pixel_mode,
-                                   out=s.inp, **s.norm)
-        self.optimizer.step()
-        self._record_on_device(loss, logits, s.y)
-        s.loss_sum.add_(loss.detach())
-
-    def rank_state(self):
-        return {**super().rank_state(), "delta": None if self.delta is None else self.delta.detach().cpu()}
-
-    def load_rank_state(self, state):
-        super().load_rank_state(state)
-        d = state.get("delta")
-        self.delta = None if d is None else d.to(self.device).contiguous(memory_format=self.memory_format)
-
-
-class NaturalTrainer(Trainer):
-    """Plain training on clean inputs, through the same machinery (the speed
-    limit free training is measured against)."""
-
-    method = "natural"
-
-    def __init__(self, model, optimizer, **kw):
-        super().__init__(model, optimizer, **kw)
-        self._clean = None  # a zero delta: the fused op then just normalizes
-
-    def train_batch(self, x, y) -> dict:
-        x, y = self._prepare(x, y)
-        if self._graphed(x):
-            return self._train_batch_graphed(x, y)
-        self._clean = self._scratch(self._clean, x)
-        inp = ops.make_input(x, self._clean[:x.shape[0]], **self._norm(x))
-        loss, logits, _ = self._train_step(inp, y, input_grad=False)
-        self._optimizer_step()
-        self._record(loss, logits, y)
-        return {"loss": loss.detach(), "samples": x.shape[0], "replays": 1}
-
-    def _train_batch_graphed(self, x, y) -> dict:
-        return self._one_step_graphed(x, y)
-
-    def _graphed_step(self):
-        s = self._static
-        self._clean = self._scratch(self._clean, s.x)
-        inp = ops.make_input(s.x, self._clean[:s.x.shape[0]], **self._norm(s.x))
-        loss, logits, _ = self._train_step(inp, s.y, input_grad=False)
-        self.optimizer.step()
-        self._record_on_device(loss, logits, s.y)
-        s.loss.copy_(loss.detach())
-
-
-class PGDTrainer(Trainer):
-    """Madry et al.'s k-step PGD adversarial training: each minibatch is
-    attacked from a fresh (random) start with ``steps`` signed-gradient steps
-    projected onto the epsilon ball and the pixel range, then one optimizer
-    step is taken on the adversarial batch."""
-
-    method = "pgd"
-
-    def __init__(self, model, optimizer, *, steps, epsilon, step_size, random_start=True, **kw):
-        if not (isinstance(steps, int) and steps >= 1):
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        _check_pixel_value("epsilon", epsilon)
-        if step_size is not None:
-            _check_pixel_value("step_size", step_size)
-        super().__init__(model, optimizer, **kw)
-        self.steps, self.epsilon, self.step_size, self.random_start = steps, epsilon, step_size, random_start
-        self._delta = None
-
-    def _step_size(self, C):
-        return self._param("step_size", self.step_size, C)
-
-    def attack(self, x, y):
-        """The adversarial model input for a prepared batch (and its delta)."""
-        n, C = x.shape[0], x.shape[1]
-        self._delta = self._scratch(self._delta, x)
-        delta = self._delta[:n]
-        eps, step, norm = self._param("epsilon", self.epsilon, C), self._step_size(C), self._norm(x)
-        if self.random_start:
-            ops.random_init_(delta, x, epsilon=eps, pixel_range=(self.lo, self.hi), mode="project",
-                             generator=self.generator, backend=self.backend)
-        else:
-            delta.zero_()
-        inp = ops.make_input(x, delta, mode="project", **norm)
-        for _ in range(self.steps):
-            inp.requires_grad_(True)
-            loss, _ = self._forward(inp, y)
-            # the input gradient only: no weight gradients are made here
-            (grad,) = torch.autograd.grad(self._scaled(loss), inp)
-            inp = ops.update_and_make_input_(delta, grad, x, step_size=step, epsilon=eps, mode="project", **norm)
-        return inp, delta
-
-    def train_batch(self, x, y) -> dict:
-        x, y = self._prepare(x, y)
-        if self._graphed(x):
-            return self._train_batch_graphed(x, y)
-        inp, _ = self.attack(x, y)
-        loss, logits, _ = self._train_step(inp.detach(), y, input_grad=False)
-        self._optimizer_step()
-        self._record(loss, logits, y)
-        return {"loss": loss.detach(), "samples": x.shape[0], "replays": 1}
-
-    def _train_batch_graphed(self, x, y) -> dict:
-        return self._one_step_graphed(x, y, generators=(self.generator,))  # the random start draws in the graph
-
-    def _graphed_step(self):
-        s = self._static
-        inp, _ = self.attack(s.x, s.y)
-        loss, logits, _ = self._train_step(inp.detach(), s.y, input_grad=False)
-        self.optimizer.step()
-        self._record_on_device(loss, logits, s.y)
-        s.loss.copy_(loss.detach())
-
-
-class FastTrainer(PGDTrainer):
-    """FGSM with a random start (Wong, Rice and Kolter, "Fast is better than
-    free", 2020): one step of size ``step_size`` (default 1.25 * epsilon) from
-    a uniform start, projected, then the optimizer step."""
-
-    method = "fast"
-
-    def __init__(self, model, optimizer, *, epsilon, step_size=None, **kw):
-        super().__init__(model, optimizer, steps=1, epsilon=epsilon, step_size=step_size, random_start=True, **kw)
-
-    def _step_size(self, C):
-        if self.step_size is not None:
-            return super()._step_size(C)
-        return 1.25 * self._param("epsilon", self.epsilon, C)
-
-
 def _write_into(target: torch.Tensor, value) -> torch.Tensor:
     """``value`` (a number or a tensor) written into ``target``, which is returned."""
     return target.copy_(value) if isinstance(value, torch.Tensor) else target.fill_(float(value))
-
-
-TRAINERS = {"free": FreeAdversarialTrainer, "natural": NaturalTrainer, "pgd": PGDTrainer, "fast": FastTrainer}

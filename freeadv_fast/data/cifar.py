@@ -17,8 +17,11 @@ import numpy as np
 import torch
 
 from ..messages import say_once
+from .datasets import in_memory
 from .errors import DataError
 from .folder import decode_image_folder
+from .registry import DatasetSpec, register_dataset
+from .tensors import RandomCropFlip
 
 LAYOUTS = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels",
@@ -147,3 +150,23 @@ def _load_folder(root: Path, name: str, train: bool):
         raise DataError(f"{root / 'train'}: {len(classes)} class folders, but {name} has {NUM_CLASSES[name]}")
     split = root / "train" if train else next(root / s for s in FOLDER_TEST_SPLITS if (root / s).is_dir())
     return decode_image_folder(split, size=32, classes=classes)
+
+
+def build(cfg, rank, world_size, device):
+    train = load_cifar(cfg.data, cfg.dataset, train=True)[:2]
+    val = load_cifar(cfg.data, cfg.dataset, train=False)[:2]
+    train, val = in_memory(cfg, train, val, rank=rank, world_size=world_size, device=device,
+                           augment=RandomCropFlip(padding=4), drop_last=True)
+    return train, val, NUM_CLASSES[cfg.dataset], 32
+
+
+for _name, _title, _preset in (("cifar10", "CIFAR-10", "cifar10-free8"), ("cifar100", "CIFAR-100", "cifar100-free8")):
+    register_dataset(DatasetSpec(
+        _name, _title, build, *MEAN_STD[_name], 32, "wide_resnet32_10", preset=_preset,
+        data_help=f"the folder holding {LAYOUTS[_name][0]}/, or train/<class>/ and test/<class>/ image folders",
+        check_layout=lambda cfg: find_root(cfg.data, cfg.dataset), eval_attack=([20, 100], 2 / 255),
+        # (arch, epochs, batch, train subset, eval samples, eval steps) of bench/compare.py's full run and of
+        # --quick. Full: the Fast-AT budget (15 epochs; free-8 rounds up to 2 passes). Quick: 16 epochs, so
+        # free-8 makes whole passes, on a subset small enough for the 8x cost of PGD-7 on two CPU cores.
+        compare=dict(full=("preact_resnet18", 15, 128, 0, 0, "20,100"),
+                     quick=("small_cnn_bn", 16, 50, 1500, 250, "20")) if _name == "cifar10" else {}))

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from .datasets import in_memory
+from .registry import DatasetSpec, register_dataset
+
 MEAN, STD = (0.3,), (0.4,)
+IMAGE_SIZE = 8
 
 
 def load_digits_uint8():
@@ -27,3 +31,12 @@ def digits_split(test_fraction: float = 0.25, seed: int = 0):
     n_test = int(len(x) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return (x[train], y[train]), (x[test], y[test])
+
+
+def build(cfg, rank, world_size, device):
+    train, val = in_memory(cfg, *digits_split(), rank=rank, world_size=world_size, device=device)
+    return train, val, 10, IMAGE_SIZE
+
+
+register_dataset(DatasetSpec("digits", "scikit-learn digits", build, MEAN, STD, IMAGE_SIZE, "small_cnn", channels=1,
+                             preset="digits-demo"))

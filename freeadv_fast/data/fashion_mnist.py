@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .datasets import in_memory
 from .errors import DataError
+from .registry import DatasetSpec, register_dataset
 
 DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist",)  # apt-get install dataset-fashion-mnist
 FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -75,5 +77,18 @@ def load_fashion_mnist(data_dir=None, train: bool = True):
     x = torch.from_numpy(images.copy()).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
 
+
+
+def build(cfg, rank, world_size, device):
+    train, val = in_memory(cfg, load_fashion_mnist(cfg.data, train=True), load_fashion_mnist(cfg.data, train=False),
+                           rank=rank, world_size=world_size, device=device)
+    return train, val, len(CLASSES), IMAGE_SIZE
+
+
+# (arch, epochs, batch, train subset, eval samples, eval steps) of bench/compare.py's full run and of --quick
+register_dataset(DatasetSpec(
+    "fashion-mnist", "Fashion-MNIST", build, MEAN, STD, IMAGE_SIZE, "small_cnn", channels=1,
+    check_layout=lambda cfg: find_root(cfg.data), epsilon="0.1",
+    compare=dict(full=("small_cnn_bn", 15, 128, 0, 0, "20,100"), quick=("small_cnn_bn", 16, 50, 1000, 250, "20"))))
 
 __all__ = ["CLASSES", "MEAN", "STD", "find_root", "load_fashion_mnist", "read_idx"]

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from ..common import stream_seed
 from ..messages import say_once
+from .errors import DataError
 from .tensors import RandomCropFlip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -313,7 +314,7 @@ class ImageFolderLoader:
         """This rank's samples for the current pass, in order."""
         n = len(self.samples)
         if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(self.seed, self.epoch)))
             per_rank = n // self.world_size
             return order[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
         return torch.tensor_split(torch.arange(n), self.world_size)[self.rank].tolist()  # every image, once
@@ -354,7 +355,7 @@ class ImageFolderLoader:
             pipe = dali_pipeline(files[pos:], labels[pos:], transform=self.transform, batch_size=self.batch_size,
                                  image_size=self.image_size, val_resize=self.val_resize,
                                  device_id=self.device.index if on_gpu else None, num_threads=self.workers,
-                                 seed=(self.seed * 1_000_003 + self.epoch) * 1009 + self.rank * 101 + start + pos)
+                                 seed=stream_seed(self.seed, self.epoch, self.rank, batch=start + pos))
             it = DALIGenericIterator([pipe], ["x", "y"], reader_name="Reader",
                                      last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
             try:

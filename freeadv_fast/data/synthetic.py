@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from ..common import stream_seed
+from .imagenet import IMAGE_SIZE, MEAN, STD  # ImageNet's shape and statistics: a stand-in for it
+from .registry import DatasetSpec, register_dataset
+
 
 class SyntheticBatches:
     def __init__(self, batch_size: int, *, image_size: int = 224, channels: int = 3, classes: int = 1000,
@@ -23,7 +27,7 @@ class SyntheticBatches:
         return self.batches_per_epoch
 
     def skip(self, start):
-        gen = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen = torch.Generator(self.device).manual_seed(stream_seed(self.seed, self.epoch))
         shape = (self.batch_size, self.image_size, self.image_size, self.channels)
         for b in range(self.batches_per_epoch):
             x = torch.randint(0, 256, shape, dtype=torch.uint8, device=self.device, generator=gen)
@@ -34,3 +38,14 @@ class SyntheticBatches:
 
     def __iter__(self):
         return self.skip(0)
+
+
+def build(cfg, rank, world_size, device):
+    size = cfg.image_size or IMAGE_SIZE
+    common = dict(image_size=size, classes=cfg.synthetic_classes, device=device, seed=cfg.seed + rank)
+    per_rank = cfg.batch_size // world_size
+    return (SyntheticBatches(per_rank, batches_per_epoch=cfg.synthetic_batches, **common),
+            SyntheticBatches(per_rank, batches_per_epoch=2, **common), cfg.synthetic_classes, size)
+
+
+register_dataset(DatasetSpec("synthetic", "synthetic (random pixels)", build, MEAN, STD, IMAGE_SIZE, "resnet50"))

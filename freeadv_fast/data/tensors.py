@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import stream_seed
 from .errors import DataError
 
 
@@ -43,7 +44,7 @@ class TensorBatches:
     def _order(self):
         if not self.shuffle:
             return torch.arange(len(self.x))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch))
         return torch.randperm(len(self.x), generator=g)
 
     def skip(self, start: int):
@@ -85,7 +86,7 @@ class RandomCropFlip:
         """The random stream of one rank's pass, fixed by (seed, epoch, rank),
         past the draws of ``skipped`` batches of ``batch_size`` (resuming
         mid-pass augments batch ``skipped`` as the uninterrupted pass did)."""
-        gen = torch.Generator(device).manual_seed((seed * 1_000_003 + epoch) * 1009 + rank)
+        gen = torch.Generator(device).manual_seed(stream_seed(seed, epoch, rank))
         for _ in range(skipped):
             self.skip(gen, batch_size)
         return gen

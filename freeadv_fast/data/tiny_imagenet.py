@@ -17,7 +17,9 @@ from pathlib import Path
 
 from .errors import DataError
 from ..messages import say_once
+from .datasets import image_folders
 from .folder import quick_check, scan_image_folder
+from .registry import DatasetSpec, register_dataset
 
 MEAN, STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
 IMAGE_SIZE = 64
@@ -84,5 +86,25 @@ def scan(data_dir):
     classes, train, _ = scan_image_folder(root / "train")
     return classes, train, scan_val(root / "val", classes)
 
+
+
+def build(cfg, rank, world_size, device):
+    """Native 64 x 64: a padded random crop, no resizing when the images have that size."""
+    size = cfg.image_size or IMAGE_SIZE
+    root = find_root(cfg.data)
+
+    def scan_splits():
+        classes, train, val = scan(cfg.data)
+        return (classes, train), val
+    train, val, classes = image_folders(cfg, scan_splits, train_dir=root / "train", val_dir=root / "val",
+                                        image_size=size, rank=rank, world_size=world_size, device=device,
+                                        val_resize=size, augment="pad-crop", padding=max(1, size // 16))
+    return train, val, len(classes), size
+
+
+register_dataset(DatasetSpec(
+    "tiny-imagenet", "Tiny-ImageNet", build, MEAN, STD, IMAGE_SIZE, "preact_resnet18",
+    data_help="holding train/<wnid>/ and val/", check_layout=lambda cfg: find_root(cfg.data),
+    compare=dict(full=("preact_resnet18", 15, 128, 0, 0, "20,100"), quick=("small_cnn_bn", 16, 50, 500, 200, "20"))))
 
 __all__ = ["IMAGE_SIZE", "MEAN", "STD", "find_root", "scan", "scan_val"]

@@ -1,0 +1,45 @@
+"""Facts and small helpers every layer shares (it imports torch only):
+precisions and their autocast, compile modes, the per-stream seed formula,
+per-channel constants and the pixel-range check."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+# precision name -> autocast dtype (None: no autocast)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Inductor's own CUDA graphs ("reduce-overhead") would capture inside ours: offered are modes without them
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def check_precision(precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def autocast(device, precision: str, *, cache_enabled: bool = True):
+    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
+    dtype = check_precision(precision)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+def stream_seed(seed: int, epoch: int, rank: int | None = None, batch: int | None = None) -> int:
+    """The seed of one random stream: a pass's shuffle (``rank`` None: the same
+    on every rank), one rank's augmentation of a pass, or (``batch``) the
+    stream of one batch of a rank's pass. Only these numbers decide it, so a
+    resumed run draws what the uninterrupted one did."""
+    base = seed * 1_000_003 + epoch
+    if rank is None:
+        return base
+    return base * 1009 + (rank if batch is None else rank * 101 + batch)
+
+
+def check_pixel_range(pixel_range) -> tuple[float, float]:
+    lo, hi = (float(v) for v in pixel_range)
+    if not lo < hi:
+        raise ValueError(f"pixel_range must be (lo, hi) with lo < hi, got {tuple(pixel_range)}")
+    return lo, hi

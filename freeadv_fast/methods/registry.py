@@ -1,0 +1,37 @@
+"""What a training method is, by name: ``register_method(MethodSpec(...))``.
+
+A method is a ``Trainer`` subclass plus the few facts the rest of the engine
+needs about it; each lives in its own module of this package, which
+registers it when imported (``freeadv_fast.methods`` imports them all).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    trainer: type  # a freeadv_fast.trainer.Trainer subclass
+    label: str  # how results name it: {m} is the replays, {k} the attack steps
+    default_step_size: Callable  # cfg -> the attack step when none is given (cfg.epsilon is a float by then)
+    trainer_args: Callable = field(default=lambda cfg: {})  # cfg -> the trainer's own keyword arguments
+    replayed: bool = False  # takes --replays (free-m); the others take one optimizer step per batch
+    help: str = ""
+
+    def replays(self, cfg) -> int:
+        return cfg.replays if self.replayed else 1
+
+    def title(self, cfg) -> str:
+        return self.label.format(m=self.replays(cfg), k=cfg.pgd_steps)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    if METHODS.get(spec.name, spec) is not spec:
+        raise ValueError(f"a method named {spec.name!r} is registered already ({METHODS[spec.name].trainer})")
+    METHODS[spec.name] = spec
+    return spec

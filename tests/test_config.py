@@ -1,0 +1,63 @@
+"""RunConfig is the one list of settings: every field is a flag, a YAML key
+and a preset key, merged in the documented order and checked in one place."""
+import dataclasses
+
+import pytest
+import yaml
+
+from freeadv_fast import train
+from freeadv_fast.cli import config_flags
+from freeadv_fast.config import PRESETS, ConfigError, RunConfig, build_config
+
+
+def parse(*argv):
+    return config_flags(train.parser().parse_args(list(argv)))
+
+
+def test_every_setting_is_a_flag_with_help():
+    p = train.parser()
+    flags = {a.dest: a for a in p._actions}
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "dataset":
+            continue  # the positional DATASET
+        assert f.name in flags, f.name
+        assert flags[f.name].help, f.name
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--momentum", "0.8"], {"momentum": 0.8}),
+    (["--milestones", "100,200"], {"milestones": [100, 200]}),
+    (["--final-eval-steps", "20"], {"final_eval_steps": [20]}),
+    (["--eval-step-size", "2/255"], {"eval_step_size": 2 / 255}),
+    (["--no-channels-last", "--nesterov"], {"channels_last": False, "nesterov": True}),
+    (["--workers", "0", "--image-size", "64"], {"workers": 0, "image_size": 64}),
+])
+def test_flags_parse_to_settings(argv, expected):
+    assert parse(*argv) == expected
+
+
+def test_defaults_then_preset_then_yaml_then_flags(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text(yaml.safe_dump({"lr": 0.3, "weight_decay": 0.001, "channels_last": True}))
+    cfg = build_config(dataset="cifar10", file=file, flags=parse("--lr", "0.05", "--no-channels-last"))
+    assert cfg.lr == 0.05  # flag over YAML
+    assert cfg.weight_decay == 0.001  # YAML over preset
+    assert cfg.channels_last is False  # a --no- flag over YAML
+    assert cfg.milestones == PRESETS["cifar10-free8"]["milestones"]  # preset over default
+    assert cfg.eval_restarts == RunConfig().eval_restarts  # the default where nothing else speaks
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"replays": 0}, "replays must be a positive integer, got 0"),
+    ({"milestones": [0]}, "milestones must be positive integers"),
+    ({"precision": "fp8"}, "unknown precision 'fp8': choose one of fp32, bf16, fp16"),
+    ({"eval_step_size": 2.0}, "eval step size must be between 0 and 1"),
+    ({"workers": -1}, "workers must be a non-negative integer"),
+])
+def test_one_check_for_flags_yaml_and_presets(tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(dataset="digits", flags=flags)
+    file = tmp_path / "c.yaml"
+    file.write_text(yaml.safe_dump(flags))
+    with pytest.raises(ConfigError, match=message):
+        build_config(dataset="digits", file=file)
