@@ -1,9 +1,11 @@
 """Triton implementation of the fused perturbation kernel.
 
 Same contract as the C++/CUDA op (csrc/perturb.h), same spec
-(freeadv_fast/ops/reference.py). Registered as the torch op
-``freeadv_fast::perturb_triton`` through ``torch.library.triton_op`` so that
-``torch.compile`` traces into it instead of breaking the graph.
+(freeadv_fast/ops/reference.py), same schema as ``freeadv_fast::perturb``
+(csrc/ops.cpp). Registered as the torch op ``freeadv_fast::triton_perturb``
+through ``torch.library.triton_op`` so that ``torch.compile`` traces into it
+instead of breaking the graph; its fake kernel, like the C++ Meta one, does
+nothing (shapes never change, nothing is returned).
 
 Triton decides at decoration time whether a kernel is compiled or
 interpreted, so ``TRITON_INTERPRET=1`` must be set before this module is
@@ -11,6 +13,7 @@ imported for it to run on CPU tensors (that is how CI tests it).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -90,12 +93,47 @@ def _perturb_kernel(x_ptr, delta_ptr, grad_ptr, out_ptr, step_ptr, eps_ptr, mean
         tl.store(out_ptr + offs, o.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@triton_op("freeadv_fast::perturb_triton", mutates_args={"delta", "out"})
-def perturb_triton(x: torch.Tensor, delta: torch.Tensor, grad: Optional[torch.Tensor], out: Optional[torch.Tensor],
-                   step: torch.Tensor, eps: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                   lo: float, hi: float, pixel_mode: int, update: bool, channel_stride: int) -> None:
-    """Arguments as freeadv_fast::perturb; tensors share one dense layout whose
-    channel of element i is (i // channel_stride) % channels."""
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(x, delta, grad, out, params, pixel_mode):
+    """The C++ op's checks (csrc/ops.cpp make_args), so direct torch.ops calls
+    cannot make the kernel read or write out of bounds; returns the channel
+    stride of delta's dense layout."""
+    if x.dim() < 2 or x.dtype not in (torch.uint8, torch.float32) or delta.dtype != torch.float32:
+        raise RuntimeError(f"freeadv perturb: x must be uint8 or float32 with a channel dimension and delta "
+                           f"float32, got {x.dtype} {tuple(x.shape)} and {delta.dtype}")
+    if not 0 <= pixel_mode <= 2:
+        raise RuntimeError("freeadv perturb: mode must be 0 (clamp_input), 1 (project) or 2 (clamp_input_strict)")
+    channels_last = not delta.is_contiguous() and x.dim() == 4 and delta.is_contiguous(
+        memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for name, t, dtypes in (("delta", delta, None), ("x", x, None), ("grad", grad, _FLOATS), ("out", out, _FLOATS)):
+        if t is not None and (t.shape != x.shape or t.device != x.device or not t.is_contiguous(memory_format=fmt)
+                              or (dtypes and t.dtype not in dtypes)):
+            raise RuntimeError(f"freeadv perturb: {name} ({t.dtype}, {tuple(t.shape)} on {t.device}) must have "
+                               f"x's shape and device and delta's dense memory layout")
+    for t in params:
+        if t.device != x.device or t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != x.shape[1]:
+            raise RuntimeError(f"freeadv perturb: step, eps, mean and std must be contiguous float32 tensors of "
+                               f"{x.shape[1]} values on {x.device}")
+    return 1 if channels_last else math.prod(x.shape[2:])
+
+
+# the schema of freeadv_fast::perturb (csrc/ops.cpp) word for word; the one
+# inferred from the annotations would read "SymInt pixel_mode"
+SCHEMA = ("(Tensor x, Tensor(a!) delta, Tensor? grad, Tensor(b!)? out, Tensor step, Tensor eps, "
+          "Tensor mean, Tensor std, float lo, float hi, int pixel_mode, bool update) -> ()")
+
+
+@triton_op("freeadv_fast::triton_perturb", mutates_args={"delta", "out"}, schema=SCHEMA)
+def perturb(x: torch.Tensor, delta: torch.Tensor, grad: Optional[torch.Tensor], out: Optional[torch.Tensor],
+            step: torch.Tensor, eps: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+            lo: float, hi: float, pixel_mode: int, update: bool) -> None:
+    """Arguments as freeadv_fast::perturb (csrc/ops.cpp): all tensors in delta's
+    dense layout (contiguous, or channels_last for 4-D), parameters one
+    float32 per channel."""
+    channel_stride = _check(x, delta, grad, out, (step, eps, mean, std), pixel_mode)
     numel = x.numel()
     if numel == 0 or (not update and out is None):
         return
@@ -105,3 +143,9 @@ def perturb_triton(x: torch.Tensor, delta: torch.Tensor, grad: Optional[torch.Te
         step, eps, mean, std, float(lo), float(hi), numel, x.shape[1], channel_stride,
         X_U8=x.dtype == torch.uint8, HAS_GRAD=grad is not None, HAS_OUT=out is not None,
         UPDATE=update, PROJECT=pixel_mode == 1, STRICT=pixel_mode == 2, INDEX64=numel >= 2**31)
+
+
+@perturb.register_fake
+def _perturb_fake(x, delta, grad, out, step, eps, mean, std, lo, hi, pixel_mode, update):
+    """Shapes never change and nothing is returned, so tracing needs no work
+    (the Meta kernel of the C++ op; the Triton interpreter cannot run on fake tensors)."""

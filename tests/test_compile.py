@@ -71,8 +71,22 @@ def test_fake_tensor_tracing_keeps_shapes():
         x = torch.empty(2, 3, 4, 4, dtype=torch.uint8)
         delta = torch.empty(2, 3, 4, 4)
         grad = torch.empty(2, 3, 4, 4, dtype=torch.bfloat16)
-        # the Triton interpreter reads real memory, so it cannot trace fake tensors
-        for backend in [b for b in ops.available_backends("cpu") if b != "triton"]:
+        # Triton too: its op has a fake kernel like the C++ one's Meta kernel (the interpreter needs real memory)
+        for backend in ops.available_backends("cpu"):
             out = ops.update_and_make_input_(delta, grad, x, step_size=0.1, epsilon=0.1, mean=MEAN, std=STD,
                                              out_dtype=torch.bfloat16, backend=backend)
             assert out.shape == x.shape and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_backend_first_resolved_inside_a_compiled_function_does_not_break_the_graph(backend, monkeypatch):
+    from freeadv_fast.ops import backends
+    monkeypatch.setattr(backends, "_resolved", {})  # nothing resolved yet
+    monkeypatch.setattr(backends, "_available", {})
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    delta = torch.rand(2, 3, 4, 4) * 0.1
+    f = torch.compile(lambda x, d: ops.make_input(x, d, mean=MEAN, std=STD, backend=backend), fullgraph=True)
+    out = f(x, delta)
+    torch.testing.assert_close(out, ops.reference.make_input(x, delta, mean=MEAN, std=STD), atol=1e-6, rtol=0)
+    assert backends._resolved[backend, x.device][0] == (ops.available_backends("cpu")[0] if backend == "auto"
+                                                          else backend)

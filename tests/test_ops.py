@@ -254,6 +254,62 @@ def test_available_backends_on_cpu():
     assert names[0] == ("cpp" if "cpp" in names else "torch")
     assert "torch" in names and "cuda" not in names
     assert ops.resolve_backend("auto", torch.device("cpu")) == names[0]
+    names.append("mine")  # a copy: the cached list is not the caller's
+    assert ops.available_backends("cpu") == names[:-1]
+
+
+def test_a_resolved_backend_is_a_lookup_without_capability_queries(monkeypatch):
+    from freeadv_fast.ops import backends
+    x, delta, grad = batch((2, 3, 4, 4))
+    names = ["auto", *ops.available_backends("cpu")]
+    for backend in names:  # the first call per (backend, device) resolves it
+        ops.update_delta_(delta, grad, x, step_size=STEP, epsilon=EPS, backend=backend)
+
+    def asked(*args, **kwargs):
+        raise AssertionError("resolved again")
+    for obj, name in ((backends, "_resolve"), (backends, "_find_backends"), (backends, "_device"),
+                      (torch.cuda, "get_device_capability"), (torch.cuda, "is_available")):
+        monkeypatch.setattr(obj, name, asked)
+    for backend in names:
+        expected = reference.update_delta_(delta.clone(), grad, x, step_size=STEP, epsilon=EPS)
+        ops.update_delta_(delta, grad, x, step_size=STEP, epsilon=EPS, backend=backend)
+        assert torch.equal(delta, expected)
+        assert ops.resolve_backend(backend, x.device) == (names[1] if backend == "auto" else backend)
+
+
+# the schema of freeadv_fast::perturb (csrc/ops.cpp): every backend's op takes these
+PERTURB_SCHEMA = ("(Tensor x, Tensor(a!) delta, Tensor? grad, Tensor(b!)? out, Tensor step, Tensor eps, Tensor mean, "
+                  "Tensor std, float lo, float hi, int pixel_mode, bool update) -> ()")
+
+
+def test_every_backend_is_one_op_of_the_compiled_ops_schema():
+    import inspect
+
+    from freeadv_fast.ops import backends
+    assert set(backends.OPS) >= set(ops.available_backends("cpu"))
+    for name, op in backends.OPS.items():
+        if name == "torch":  # a Python function with the same arguments
+            args = torch._C.parse_schema("freeadv_fast::perturb" + PERTURB_SCHEMA).arguments
+            assert list(inspect.signature(op).parameters) == [a.name for a in args]
+        else:
+            schema = str(op._schema)
+            assert schema[schema.index("("):] == PERTURB_SCHEMA, name
+            assert schema.startswith({"triton": "freeadv_fast::triton_perturb("}.get(name, "freeadv_fast::perturb("))
+
+
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "torch"])
+def test_direct_op_calls_are_checked(device, backend):
+    """A direct torch.ops call with a tensor the kernel would misread is refused."""
+    from freeadv_fast.ops import backends
+    x, delta, grad = batch((2, 3, 4, 4), device=device)
+    p = ops.channel_param(0.1, "p", 3, device)
+    op = backends.OPS[backend]
+    with pytest.raises(RuntimeError, match="freeadv perturb: grad"):
+        op(x, delta, grad[:1].expand_as(grad), None, p, p, p, p, 0.0, 1.0, 0, True)
+    with pytest.raises(RuntimeError, match="freeadv perturb: mode"):
+        op(x, delta, grad, None, p, p, p, p, 0.0, 1.0, 3, True)
+    with pytest.raises(RuntimeError, match="freeadv perturb: step"):
+        op(x, delta, grad, None, p[:2], p, p, p, 0.0, 1.0, 0, True)
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,4 +1,5 @@
 """The build and install paths: no extension, pure-Python install, arch checks."""
+import importlib.machinery
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PURELIB = sysconfig.get_paths()["purelib"]
 
 
 def run_python(code, cwd, env=None, flags=()):
@@ -17,14 +19,29 @@ def run_python(code, cwd, env=None, flags=()):
                           text=True, env={**os.environ, **(env or {})}, timeout=300)
 
 
-def test_without_the_extension_the_torch_backend_works_and_it_is_said_once(tmp_path):
-    # sys.modules[name] = None makes `import freeadv_fast._C` fail, as in an install without it
-    result = run_python("""
-        import sys, warnings
-        sys.modules["freeadv_fast._C"] = None
+def package_without_the_extension(tmp_path) -> Path:
+    """The checkout's package copied without its _C*.so (kernels/ where an
+    install puts it): a folder for PYTHONPATH."""
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "freeadv_fast", site / "freeadv_fast",
+                    ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    shutil.copytree(ROOT / "kernels", site / "freeadv_fast" / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+def run_without_the_checkout(code, site, cwd, env=None):
+    # -S: no .pth files, so no editable install of the checkout either
+    return run_python(code, cwd, flags=["-S"], env={"PYTHONPATH": os.pathsep.join([str(site), PURELIB]),
+                                                    "TRITON_INTERPRET": "0", **(env or {})})
+
+
+def test_without_the_extension_the_torch_backend_works_and_it_is_said_once_plainly(tmp_path):
+    site = package_without_the_extension(tmp_path)
+    result = run_without_the_checkout("""
         import torch
         import freeadv_fast
         import freeadv_fast.ops as ops
+        print(freeadv_fast.__file__)
         print(ops.available_backends("cpu"))
         x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
         delta = torch.zeros(2, 3, 4, 4)
@@ -34,12 +51,31 @@ def test_without_the_extension_the_torch_backend_works_and_it_is_said_once(tmp_p
             ops.make_input(x, delta, mean=0.5, std=0.25, backend="cpp")
         except ops.BackendUnavailableError as e:
             print("error:", e)
-    """, cwd=tmp_path, env={"TRITON_INTERPRET": "0"})
+    """, site, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "'torch'" in result.stdout and "'cpp'" not in result.stdout.splitlines()[0]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(str(site)) and lines[1] == "['torch']"
     assert "torch.Size([2, 3, 4, 4])" in result.stdout
-    assert "compiled extension is not loaded" in result.stdout
-    assert result.stderr.count("compiled extension not available") == 1
+    missing = f"is not built/installed (no _C*.so in {site / 'freeadv_fast'})"
+    assert f"error: backend 'cpp' is not available for cpu tensors: the compiled extension freeadv_fast._C {missing}" \
+        in result.stdout
+    warning = (f"freeadv_fast: the compiled extension freeadv_fast._C {missing}; using the torch and triton "
+               "backends. Build it with `make env` in a checkout, or `pip install --no-build-isolation .`")
+    assert warning in result.stderr and result.stderr.count("compiled extension") == 1
+    assert "circular import" not in result.stderr
+
+
+def test_an_extension_that_is_there_but_does_not_load_keeps_its_error(tmp_path):
+    site = package_without_the_extension(tmp_path)
+    so = site / "freeadv_fast" / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])
+    so.write_bytes(b"not an ELF file")  # stands in for an undefined symbol or a missing library
+    result = run_without_the_checkout("import freeadv_fast.ops as ops; print(ops.available_backends('cpu'))",
+                                      site, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "['torch']" in result.stdout
+    assert f"the compiled extension freeadv_fast._C failed to load from {so} (ImportError: " in result.stderr
+    assert "Rebuild it against the installed torch" in result.stderr
+    assert result.stderr.count("compiled extension") == 1
 
 
 def test_pure_python_install_with_freeadv_no_ext(tmp_path):
@@ -60,7 +96,8 @@ def test_pure_python_install_with_freeadv_no_ext(tmp_path):
     assert result.returncode == 0, result.stderr
     assert str(target) in result.stdout
     assert "['torch']" in result.stdout
-    assert "FREEADV_NO_EXT=1" in result.stderr
+    assert ("the compiled extension freeadv_fast._C is not built: this is a pure-Python install (FREEADV_NO_EXT=1)"
+            in result.stderr)
 
 
 @pytest.mark.skipif(not shutil.which("nvcc") and not os.path.exists("/usr/local/cuda/bin/nvcc"),

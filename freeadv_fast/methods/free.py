@@ -29,8 +29,7 @@ class FreeAdversarialTrainer(Trainer):
                  scheduler=None, backend="auto", seed=0, max_bad_steps=10):
         if not (isinstance(replays, int) and replays >= 1):
             raise ValueError(f"replays must be an integer >= 1, got {replays!r}")
-        if pixel_mode not in ops.PIXEL_MODES:
-            raise ValueError(f"unknown pixel mode {pixel_mode!r}: choose one of {', '.join(ops.PIXEL_MODES)}")
+        ops.check_mode(pixel_mode)
         super().__init__(model, optimizer, mean=mean, std=std, pixel_range=pixel_range, precision=precision,
                          channels_last=channels_last, compile=compile, cuda_graph=cuda_graph, scheduler=scheduler,
                          backend=backend, seed=seed, max_bad_steps=max_bad_steps)

@@ -7,12 +7,25 @@
 ``triton`` Triton (kernels/triton_perturb.py) on GPUs of compute capability
            7.0 and up, or on CPU tensors when TRITON_INTERPRET=1 was set
            before import.
+
+Every backend is one op of the same schema (csrc/ops.cpp)::
+
+    (Tensor x, Tensor(a!) delta, Tensor? grad, Tensor(b!)? out, Tensor step, Tensor eps,
+     Tensor mean, Tensor std, float lo, float hi, int pixel_mode, bool update) -> ()
+
+``freeadv_fast::perturb`` (cpp and cuda: the dispatcher picks by device),
+``freeadv_fast::triton_perturb``, and ``reference.perturb`` for torch.
+What runs on a device is decided once per (backend, device) and cached: an op
+call with a resolved backend is one dict lookup.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from .. import _ext
+from . import reference
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 
@@ -23,9 +36,31 @@ except Exception as exc:  # no triton (macOS, Windows) or a broken install
     _triton = None
     triton_error = f"{type(exc).__name__}: {exc}"
 
+# backend -> the op it runs, for the backends this process has at all
+OPS: dict[str, Callable] = {"torch": reference.perturb}
+if _ext.available():
+    OPS["cpp"] = torch.ops.freeadv_fast.perturb.default
+    if _ext.with_cuda():
+        OPS["cuda"] = OPS["cpp"]
+if _triton is not None:
+    OPS["triton"] = torch.ops.freeadv_fast.triton_perturb.default
+
+_available: dict[torch.device, tuple[str, ...]] = {}
+# (backend as asked, device as given) -> (backend, op); devices whose meaning
+# can change (an index-less "cuda" is the current GPU) are keyed by their index
+_resolved: dict[tuple, tuple[str, Callable]] = {}
+
 
 class BackendUnavailableError(ValueError):
     """An explicitly requested backend cannot run on the given device."""
+
+
+def _device(device) -> torch.device:
+    """``device`` as a torch.device; an index-less "cuda" is the current GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _cuda_runs_on(device: torch.device) -> bool:
@@ -36,14 +71,7 @@ def _cuda_runs_on(device: torch.device) -> bool:
     return major * 10 + minor >= min(archs)  # newer GPUs JIT the embedded PTX
 
 
-def available_backends(device=None) -> list[str]:
-    """Backends usable in this process for ``device`` (default: the current
-    GPU if there is one, else the CPU), in the order ``backend="auto"``
-    prefers them; on CPU, interpreted Triton comes last and auto never picks it.
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+def _find_backends(device: torch.device) -> tuple[str, ...]:
     names = []
     if device.type == "cuda":
         if _cuda_runs_on(device):
@@ -59,18 +87,53 @@ def available_backends(device=None) -> list[str]:
             names.append("triton")
     else:
         names.append("torch")
+    return tuple(names)
+
+
+def _backends_of(device: torch.device) -> tuple[str, ...]:
+    names = _available.get(device)
+    if names is None:
+        names = _available[device] = _find_backends(device)
     return names
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def available_backends(device=None) -> list[str]:
+    """Backends usable in this process for ``device`` (default: the current
+    GPU if there is one, else the CPU), in the order ``backend="auto"``
+    prefers them; on CPU, interpreted Triton comes last and auto never picks it.
+    Found once per device.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return list(_backends_of(_device(device)))
+
+
+def backend_op(backend: str, device) -> tuple[str, Callable]:
+    """``(name, op)``: the backend ``backend`` ("auto" or a name) means on
+    ``device`` and the op it runs. Checked once per (backend, device), then
+    a dict lookup: no capability query, no list."""
+    hit = _resolved.get((backend, device))
+    if hit is None:
+        hit = _resolve(backend, device)
+    return hit
+
+
+def resolve_backend(backend: str, device) -> str:
+    """The backend name ``backend`` ("auto" or a name) means on ``device``;
+    raises BackendUnavailableError if it cannot run there."""
+    return backend_op(backend, device)[0]
+
+
+def _resolve(backend, device) -> tuple[str, Callable]:
+    dev = _device(device)
+    usable = _backends_of(dev)
     if backend == "auto":
-        return available_backends(device)[0]
-    if backend not in BACKENDS:
+        name = usable[0]
+    elif backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose auto, {', '.join(BACKENDS)}")
-    usable = available_backends(device)
-    if backend not in usable:
+    elif backend not in usable:
         why = {
-            "cpp": f"the compiled extension is not loaded ({_ext.load_error})" if not _ext.available()
+            "cpp": f"the compiled extension freeadv_fast._C {_ext.load_error}" if not _ext.available()
             else "the C++ backend serves CPU tensors only",
             "cuda": "the extension was built without CUDA" if not _ext.with_cuda()
             else "the CUDA backend needs a GPU the extension was built for",
@@ -79,6 +142,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                  "for CPU tensors",
         }.get(backend, "")
         raise BackendUnavailableError(
-            f"backend {backend!r} is not available for {device.type} tensors: {why} "
+            f"backend {backend!r} is not available for {dev.type} tensors: {why} "
             f"(available: {', '.join(usable)})")
-    return backend
+    else:
+        name = backend
+    hit = (name, OPS[name])
+    _resolved[backend, dev] = hit
+    if dev == torch.device(device):  # not an index-less "cuda", whose GPU may change
+        _resolved[backend, device] = hit
+    return hit

@@ -1,6 +1,7 @@
 """Public perturbation ops: checks, layouts, and the call into a backend.
 
-The kernels (C++, CUDA, Triton) want every tensor in one dense layout:
+Every backend is one op of one schema (see backends.py), called the same
+way. The kernels (C++, CUDA, Triton) want every tensor in one dense layout:
 delta's (contiguous NCHW or channels_last). Inputs in another layout are
 copied into it first and outputs copied back: slower, never wrong.
 """
@@ -9,25 +10,24 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from ..common import check_pixel_range
 from . import reference
-from .backends import resolve_backend
+from .backends import backend_op
 
 PIXEL_MODES = reference.PIXEL_MODES
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _X_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MODE_IDS = {mode: i for i, mode in enumerate(PIXEL_MODES)}
 _constants: dict = {}
+# (number or tuple of numbers as given, channels, device, positive) -> its tensor in _constants
+_checked: dict = {}
+_NUMBERS = (float, int)
+_PARAM_NAMES = {"step_size": "step", "epsilon": "eps", "mean": "mean", "std": "std"}
 
 
-def _check_mode(mode):
+def check_mode(mode):
     if mode not in PIXEL_MODES:
         raise ValueError(f"unknown pixel mode {mode!r}: choose one of {', '.join(PIXEL_MODES)}")
-
-
-def _check_range(pixel_range):
-    lo, hi = (float(v) for v in pixel_range)
-    if not lo < hi:
-        raise ValueError(f"pixel_range must be (lo, hi) with lo < hi, got {tuple(pixel_range)}")
-    return lo, hi
 
 
 def _check_pair(x, delta, grad=None):
@@ -60,12 +60,23 @@ def _check_out_dtype(dtype):
 def channel_param(value, name: str, channels: int, device, *, positive=False) -> torch.Tensor:
     """A scalar, sequence or tensor as a contiguous float32 tensor of one value
     per channel on ``device`` -- the form the kernels take. Python numbers are
-    checked and cached, so a training loop makes each constant once."""
+    checked and cached, so a training loop makes each constant once; a
+    tensor already in that form is returned as it is."""
     if isinstance(value, torch.Tensor):
+        if (value.dtype == torch.float32 and value.dim() == 1 and value.shape[0] == channels
+                and value.device == device and not value.requires_grad and value.is_contiguous()):
+            return value  # what channel_param made (the trainer's constants): nothing to do
         t = value.detach().to(device=device, dtype=torch.float32).reshape(-1)
         if t.numel() not in (1, channels):
             raise ValueError(f"{name} has {t.numel()} values; expected 1 or {channels} (one per channel)")
         return t.expand(channels).contiguous() if t.numel() == 1 else t.contiguous()
+    tracing = torch.compiler.is_compiling() or is_in_torch_dispatch_mode()  # no real tensors from a cache
+    fast_key = None
+    if not tracing and (type(value) in _NUMBERS or type(value) is tuple and all(type(v) in _NUMBERS for v in value)):
+        fast_key = (value, channels, device, positive)
+        hit = _checked.get(fast_key)
+        if hit is not None:  # these very numbers were checked and made before
+            return hit
     values = tuple(float(v) for v in (value if isinstance(value, (tuple, list)) else (value,)))
     if len(values) not in (1, channels):
         raise ValueError(f"{name} has {len(values)} values; expected 1 or {channels} (one per channel)")
@@ -74,11 +85,13 @@ def channel_param(value, name: str, channels: int, device, *, positive=False) ->
         raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'}, got {bad[0]}")
     values = values * channels if len(values) == 1 else values
     device = torch.device(device)
-    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():  # tracing: no real tensors in the cache
+    if tracing:
         return torch.tensor(values, dtype=torch.float32, device=device)
     key = (values, device)
     if key not in _constants:
         _constants[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    if fast_key is not None:
+        _checked[fast_key] = _constants[key]
     return _constants[key]
 
 
@@ -97,9 +110,10 @@ def _in_layout(t, fmt):
     return t.contiguous(memory_format=fmt)
 
 
-def _run_kernel(backend, x, delta, grad, out, *, step, eps, mean, std, lo, hi, mode, update):
-    """Runs the fused op with every tensor brought into delta's dense layout.
-    ``step, eps, mean, std`` are per-channel tensors from channel_param."""
+def _run_kernel(op, x, delta, grad, out, *, step, eps, mean, std, lo, hi, mode, update):
+    """Runs the fused op ``op`` (a backend's, from backend_op) with every
+    tensor brought into delta's dense layout. ``step, eps, mean, std`` are
+    per-channel tensors from channel_param."""
     fmt = layout_of(delta) or torch.contiguous_format
     work_delta = _in_layout(delta, fmt)
     if x.dtype not in (torch.uint8, torch.float32):
@@ -109,13 +123,7 @@ def _run_kernel(backend, x, delta, grad, out, *, step, eps, mean, std, lo, hi, m
     work_out = out
     if out is not None and not out.is_contiguous(memory_format=fmt):
         work_out = torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=fmt)
-    mode_id = PIXEL_MODES.index(mode)
-    if backend == "triton":
-        channel_stride = 1 if fmt == torch.channels_last else x[0, 0].numel()
-        torch.ops.freeadv_fast.perturb_triton(x, work_delta, grad, work_out, step, eps, mean, std, lo, hi, mode_id,
-                                              update, channel_stride)
-    else:
-        torch.ops.freeadv_fast.perturb(x, work_delta, grad, work_out, step, eps, mean, std, lo, hi, mode_id, update)
+    op(x, work_delta, grad, work_out, step, eps, mean, std, lo, hi, _MODE_IDS[mode], update)
     if work_delta is not delta:
         delta.copy_(work_delta)
     if work_out is not out:
@@ -125,8 +133,7 @@ def _run_kernel(backend, x, delta, grad, out, *, step, eps, mean, std, lo, hi, m
 def _params(x, **values):
     """Checks the named scalar/per-channel values and returns them as tensors."""
     C, dev = x.shape[1], x.device
-    names = {"step_size": "step", "epsilon": "eps", "mean": "mean", "std": "std"}
-    return {names[k]: channel_param(v, k, C, dev, positive=(k == "std")) for k, v in values.items()}
+    return {_PARAM_NAMES[k]: channel_param(v, k, C, dev, positive=(k == "std")) for k, v in values.items()}
 
 
 def _new_out(x, delta, out, out_dtype, memory_format):
@@ -148,17 +155,15 @@ def make_input(x, delta, *, mean, std, pixel_range=(0.0, 1.0), mode="clamp_input
     ``memory_format`` defaults to delta's layout. ``delta`` may be a leading
     slice of a larger buffer.
     """
-    _check_mode(mode)
-    lo, hi = _check_range(pixel_range)
+    check_mode(mode)
+    lo, hi = check_pixel_range(pixel_range)
     _check_pair(x, delta)
     result = _new_out(x, delta, out, out_dtype, memory_format)
     p = _params(x, mean=mean, std=std)
-    be = resolve_backend(backend, x.device)
-    if be == "torch":
-        result.copy_(reference.make_input(x, delta, pixel_range=(lo, hi), mode=mode, out_dtype=result.dtype, **p))
-    else:  # step and eps are not read without an update
-        _run_kernel(be, x, delta, None, result, step=p["mean"], eps=p["mean"], lo=lo, hi=hi, mode=mode,
-                    update=False, **p)
+    _, op = backend_op(backend, x.device)
+    # step and eps are not read without an update
+    _run_kernel(op, x, delta, None, result, step=p["mean"], eps=p["mean"], lo=lo, hi=hi, mode=mode, update=False,
+                **p)
     return result
 
 
@@ -166,34 +171,26 @@ def update_delta_(delta, grad, x, *, step_size, epsilon, pixel_range=(0.0, 1.0),
                   backend="auto"):
     """``delta <- clip(delta + step * sign(grad) [* mask], -eps, eps)`` in place
     (see reference.update_delta_ for both modes); returns delta."""
-    _check_mode(mode)
-    lo, hi = _check_range(pixel_range)
+    check_mode(mode)
+    lo, hi = check_pixel_range(pixel_range)
     _check_pair(x, delta, grad)
     p = _params(x, step_size=step_size, epsilon=epsilon)
-    be = resolve_backend(backend, x.device)
-    if be == "torch":
-        return reference.update_delta_(delta, grad, x, step_size=p["step"], epsilon=p["eps"], pixel_range=(lo, hi),
-                                       mode=mode)
+    _, op = backend_op(backend, x.device)
     # mean and std are not read without an output
-    _run_kernel(be, x, delta, grad, None, mean=p["eps"], std=p["eps"], lo=lo, hi=hi, mode=mode, update=True, **p)
+    _run_kernel(op, x, delta, grad, None, mean=p["eps"], std=p["eps"], lo=lo, hi=hi, mode=mode, update=True, **p)
     return delta
 
 
 def update_and_make_input_(delta, grad, x, *, step_size, epsilon, mean, std, pixel_range=(0.0, 1.0),
                            mode="clamp_input", out_dtype=None, memory_format=None, out=None, backend="auto"):
     """update_delta_ and make_input in one pass over memory; returns the next model input."""
-    _check_mode(mode)
-    lo, hi = _check_range(pixel_range)
+    check_mode(mode)
+    lo, hi = check_pixel_range(pixel_range)
     _check_pair(x, delta, grad)
     result = _new_out(x, delta, out, out_dtype, memory_format)
     p = _params(x, step_size=step_size, epsilon=epsilon, mean=mean, std=std)
-    be = resolve_backend(backend, x.device)
-    if be == "torch":
-        result.copy_(reference.update_and_make_input_(
-            delta, grad, x, step_size=p["step"], epsilon=p["eps"], mean=p["mean"], std=p["std"],
-            pixel_range=(lo, hi), mode=mode, out_dtype=result.dtype))
-    else:
-        _run_kernel(be, x, delta, grad, result, lo=lo, hi=hi, mode=mode, update=True, **p)
+    _, op = backend_op(backend, x.device)
+    _run_kernel(op, x, delta, grad, result, lo=lo, hi=hi, mode=mode, update=True, **p)
     return result
 
 
@@ -205,14 +202,14 @@ def random_init_(delta, x, *, epsilon, pixel_range=(0.0, 1.0), mode="clamp_input
     The random draw is torch's, so every backend gives the same start for the
     same generator state; only the projection runs in the chosen backend.
     """
-    _check_mode(mode)
-    lo, hi = _check_range(pixel_range)
+    check_mode(mode)
+    lo, hi = check_pixel_range(pixel_range)
     _check_pair(x, delta)
     eps = _params(x, epsilon=epsilon)["eps"]
-    be = resolve_backend(backend, x.device)
-    if be == "torch" or mode in reference.CLAMPING_MODES:  # nothing to fuse without a projection
-        return reference.random_init_(delta, x, epsilon=eps, pixel_range=(lo, hi), mode=mode, generator=generator)
+    _, op = backend_op(backend, x.device)
     delta.uniform_(-1.0, 1.0, generator=generator).mul_(reference.per_channel(eps, delta))
-    # with no gradient the update is only the clip and the projection
-    _run_kernel(be, x, delta, None, None, step=eps, eps=eps, mean=eps, std=eps, lo=lo, hi=hi, mode=mode, update=True)
+    if mode not in reference.CLAMPING_MODES:  # nothing to fuse without a projection
+        # with no gradient the update is only the clip (a no-op here) and the projection
+        _run_kernel(op, x, delta, None, None, step=eps, eps=eps, mean=eps, std=eps, lo=lo, hi=hi, mode=mode,
+                    update=True)
     return delta

@@ -105,3 +105,19 @@ def random_init_(delta, x, *, epsilon, pixel_range=(0.0, 1.0), mode="clamp_input
         xf = pixels(x)
         delta.copy_(torch.clamp(xf + delta, lo, hi) - xf)
     return delta
+
+
+def perturb(x, delta, grad, out, step, eps, mean, std, lo, hi, pixel_mode, update):
+    """The fused op in the compiled ops' form (csrc/ops.cpp): the torch backend.
+
+    With ``update``, one step on delta in place (no ``grad``: a zero sign,
+    which leaves only the clip and, in "project" mode, the projection); with
+    ``out``, the model input from the (new) delta written into it.
+    ``pixel_mode`` is the index of the mode in PIXEL_MODES.
+    """
+    mode = PIXEL_MODES[pixel_mode]
+    if update:
+        update_delta_(delta, torch.zeros_like(delta) if grad is None else grad, x, step_size=step, epsilon=eps,
+                      pixel_range=(lo, hi), mode=mode)
+    if out is not None:
+        out.copy_(make_input(x, delta, mean=mean, std=std, pixel_range=(lo, hi), mode=mode, out_dtype=out.dtype))
