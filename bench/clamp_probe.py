@@ -11,14 +11,11 @@ installed torch has, on each device.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
-from provenance import provenance
+from common import parse, parser, write_json
 
 
 def probe(device) -> dict:
@@ -35,18 +32,14 @@ def probe(device) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
+    args = parse(parser(__doc__, device=False), argv)  # it probes every device torch sees
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = {d: probe(d) for d in devices}
     for d, r in results.items():
         print(f"torch {torch.__version__} on {d}: clamp's mask at the bounds is {r['mask']}; "
               + "; ".join(f"{k}: {v}" for k, v in r.items() if k != "mask"))
     if args.json:
-        device = torch.device(devices[-1])
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": provenance(device), "probe": results}, indent=1) + "\n")
+        write_json(args.json, torch.device(devices[-1]), probe=results)
         print(f"wrote {args.json}")
     return 0
 

@@ -23,20 +23,18 @@ CPU cores, for CI.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from common import device_name, parse, parser, wall_clock, write_json
 from freeadv_fast.config import ConfigError, RunConfig, check
 from freeadv_fast.data.datasets import build_data
 from freeadv_fast.data.errors import DataError
 from freeadv_fast.evaluate import attack_name, evaluate
 from freeadv_fast.run import build_trainer
-from provenance import provenance
 
 METHODS = ("natural", "free", "pgd", "fast")
 LABELS = {"natural": "natural", "free": "free-{m}", "pgd": "PGD-{k}", "fast": "FGSM-RS"}
@@ -56,14 +54,13 @@ EPSILON = {"cifar10": "8/255", "tiny-imagenet": "8/255", "fashion-mnist": "0.1"}
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, quick="small model and subset: minutes on 2 CPU cores",
+               precision="default: bf16 on a GPU, fp32 on a CPU",
+               json="results file (default: runs/compare-<dataset>-<time>/compare.json)")
     p.add_argument("--data", help="dataset folder (fashion-mnist: default the Debian package's)")
     p.add_argument("--dataset", default="cifar10", choices=sorted(SETTINGS))
     p.add_argument("--data-name", help="how the data is named in the results (default: the dataset's name; e.g. "
                                        "'CIFAR-10 (JPEG q75 copy)')")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small model and subset: minutes on 2 CPU cores")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--arch")
     p.add_argument("--epochs", type=float, help="epochs-equivalent budget of every method")
@@ -75,7 +72,6 @@ def parse_args(argv):
     p.add_argument("--free-lr", type=float, help="peak LR of free-m only (default: --lr); free-m takes m steps "
                                                  "in a row on each batch and can diverge where the others do not")
     p.add_argument("--schedule", default="onecycle")
-    p.add_argument("--precision", help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--train-subset", type=int, help="train on this many images (0: all)")
     p.add_argument("--eval-samples", type=int, help="held-out images attacked (0: all)")
     p.add_argument("--eval-steps", help="PGD / CW steps, comma-separated")
@@ -84,8 +80,7 @@ def parse_args(argv):
     p.add_argument("--cuda-graph", action="store_true", help="capture every method's training step as a CUDA graph")
     p.add_argument("--compile", action="store_true", help="torch.compile every method's model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="results file (default: runs/compare-<dataset>-<time>/compare.json)")
-    args = p.parse_args(argv)
+    args = parse(p, argv)
     arch, epochs, batch, subset, samples, steps = SETTINGS[args.dataset]["quick" if args.quick else "full"]
     args.arch = args.arch or arch
     args.epsilon = args.epsilon or EPSILON[args.dataset]
@@ -99,10 +94,7 @@ def parse_args(argv):
         bad = [m for m in args.methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method(s) {', '.join(bad)}: choose from {', '.join(METHODS)}")
-        args.device = torch.device(args.device)
-        if args.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no GPU here")
-    except (ValueError, RuntimeError) as exc:
+    except ValueError as exc:
         p.error(str(exc))
     args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
     args.json = args.json or Path("runs") / f"compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}" / "compare.json"
@@ -133,12 +125,8 @@ def run_method(args, method, data, log):
         records.append(r)
         log(f"   pass {r['epoch'] + 1}/{passes} batch {r['batch']}: loss {r['loss']:.3f} acc {r['acc']:.3f}")
 
-    sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    trainer.fit(data.train, passes, log_every=max(1, len(data.train) // 2), on_log=on_log)
-    sync()
-    seconds = time.perf_counter() - t0
+    _, seconds = wall_clock(lambda: trainer.fit(data.train, passes, log_every=max(1, len(data.train) // 2),
+                                                on_log=on_log), args.device)
     images = passes * getattr(data.train, "num_samples", len(data.train) * cfg.batch_size)
     log(f"   trained in {seconds:.1f} s; evaluating on {args.eval_samples or 'all'} held-out images")
     t0 = time.perf_counter()
@@ -208,7 +196,7 @@ def main(argv=None) -> int:
         f"on {args.device}")
     rows = [run_method(args, method, data, log) for method in args.methods]
     attack_keys = [attack_name(loss, s) for loss in ("ce", "cw") for s in args.eval_steps]
-    meta = {**provenance(args.device), "quick": args.quick, "dataset": args.dataset, "data": data_name,
+    meta = {"quick": args.quick, "dataset": args.dataset, "data": data_name,
             "train_images": data.train.num_samples, "arch": args.arch, "epochs_equivalent": args.epochs,
             "batch_size": args.batch_size, "precision": args.precision, "lr": args.lr,
             "free_lr": args.free_lr or args.lr, "schedule": args.schedule, "cuda_graph": args.cuda_graph,
@@ -224,13 +212,11 @@ def main(argv=None) -> int:
     if "free" in by and "natural" in by:
         summary["free_time_over_natural_time"] = by["free"]["train_seconds"] / by["natural"]["train_seconds"]
         summary["free_minus_natural_robust"] = by["free"]["eval"][main_attack] - by["natural"]["eval"][main_attack]
-    result = {"meta": meta, "compare": rows, "summary": summary}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, args.device, meta, compare=rows, summary=summary)
     table = markdown(rows, attack_keys)
     args.json.with_suffix(".md").write_text(table + "\n")
     plot(rows, main_attack, args.json.with_suffix(".png"),
-         f"{data_name}, {args.arch}, {args.epochs:g} epochs-eq., eps {args.epsilon} ({meta['device']})")
+         f"{data_name}, {args.arch}, {args.epochs:g} epochs-eq., eps {args.epsilon} ({device_name(args.device)})")
     print(table)
     for key, value in summary.items():
         print(f"{key}: {value:.3f}")

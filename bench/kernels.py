@@ -14,21 +14,16 @@ run.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
-from pathlib import Path
 
 import torch
 
 import freeadv_fast.ops as ops
-from provenance import device_name, provenance
+from common import device_name, in_graph_ms, median_ms, parse, parser, write_json
+from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.ops import reference
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 EPS = STEP = 4 / 255
 # bytes per element each op must move at the least: uint8 x, fp32 delta, bf16 grad/out
 MIN_BYTES = {"make_input": 1 + 4 + 2, "update_delta_": 1 + 4 + 2 + 4, "update_and_make_input_": 1 + 4 + 2 + 4 + 2}
@@ -38,59 +33,6 @@ def shapes(quick: bool, device: str):
     if quick and device == "cpu":
         return {"imagenet": (16, 3, 224, 224), "cifar": (128, 3, 32, 32)}
     return {"imagenet": (256, 3, 224, 224), "cifar": (512, 3, 32, 32)}
-
-
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def __call__(self, fn, reps, warmup):
-        """Median milliseconds per call over reps, after warmup calls."""
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(reps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        return times[len(times) // 2]
-
-
-def in_graph_ms(fn, calls=20, reps=10):
-    """Milliseconds per call with ``calls`` calls captured in one CUDA graph:
-    the op's time inside a captured training step, launch cost gone."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (reps * calls)
 
 
 def make_batch(shape, device):
@@ -135,16 +77,10 @@ def reference_calls(x, delta, grad, out, wrap):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="smaller CPU batches, fewer repetitions")
-    parser.add_argument("--json", type=Path, help="write the records here")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.exit(2, "bench/kernels.py: --device cuda asked for, but torch sees no GPU\n")
-    device = torch.device(args.device)
-    timer = Timer(device)
+    p = parser(__doc__, quick="smaller CPU batches, fewer repetitions", json="write the records here")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    args = parse(p, argv)
+    device = args.device
     reps, warmup = (5, 2) if args.quick else (50, 10)
 
     backends = [b for b in ops.available_backends(device) if b != "torch"]
@@ -161,7 +97,7 @@ def main(argv=None):
         numel = x.numel()
         src = torch.empty(numel, device=device)
         dst = torch.empty_like(src)
-        copy_ms = timer(lambda: dst.copy_(src), reps, warmup)
+        copy_ms = median_ms(lambda: dst.copy_(src), device, reps, warmup)
         copy_gbps = 2 * 4 * numel / copy_ms / 1e6
         # in a graph too: back-to-back calls are what a captured step runs, and the fair copy to compare them to
         copy_graph_gbps = 2 * 4 * numel / in_graph_ms(lambda: dst.copy_(src)) / 1e6 if device.type == "cuda" else None
@@ -175,7 +111,7 @@ def main(argv=None):
                 x, delta, grad, out, wrap)
             for op_name, fn in calls.items():
                 delta.uniform_(-EPS, EPS)
-                ms = timer(fn, reps, warmup)
+                ms = median_ms(fn, device, reps, warmup)
                 gbps = MIN_BYTES[op_name] * numel / ms / 1e6
                 if variant == "eager":
                     eager_ms[op_name] = ms
@@ -195,10 +131,8 @@ def main(argv=None):
                                 "speedup_vs_eager": speedup, "copy_gbps": copy_gbps, "in_graph_ms": graph_ms,
                                 "copy_in_graph_gbps": copy_graph_gbps, "in_graph_fraction_of_copy": graph_fraction})
     if args.json:
-        meta = {**provenance(device), "quick": args.quick, "reps": reps,
-                "kernel_flags": os.environ.get("FREEADV_KERNEL_FLAGS") or "the defaults in kernels/perturb.cu"}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+        flags = os.environ.get("FREEADV_KERNEL_FLAGS") or "the defaults in kernels/perturb.cu"
+        write_json(args.json, device, {"quick": args.quick, "reps": reps, "kernel_flags": flags}, records=records)
         print(f"\nwrote {len(records)} records to {args.json}")
     return 0
 

@@ -12,18 +12,15 @@ rates per replay-step rate.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from common import parse, parser, sync, wall_clock, write_json
 from freeadv_fast.data.folder import ImageFolderLoader, dali_available, find_split, scan_image_folder
-from provenance import provenance
 
 
 def loader_machine(device):
@@ -35,23 +32,21 @@ def loader_machine(device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--loader", choices=["dali", "torch"], action="append")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batches", type=int, default=0, help="batches to time (0: the whole split)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.exit(2, "bench/loader.py: --device cuda asked for, but torch sees no GPU\n")
+    args = parse(p, argv)
     loaders = args.loader or (["dali", "torch"] if dali_available() else ["torch"])
     split = find_split(args.data, args.split)
     classes, samples, bad = scan_image_folder(split)
-    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    device = args.device
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)  # DALI wants the GPU's index
     print(f"{split}: {len(samples)} images, {len(classes)} classes; device {device}, {args.workers} workers")
     records = []
     for name in loaders:
@@ -62,23 +57,24 @@ def main(argv=None):
             p.exit(2, f"bench/loader.py: {split} has too few images for two batches of {args.batch_size}\n")
         it = iter(data)
         next(it)  # warm-up: pipeline build, worker start
-        images, start = 0, time.perf_counter()
-        for _ in range(total):
-            x, y = next(it)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            images += len(y)
-        seconds = time.perf_counter() - start
+
+        def take():
+            """Images in ``total`` batches, each synchronised: what a training loop receives."""
+            images = 0
+            for _ in range(total):
+                x, y = next(it)
+                sync(device)
+                images += len(y)
+            return images
+        images, seconds = wall_clock(take, device)
         rate = images / seconds
         print(f"  {name:<6} {rate:10.1f} images/s  ({images} images in {seconds:.1f} s)", flush=True)
         records.append({"loader": name, "images_per_s": rate, "images": images, "seconds": seconds,
                         "batch_size": args.batch_size, "image_size": args.image_size, "workers": args.workers})
         del it, data
     if args.json:
-        meta = {**provenance(device), "device": loader_machine(device), "data": str(args.data),
-                "images": len(samples)}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+        write_json(args.json, device, {"device": loader_machine(device), "data": str(args.data),
+                                       "images": len(samples)}, records=records)
         print(f"wrote {args.json}")
     return 0
 

@@ -28,22 +28,18 @@ step's time, which for compiled variants is mostly compiling.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
-import json
 import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from common import device_name, elapsed_s, parse, parser, wall_clock, write_json
 from freeadv_fast import FastTrainer, FreeAdversarialTrainer, NaturalTrainer, PGDTrainer
+from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.models import create_model
-from provenance import device_name, provenance
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EPS = 4 / 255
 IMAGENET_TRAIN, CIFAR_TRAIN = 1_281_167, 50_000
 # the paper's runs, for the time-to-robust-model projection
@@ -51,27 +47,6 @@ PAPER_RUNS = {"resnet50": ("ImageNet ResNet-50 free-4, 90 epochs-equivalent", IM
                            "2 days on 4 P100s (paper abstract)"),
               "wide_resnet32_10": ("CIFAR-10 WRN-32-10 free-8, 205 epochs-equivalent", CIFAR_TRAIN, 205, 8,
                                    "785 minutes (paper, Table 1)")}
-
-
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn, steps):
-        """Seconds for ``steps`` calls of ``fn``, synchronised only at the ends."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        return time.perf_counter() - t0
 
 
 def official_free_step(model, optimizer, x, y, noise, mean, std, replays, step, eps, amp_dtype=None):
@@ -98,13 +73,11 @@ def official_free_step(model, optimizer, x, y, noise, mean, std, replays, step, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p = parser(__doc__, quick="few steps, small batch (the CPU run in CI)", several=True,
+               precision="comma-separated: fp32,bf16 (default both on GPU, fp32 on CPU)")
     p.add_argument("--model", default=None, choices=["resnet50", "preact_resnet18", "wide_resnet32_10"])
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int)
-    p.add_argument("--precision", default=None, help="comma-separated: fp32,bf16 (default both on GPU, fp32 on CPU)")
-    p.add_argument("--quick", action="store_true", help="few steps, small batch (the CPU run in CI)")
     p.add_argument("--variants", help="comma-separated subset of eager,graph,compile,compile+graph (default: "
                                       "eager,graph on a GPU, eager on CPU; compiling costs minutes)")
     p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
@@ -112,16 +85,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, help="timed calls per variant (default 20; --quick 2)")
     p.add_argument("--methods", default="natural,free-4,free-8,pgd-7,fgsm-rs,official",
                    help="comma-separated subset of natural,free-4,free-8,pgd-7,fgsm-rs,official")
-    p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.exit(2, "bench/train_step.py: --device cuda asked for, but torch sees no GPU\n")
-    device = torch.device(args.device)
+    args = parse(p, argv)
+    device = args.device
     gpu = device.type == "cuda"
     model_name = args.model or ("resnet50" if gpu else "preact_resnet18")
     size = args.image_size or (224 if model_name == "resnet50" else 32)
     batch = args.batch_size or (8 if args.quick else (256 if model_name == "resnet50" else 128))
-    precisions = (args.precision or ("fp32,bf16" if gpu else "fp32")).split(",")
+    precisions = args.precision or (["fp32", "bf16"] if gpu else ["fp32"])
     methods = set(args.methods.split(","))
     known = {"eager": ("", {}), "graph": (" graph", dict(cuda_graph=True)),
              "compile": (" compile", dict(compile=args.compile_mode)),
@@ -144,19 +114,15 @@ def main(argv=None):
     x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device, generator=g)
     x = x.permute(0, 3, 1, 2)  # NHWC storage, as DALI delivers it
     y = torch.randint(0, classes, (batch,), device=device, generator=g)
-    timer = Timer(device)
     records = []
 
     def save():
         """The summary, and the JSON so far: a run cut short by a time limit keeps what it measured."""
         summary = summarize(records, model_name)
         if args.json:
-            meta = {**provenance(device), "model": model_name, "image_size": size, "batch_size": batch,
-                    "warmup": warmup, "steps": steps, "quick": args.quick}
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            out = {"meta": meta, "records": records, "ratios": summary["ratios"],
-                   "projections": summary["projections"]}
-            args.json.write_text(json.dumps(out, indent=1) + "\n")
+            write_json(args.json, device, {"model": model_name, "image_size": size, "batch_size": batch,
+                                           "warmup": warmup, "steps": steps, "quick": args.quick},
+                       records=records, ratios=summary["ratios"], projections=summary["projections"])
         return summary
     print(f"{device_name(device)}; {model_name} at {size}px, batch {batch}; torch {torch.__version__}", flush=True)
 
@@ -167,18 +133,17 @@ def main(argv=None):
         # fused SGD with the LR in a device tensor: what --cuda-graph steps with, so every variant steps alike
         lr = torch.tensor(0.01, device=device) if gpu else 0.01
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4, fused=gpu or None)
-        started = time.perf_counter()
-        step = make_step(model, optimizer)
-        step()
-        if gpu:
-            torch.cuda.synchronize()
-        first_call_s = time.perf_counter() - started  # compile time, for compiled variants
+
+        def first_call():
+            step = make_step(model, optimizer)
+            step()
+            return step
+        step, first_call_s = wall_clock(first_call, device)  # compile time, for compiled variants
         for _ in range(warmup - 1):
             step()
         if gpu:
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = timer(step, steps)
+        seconds = elapsed_s(step, device, steps)
         rate = images_per_call * steps / seconds
         record = {"method": name, "images_per_s": rate, "seconds": seconds, "steps": steps,
                   "first_call_s": first_call_s,

@@ -1,0 +1,167 @@
+"""What the benchmark scripts share, so they take arguments, time and record
+results one way (``python bench/x.py`` puts bench/ on the path: ``import common``):
+``parser``/``parse`` (--device, --quick, --precision, --json), the timers
+``wall_clock``, ``elapsed_s``, ``median_ms`` and ``in_graph_ms``, and
+``provenance``/``write_json`` (every results file's "meta").
+
+Kernels are timed by median_ms, not triton.testing.do_bench (it flushes L2
+before each call and picks its repetitions by time) or torch.utils.benchmark
+(host clock over blocks of calls): either would shift the committed figures.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from freeadv_fast.common import PRECISIONS
+
+
+def _device(text: str) -> torch.device:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose cpu, cuda or cuda:N")
+    return torch.device(text)
+
+
+def _precisions(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in PRECISIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}: choose from {', '.join(PRECISIONS)}")
+    return names
+
+
+def parser(doc: str, *, device=True, quick=None, precision=None, several=False, json="write the results here"):
+    """A parser described by ``doc``'s first paragraph with --device (a
+    torch.device) and --json (a Path), and --quick and --precision where
+    their help is given (``several``: a comma-separated list). The script
+    fills in the defaults that depend on the device."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    if device:
+        p.add_argument("--device", type=_device, metavar="cpu|cuda[:N]",
+                       default="cuda" if torch.cuda.is_available() else "cpu")
+    if quick:
+        p.add_argument("--quick", action="store_true", help=quick)
+    if precision and several:
+        p.add_argument("--precision", type=_precisions, metavar="{" + ",".join(PRECISIONS) + "}[,...]", help=precision)
+    elif precision:
+        p.add_argument("--precision", choices=list(PRECISIONS), help=precision)
+    if json:
+        p.add_argument("--json", type=Path, metavar="PATH", help=json)
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if getattr(args, "device", None) is not None and args.device.type == "cuda" and not torch.cuda.is_available():
+        p.exit(2, f"{p.prog}: --device {args.device} asked for, but torch sees no GPU\n")
+    return args
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_clock(fn, device: torch.device):
+    """``(fn(), seconds)`` on the host's clock, the device synchronised at both
+    ends so that all the work fn queued counts and none queued before it."""
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - t0
+
+
+def elapsed_s(fn, device: torch.device, calls: int = 1) -> float:
+    """Seconds for ``calls`` calls of fn back to back, synchronised only at
+    the ends: CUDA events on a GPU (the device's time), the wall clock on a CPU."""
+    cuda = device.type == "cuda"
+    if cuda:
+        sync(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if not cuda:
+        return time.perf_counter() - t0
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def median_ms(fn, device: torch.device, reps: int, warmup: int) -> float:
+    """Median milliseconds of one call (the upper median for an even ``reps``),
+    each timed alone, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median_high(elapsed_s(fn, device) for _ in range(reps)) * 1e3
+
+
+def in_graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
+    """Milliseconds per call with ``calls`` calls captured in one CUDA graph:
+    the op's time inside a captured training step, launch cost gone."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture needs one eager call on a side stream first
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    return elapsed_s(graph.replay, torch.device("cuda"), reps) * 1e3 / (reps * calls)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _version(name: str):
+    try:
+        return __import__(name).__version__
+    except Exception:
+        return None
+
+
+def _first_line(*cmd):
+    try:
+        out = subprocess.check_output(cmd, cwd=Path(__file__).parent, text=True, stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return (out.strip().splitlines() or [None])[0]
+
+
+def provenance(device: torch.device) -> dict:
+    """Where and how a result was measured: the fields every results file's "meta" starts with."""
+    return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+            "triton": _version("triton"), "cuda": torch.version.cuda,
+            "driver": _first_line("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+            if device.type == "cuda" else None,
+            # a copy of the tree run elsewhere (the GPU machine) may carry a stale .git: the caller names the commit
+            "git_commit": os.environ.get("FREEADV_GIT_COMMIT") or _first_line("git", "rev-parse", "HEAD"),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_json(path: Path, device: torch.device, meta: dict | None = None, **body) -> dict:
+    """Writes ``{"meta": provenance(device) | meta, **body}`` to ``path`` (a
+    key of ``meta`` overrides provenance's in place) and returns it."""
+    doc = {"meta": {**provenance(device), **(meta or {})}, **body}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
