@@ -31,26 +31,16 @@ import torch
 
 from common import device_name, parse, parser, wall_clock, write_json
 from freeadv_fast.config import ConfigError, RunConfig, check
+from freeadv_fast.data import DATASETS
 from freeadv_fast.data.datasets import build_data
 from freeadv_fast.data.errors import DataError
 from freeadv_fast.evaluate import attack_name, evaluate
+from freeadv_fast.methods import METHODS
 from freeadv_fast.run import build_trainer
 
-METHODS = ("natural", "free", "pgd", "fast")
-LABELS = {"natural": "natural", "free": "free-{m}", "pgd": "PGD-{k}", "fast": "FGSM-RS"}
-DATA_NAMES = {"cifar10": "CIFAR-10", "tiny-imagenet": "Tiny-ImageNet", "fashion-mnist": "Fashion-MNIST"}
-# (arch, epochs, batch, train subset, eval samples, eval steps) of a full run and of --quick. Full: the Fast-AT
-# budget (15 epochs; free-8 rounds up to 2 passes). Quick: 16 epochs, so free-8 makes whole passes, on a subset
-# small enough for the 8x cost of PGD-7 on two CPU cores.
-SETTINGS = {
-    "cifar10": dict(full=("preact_resnet18", 15, 128, 0, 0, "20,100"),
-                    quick=("small_cnn_bn", 16, 50, 1500, 250, "20")),
-    "tiny-imagenet": dict(full=("preact_resnet18", 15, 128, 0, 0, "20,100"),
-                          quick=("small_cnn_bn", 16, 50, 500, 200, "20")),
-    "fashion-mnist": dict(full=("small_cnn_bn", 15, 128, 0, 0, "20,100"),
-                          quick=("small_cnn_bn", 16, 50, 1000, 250, "20")),
-}
-EPSILON = {"cifar10": "8/255", "tiny-imagenet": "8/255", "fashion-mnist": "0.1"}
+# the datasets with comparison settings: (arch, epochs, batch, train subset, eval samples, eval steps) of a
+# full run and of --quick, each in its dataset's spec (DatasetSpec.compare)
+COMPARABLE = {name: spec for name, spec in DATASETS.items() if spec.compare}
 
 
 def parse_args(argv):
@@ -58,7 +48,7 @@ def parse_args(argv):
                precision="default: bf16 on a GPU, fp32 on a CPU",
                json="results file (default: runs/compare-<dataset>-<time>/compare.json)")
     p.add_argument("--data", help="dataset folder (fashion-mnist: default the Debian package's)")
-    p.add_argument("--dataset", default="cifar10", choices=sorted(SETTINGS))
+    p.add_argument("--dataset", default="cifar10", choices=sorted(COMPARABLE))
     p.add_argument("--data-name", help="how the data is named in the results (default: the dataset's name; e.g. "
                                        "'CIFAR-10 (JPEG q75 copy)')")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
@@ -81,9 +71,9 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile every method's model")
     p.add_argument("--seed", type=int, default=0)
     args = parse(p, argv)
-    arch, epochs, batch, subset, samples, steps = SETTINGS[args.dataset]["quick" if args.quick else "full"]
+    arch, epochs, batch, subset, samples, steps = COMPARABLE[args.dataset].compare["quick" if args.quick else "full"]
     args.arch = args.arch or arch
-    args.epsilon = args.epsilon or EPSILON[args.dataset]
+    args.epsilon = args.epsilon or COMPARABLE[args.dataset].epsilon
     args.epochs = args.epochs or epochs
     args.batch_size = args.batch_size or batch
     args.train_subset = subset if args.train_subset is None else args.train_subset
@@ -116,7 +106,7 @@ def config_for(args, method):
 def run_method(args, method, data, log):
     cfg = config_for(args, method)
     trainer, model, passes, replays = build_trainer(cfg, data, args.device)
-    label = LABELS[method].format(m=replays, k=cfg.pgd_steps)
+    label = METHODS[method].title(cfg)
     log(f"== {label}: {passes} passes x {len(data.train)} batches x {replays} replay(s), eps {cfg.epsilon:.4g}, "
         f"step {cfg.step_size:.4g}")
     records = []
@@ -190,7 +180,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as exc:
         log(f"compare.py: error: {exc}")
         return 2
-    data_name = args.data_name or DATA_NAMES[args.dataset]
+    data_name = args.data_name or COMPARABLE[args.dataset].title
     log(f"{data_name}: {data.train.num_samples} training images ({time.perf_counter() - t0:.1f} s to load), "
         f"{args.arch}, {args.epochs:g} epochs-equivalent, batch {args.batch_size}, {args.precision}, "
         f"on {args.device}")

@@ -52,10 +52,11 @@ def pixel_value(text) -> float:
     return value
 
 
-def setting(default=None, help="", *, choices=None, min=None, pixel=False, factory=None):
+def setting(default=None, help="", *, choices=None, noun=None, min=None, pixel=False, factory=None):
     """A RunConfig field: its default and the metadata its flag and its check
-    are made from (``choices``: a callable giving the allowed names)."""
-    meta = dict(help=help, choices=choices, min=min, pixel=pixel)
+    are made from (``choices``: a callable giving the allowed names; ``noun``:
+    what messages call one of them)."""
+    meta = dict(help=help, choices=choices, noun=noun, min=min, pixel=pixel)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -65,7 +66,8 @@ def setting(default=None, help="", *, choices=None, min=None, pixel=False, facto
 class RunConfig:
     dataset: str = setting(EMBEDDED_DEFAULT, "the dataset", choices=lambda: DATASETS)
     data: str | None = setting(None, "dataset folder")
-    arch: str | None = setting(None, "model architecture (default: the dataset's)", choices=lambda: ARCHITECTURES)
+    arch: str | None = setting(None, "model architecture (default: the dataset's)", choices=lambda: ARCHITECTURES,
+                                noun="architecture")
     method: str = setting("free", "training method", choices=lambda: METHODS)
     replays: int = setting(4, "m of free-m: replays of each minibatch", min=1)
     epsilon: float = setting(4 / 255, "L-inf budget in pixel units, e.g. 4/255", pixel=True)
@@ -230,7 +232,8 @@ def _check_field(f, value):
     choices, low = f.metadata.get("choices"), f.metadata.get("min")
     if choices is not None and value not in choices():
         names = sorted(choices()) if f.name == "arch" else list(choices())
-        raise ConfigError(f"unknown {f.name.replace('_', ' ')} {value!r}: choose one of {', '.join(names)}")
+        noun = f.metadata.get("noun") or f.name.replace("_", " ")
+        raise ConfigError(f"unknown {noun} {value!r}: choose one of {', '.join(names)}")
     if low is not None:
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in items):
