@@ -7,10 +7,10 @@ import torch.nn.functional as F
 
 import freeadv_fast
 import freeadv_fast.ops as ops
+from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.ops import reference
 
 pytestmark = pytest.mark.gpu
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def test_the_cuda_extension_and_triton_serve_this_gpu():

@@ -8,10 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import freeadv_fast.ops as ops
+from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.ops import reference
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 EPS = 8 / 255
 STEP = 2 / 255
 SHAPES = [(5, 3, 7, 9), (1, 3, 4, 4), (4, 3, 16, 16)]

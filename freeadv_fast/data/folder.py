@@ -32,7 +32,6 @@ from .errors import DataError
 from .tensors import RandomCropFlip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LOADERS = ("auto", "dali", "torch")
 AUGMENTATIONS = ("random-resized-crop", "pad-crop")
 
