@@ -13,7 +13,6 @@ import gc
 import os
 import signal
 import socket
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ import torch
 import torch.distributed as dist
 import multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
+
+from . import messages
 
 
 @dataclass(frozen=True)
@@ -150,11 +151,17 @@ def release_groups():
 
 def launch(fn, nproc: int, *args, grace_s: float = 60.0) -> int:
     """Runs ``fn(*args)`` in ``nproc`` fresh processes on this machine, with the
-    environment torchrun would give them, and returns the first non-zero exit
-    status (0 when all succeeded). SIGTERM and SIGINT are passed on to the
-    workers, so they can checkpoint; if one worker fails the others get
-    ``grace_s`` seconds to notice before they are terminated. ``fn`` must be
-    importable (a module-level function)."""
+    environment torchrun would give them, and returns the exit status of the
+    worker that failed first (0 when all succeeded). SIGTERM and SIGINT are
+    passed on to the workers, so they can checkpoint; if one worker fails the
+    others get ``grace_s`` seconds to notice, are then terminated, and are
+    killed after ``grace_s`` more (a rank stuck in a collective ignores
+    SIGTERM). ``fn`` must be importable (a module-level function).
+
+    Not torch's elastic_launch: it logs every worker failure, a clean exit 2
+    included, with a traceback, so a user error loses its one line; muting its
+    loggers also hides a crashed worker's traceback, and it leaves its own
+    SIGTERM/SIGINT handlers installed in the caller."""
     if nproc == 1:
         fn(*args)
         return 0
@@ -170,28 +177,39 @@ def launch(fn, nproc: int, *args, grace_s: float = 60.0) -> int:
                 os.kill(p.pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    first = failed_at = None
+    killed = set()
     try:
-        failed_at = None
         while any(p.is_alive() for p in procs):
             for p in procs:
                 p.join(timeout=0.2)
-            if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
+            if first is None:
+                first = next((r for r, p in enumerate(procs) if p.exitcode not in (None, 0)), None)
                 failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > grace_s:
-                for p in procs:
-                    if p.is_alive():
-                        p.terminate()
+            waited = time.monotonic() - failed_at if first is not None else 0
+            for rank, p in enumerate(procs):
+                if p.is_alive() and waited > 2 * grace_s:
+                    p.kill()
+                    killed.add(rank)
+                elif p.is_alive() and waited > grace_s:
+                    p.terminate()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     codes = [p.exitcode for p in procs]
     for rank, code in enumerate(codes):
-        if code is not None and code < 0:
-            print(f"freeadv_fast: rank {rank} was killed by {signal.Signals(-code).name}", file=sys.stderr, flush=True)
+        if rank in killed:
+            msg = f"rank {rank} did not stop within {2 * grace_s:g} s of rank {first}'s failure; killed"
+        elif code < 0:
+            msg = f"rank {rank} was killed by {signal.Signals(-code).name}"
         elif code not in (0, 2, 128 + signal.SIGINT, 128 + signal.SIGTERM):  # 2: it said why; 130/143: stopped
-            print(f"freeadv_fast: rank {rank} failed (exit status {code})", file=sys.stderr, flush=True)
-    bad = [c for c in codes if c]
-    return (bad[0] if bad[0] > 0 else 128 - bad[0]) if bad else 0
+            msg = f"rank {rank} failed (exit status {code})"
+        else:
+            continue
+        messages.error(f"freeadv_fast: {msg}")
+    if first is None:
+        return 0
+    return codes[first] if codes[first] > 0 else 128 - codes[first]
 
 
 def is_peer_failure(exc: BaseException) -> bool:

@@ -5,16 +5,18 @@ m * batches optimizer steps. The paper keeps the number of gradient steps of
 natural training: "E epochs" with m replays means ceil(E / m) passes over the
 data. ``passes_for`` is the one place that conversion happens.
 
-Every schedule here is a ``torch.optim.lr_scheduler.LRScheduler`` to be
-stepped once per optimizer step; its state is plain numbers, so it checkpoints
-with ``weights_only=True``.
+Every schedule is a ``torch.optim.lr_scheduler.LambdaLR``, stepped once per
+optimizer step, whose factor is a pure module-level function of the step
+count (bound with ``functools.partial``): its state_dict holds plain numbers
+only, so it checkpoints with ``weights_only=True``, and the schedule's
+parameters come from the run's configuration, never from the checkpoint.
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 
-import torch
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LambdaLR
 
 SCHEDULES = ("constant", "step", "multistep", "cosine", "onecycle")
 
@@ -33,110 +35,64 @@ def official_step_passes(replays: int, every_epochs: int = 30) -> int:
     return math.ceil(every_epochs / replays)
 
 
-class StepCountSchedule(LRScheduler):
-    """LR = base_lr * factor(step), with ``factor`` a pure function of the
-    optimizer-step count. Subclasses define ``factor``."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, last_epoch: int = -1):
-        super().__init__(optimizer, last_epoch)
-        # plain numbers: an optimizer whose LR is a device tensor (CUDA graphs)
-        # is then written with fill_, never read back to the host
-        self.base_lrs = [float(b) for b in self.base_lrs]
-
-    def factor(self, step: int) -> float:
-        raise NotImplementedError
-
-    def get_lr(self):
-        f = self.factor(self.last_epoch)
-        return [base * f for base in self.base_lrs]
-
-    def _get_closed_form_lr(self):
-        return self.get_lr()
+# -- factors of the base LR, pure functions of the optimizer-step count ------
+def constant(step: int) -> float:
+    return 1.0
 
 
-class Constant(StepCountSchedule):
-    def factor(self, step):
-        return 1.0
+def step_decay(step: int, *, every_steps: int, gamma: float = 0.1) -> float:
+    """``gamma`` every ``every_steps`` optimizer steps (the official ImageNet
+    schedule with every_steps = ceil(30/m) passes of steps)."""
+    return gamma ** (step // every_steps)
 
 
-class StepDecay(StepCountSchedule):
-    """Multiply by ``gamma`` every ``every_steps`` optimizer steps (the official
-    ImageNet schedule with every_steps = ceil(30/m) passes of steps)."""
-
-    def __init__(self, optimizer, every_steps: int, gamma: float = 0.1, last_epoch: int = -1):
-        if every_steps < 1:
-            raise ValueError(f"every_steps must be >= 1, got {every_steps}")
-        self.every_steps, self.gamma = int(every_steps), float(gamma)
-        super().__init__(optimizer, last_epoch)
-
-    def factor(self, step):
-        return self.gamma ** (step // self.every_steps)
+def multistep_decay(step: int, *, milestones: tuple, gamma: float = 0.1) -> float:
+    """``gamma`` at each milestone (in optimizer steps); the official CIFAR code
+    divides by 10 at 40k and 60k of 80k steps."""
+    return gamma ** sum(step >= m for m in milestones)
 
 
-class MultiStepDecay(StepCountSchedule):
-    """Multiply by ``gamma`` at each milestone (in optimizer steps); the official
-    CIFAR code divides by 10 at 40k and 60k of 80k steps."""
-
-    def __init__(self, optimizer, milestones, gamma: float = 0.1, last_epoch: int = -1):
-        self.milestones, self.gamma = sorted(int(m) for m in milestones), float(gamma)
-        super().__init__(optimizer, last_epoch)
-
-    def factor(self, step):
-        return self.gamma ** sum(step >= m for m in self.milestones)
+def cosine(step: int, *, total_steps: int, warmup_steps: int = 0, final_factor: float = 0.0) -> float:
+    """Cosine from 1 to ``final_factor`` over ``total_steps``, after
+    ``warmup_steps`` of linear warm-up."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-class Cosine(StepCountSchedule):
-    """Cosine from base_lr to ``final_factor * base_lr`` over ``total_steps``,
-    after ``warmup_steps`` of linear warm-up."""
-
-    def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, final_factor: float = 0.0,
-                 last_epoch: int = -1):
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        self.total_steps, self.warmup_steps, self.final_factor = int(total_steps), int(warmup_steps), final_factor
-        super().__init__(optimizer, last_epoch)
-
-    def factor(self, step):
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.final_factor + (1 - self.final_factor) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-class OneCycle(StepCountSchedule):
-    """Wong et al.'s cyclic schedule: linear from 0 up to base_lr at
-    ``peak_fraction`` of the run, then linearly back to 0."""
-
-    def __init__(self, optimizer, total_steps: int, peak_fraction: float = 0.4, last_epoch: int = -1):
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if not 0 < peak_fraction < 1:
-            raise ValueError(f"peak_fraction must be in (0, 1), got {peak_fraction}")
-        self.total_steps, self.peak_fraction = int(total_steps), float(peak_fraction)
-        super().__init__(optimizer, last_epoch)
-
-    def factor(self, step):
-        t = (step + 1) / self.total_steps  # the first step already trains, at a small LR
-        if t <= self.peak_fraction:
-            return t / self.peak_fraction
-        return max(0.0, (1 - t) / (1 - self.peak_fraction))
+def one_cycle(step: int, *, total_steps: int, peak_fraction: float = 0.4) -> float:
+    """Wong et al.'s cyclic schedule: linear from 0 up to 1 at ``peak_fraction``
+    of the run, then linearly back to 0."""
+    t = (step + 1) / total_steps  # the first step already trains, at a small LR
+    if t <= peak_fraction:
+        return t / peak_fraction
+    return max(0.0, (1 - t) / (1 - peak_fraction))
 
 
 def build_schedule(name: str, optimizer, *, steps_per_pass: int, passes: int, replays: int = 1,
-                   milestones=None, warmup_passes: float = 0.0) -> LRScheduler:
+                   milestones=None, warmup_passes: float = 0.0) -> LambdaLR:
     """A schedule by name, with its lengths given in passes and converted to
     optimizer steps here (``steps_per_pass`` = batches per pass * replays)."""
+    if steps_per_pass < 1 or passes < 1:
+        raise ValueError(f"a schedule needs steps_per_pass and passes >= 1, got {steps_per_pass} and {passes}")
     total = steps_per_pass * passes
     if name == "constant":
-        return Constant(optimizer)
-    if name == "step":
-        return StepDecay(optimizer, every_steps=official_step_passes(replays) * steps_per_pass)
-    if name == "multistep":
+        factor = constant
+    elif name == "step":
+        factor = partial(step_decay, every_steps=official_step_passes(replays) * steps_per_pass, gamma=0.1)
+    elif name == "multistep":
         if not milestones:
             raise ValueError("the multistep schedule needs milestones (in optimizer steps)")
-        return MultiStepDecay(optimizer, milestones)
-    if name == "cosine":
-        return Cosine(optimizer, total, warmup_steps=round(warmup_passes * steps_per_pass))
-    if name == "onecycle":
-        return OneCycle(optimizer, total)
-    raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
+        factor = partial(multistep_decay, milestones=tuple(sorted(int(m) for m in milestones)), gamma=0.1)
+    elif name == "cosine":
+        factor = partial(cosine, total_steps=total, warmup_steps=round(warmup_passes * steps_per_pass))
+    elif name == "onecycle":
+        factor = partial(one_cycle, total_steps=total)
+    else:
+        raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
+    schedule = LambdaLR(optimizer, factor)
+    # plain numbers: an optimizer whose LR is a device tensor (CUDA graphs) is
+    # then written with fill_, never read back to the host
+    schedule.base_lrs = [float(b) for b in schedule.base_lrs]
+    return schedule

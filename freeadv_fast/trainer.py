@@ -403,7 +403,9 @@ class Trainer:
         distributed.unwrap(self.model).load_state_dict(state["model"])
         self._load_optimizer_state(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+            # checkpoints written before the schedules were LambdaLRs lack its (stateless) lr_lambdas
+            lambdas = [None] * len(getattr(self.scheduler, "lr_lambdas", []))
+            self.scheduler.load_state_dict({"lr_lambdas": lambdas, **state["scheduler"]})
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]

@@ -1,8 +1,10 @@
 """The distributed path on CPU with gloo: our launcher and torchrun (two
 "nodes" on 127.0.0.1), DDP equal to one process, resume with two processes."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +44,29 @@ def test_two_processes_equal_one_on_the_whole_batch_and_resume_exactly(tmp_path)
     assert_same_model(load(resumed / "model-resume.pt"), load(resumed / "model-full.pt"), exact=True)
     for r in (0, 1):
         assert torch.equal(load(resumed / f"delta-resume-rank{r}.pt"), load(resumed / f"delta-full-rank{r}.pt"))
+
+
+def fails_while_its_peer_hangs(ready: str, status: int):
+    """Rank 0 ignores SIGTERM and never returns, like a rank stuck in a collective; rank 1 then exits with
+    ``status``."""
+    if os.environ["RANK"] == "0":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        Path(ready).touch()
+        while True:
+            time.sleep(0.1)
+    while not Path(ready).exists():
+        time.sleep(0.1)
+    sys.exit(status)
+
+
+def test_the_launcher_returns_the_first_failure_and_kills_a_stuck_peer(tmp_path, capfd):
+    start = time.monotonic()
+    # 2, a user error on rank 1 only: its status, not that of rank 0 which failed after it
+    assert distributed.launch(fails_while_its_peer_hangs, 2, str(tmp_path / "ready"), 2, grace_s=1) == 2
+    assert time.monotonic() - start < 60
+    err = capfd.readouterr().err
+    assert "freeadv_fast: rank 0 did not stop within 2 s of rank 1's failure; killed" in err
+    assert "rank 1" not in err.replace("rank 1's failure", "")  # status 2: the worker said why itself
 
 
 def test_torchrun_with_two_nodes_on_localhost(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from freeadv_fast import FastTrainer, FreeAdversarialTrainer, NaturalTrainer, PGDTrainer
-from freeadv_fast.scheduler import OneCycle
+from freeadv_fast.scheduler import build_schedule
 from helpers import EPS, MEAN, STD, STEP, small_cnn, toy_data
 
 METHODS = {
@@ -25,7 +25,8 @@ def make_trainer(method, model, device, **kw):
     lr = torch.tensor(0.05, device=device) if device == "cuda" else 0.05
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4,
                           fused=True if device == "cuda" else None)
-    schedule = OneCycle(opt, total_steps=40)  # the LR changes every step: the graph must see each value
+    # the LR changes every step: the graph must see each value
+    schedule = build_schedule("onecycle", opt, steps_per_pass=40, passes=1)
     return cls(model, opt, mean=MEAN, std=STD, scheduler=schedule, seed=3, **args, **kw)
 
 

@@ -1,15 +1,17 @@
 """The trainers against plain PyTorch loops written like the papers' code."""
 import copy
+import io
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
 
 import freeadv_fast.ops as ops
 from freeadv_fast import FastTrainer, FreeAdversarialTrainer, NaturalTrainer, PGDTrainer
 from freeadv_fast.data import TensorBatches
-from freeadv_fast.scheduler import StepDecay, build_schedule, passes_for
+from freeadv_fast.scheduler import build_schedule, passes_for
 from helpers import EPS, MEAN, STD, STEP, clamp_with_mask, sgd, small_cnn, toy_data
 
 CPU_BACKENDS = ops.available_backends("cpu")
@@ -246,7 +248,8 @@ def test_the_scheduler_counts_replay_steps_and_the_epoch_convention():
     loader = TensorBatches(x, y, batch_size=8)  # 2 batches per pass
     replays = 4
     schedule = build_schedule("step", opt, steps_per_pass=len(loader) * replays, passes=16, replays=replays)
-    assert isinstance(schedule, StepDecay) and schedule.every_steps == math.ceil(30 / 4) * 2 * 4
+    assert isinstance(schedule, LambdaLR)
+    assert schedule.lr_lambdas[0].keywords["every_steps"] == math.ceil(30 / 4) * 2 * 4
     trainer = FreeAdversarialTrainer(model, opt, replays=replays, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
                                      scheduler=schedule)
     lrs = []
@@ -273,6 +276,37 @@ def test_schedules_have_their_shape(name):
         assert lrs[39] == 1.0 and lrs[40] == pytest.approx(0.1) and lrs[60] == pytest.approx(0.01)
     else:
         assert set(lrs) == {1.0}
+
+
+@pytest.mark.parametrize("name", ["step", "cosine", "onecycle", "multistep", "constant"])
+def test_a_schedule_writes_a_tensor_lr_in_place_and_checkpoints_as_plain_numbers(name):
+    """The CUDA-graph case: the LR is a 0-dim tensor a captured graph reads; the schedule fills it in place from
+    float base LRs. Its state is plain numbers (weights_only) and a resumed schedule goes on with the same LRs."""
+    def make():
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=torch.tensor(0.5))
+        return opt, build_schedule(name, opt, steps_per_pass=10, passes=10, replays=4, milestones=[40, 60])
+    opt, s = make()
+    lr = opt.param_groups[0]["lr"]
+    assert all(type(b) is float for b in s.base_lrs)
+    lrs = []
+    for step in range(100):
+        if step == 37:
+            buf = io.BytesIO()
+            torch.save({"opt": opt.state_dict(), "sched": s.state_dict()}, buf)
+        lrs.append(lr.clone())
+        opt.step()
+        s.step()
+    assert opt.param_groups[0]["lr"] is lr
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    opt, s = make()
+    opt.load_state_dict(state["opt"])
+    s.load_state_dict(state["sched"])
+    assert s.last_epoch == 37
+    for step in range(37, 100):
+        assert torch.equal(opt.param_groups[0]["lr"], lrs[step]), step
+        opt.step()
+        s.step()
 
 
 def test_bad_arguments_are_named():
