@@ -78,7 +78,7 @@ def add_config_flags(parser, *, skip=(), rename=None, show_defaults=True):
         help = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
         if choices is not None:
-            help += f" (one of {', '.join(sorted(choices()) if len(choices()) > 8 else choices())})"
+            help += f" (one of {', '.join(choices())})"
         if show_defaults and default not in (None, [], ""):
             shown = ",".join(map(str, default)) if isinstance(default, list) else f"{default:.4g}" \
                 if isinstance(default, float) else default

@@ -38,6 +38,15 @@ def stream_seed(seed: int, epoch: int, rank: int | None = None, batch: int | Non
     return base * 1009 + (rank if batch is None else rank * 101 + batch)
 
 
+def register(table: dict, name: str, item, what: str):
+    """Adds ``item`` to a registry under ``name``; another item under a taken
+    name is refused (registering the same one again is harmless)."""
+    if table.get(name, item) is not item:
+        raise ValueError(f"a {what} named {name!r} is registered already")
+    table[name] = item
+    return item
+
+
 def check_pixel_range(pixel_range) -> tuple[float, float]:
     lo, hi = (float(v) for v in pixel_range)
     if not lo < hi:

@@ -66,7 +66,7 @@ def setting(default=None, help="", *, choices=None, noun=None, min=None, pixel=F
 class RunConfig:
     dataset: str = setting(EMBEDDED_DEFAULT, "the dataset", choices=lambda: DATASETS)
     data: str | None = setting(None, "dataset folder")
-    arch: str | None = setting(None, "model architecture (default: the dataset's)", choices=lambda: ARCHITECTURES,
+    arch: str | None = setting(None, "model architecture (default: the dataset's)", choices=lambda: sorted(ARCHITECTURES),
                                 noun="architecture")
     method: str = setting("free", "training method", choices=lambda: METHODS)
     replays: int = setting(4, "m of free-m: replays of each minibatch", min=1)
@@ -231,9 +231,8 @@ def _check_field(f, value):
         raise ConfigError(f"{flag_name(f.name)} must be {allowed}, got {value!r} ({type(value).__name__})")
     choices, low = f.metadata.get("choices"), f.metadata.get("min")
     if choices is not None and value not in choices():
-        names = sorted(choices()) if f.name == "arch" else list(choices())
         noun = f.metadata.get("noun") or f.name.replace("_", " ")
-        raise ConfigError(f"unknown {noun} {value!r}: choose one of {', '.join(names)}")
+        raise ConfigError(f"unknown {noun} {value!r}: choose one of {', '.join(choices())}")
     if low is not None:
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in items):

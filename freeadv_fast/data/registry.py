@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..common import register
+from .errors import DataError
+
 
 @dataclass
 class Data:
@@ -43,7 +46,6 @@ class DatasetSpec:
     def check(self, cfg, layout: bool = True):
         """That --data is given where needed and (``layout``) that the data's
         layout is usable: cheap checks, run before any worker starts."""
-        from .errors import DataError
         if self.data_help is not None and cfg.data is None:
             raise DataError(f"{self.name} needs --data DIR ({self.data_help})")
         if layout and self.check_layout is not None:
@@ -54,7 +56,4 @@ DATASETS: dict[str, DatasetSpec] = {}
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    if DATASETS.get(spec.name, spec) is not spec:
-        raise ValueError(f"a dataset named {spec.name!r} is registered already")
-    DATASETS[spec.name] = spec
-    return spec
+    return register(DATASETS, spec.name, spec, "dataset")

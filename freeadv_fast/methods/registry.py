@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..common import register
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -31,7 +33,4 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    if METHODS.get(spec.name, spec) is not spec:
-        raise ValueError(f"a method named {spec.name!r} is registered already ({METHODS[spec.name].trainer})")
-    METHODS[spec.name] = spec
-    return spec
+    return register(METHODS, spec.name, spec, "method")

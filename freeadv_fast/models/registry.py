@@ -5,13 +5,14 @@ from typing import Callable
 
 import torch.nn as nn
 
+from ..common import register as add
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register(name: str):
     def deco(fn):
-        ARCHITECTURES[name] = fn
-        return fn
+        return add(ARCHITECTURES, name, fn, "architecture")
     return deco
 
 
