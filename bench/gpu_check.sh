@@ -2,7 +2,8 @@
 # `make gpu-check`: every GPU check in one command, sized for one short run
 # (at most ~8 minutes on one H100 or H200), since GPU time here comes in
 # short runs. It builds the extension for this GPU, probes torch's clamp
-# gradient, runs the GPU tests, the kernel and the train-step benchmarks,
+# gradient, runs the GPU tests, the kernel and the train-step benchmarks and
+# profiles free-m's extra cost at ResNet-50's stem (bench/stem_grad.py),
 # and writes bench/results/*-<gpu>.json (plus the logs under
 # bench/results/gpu-check-<gpu>/), from which `python bench/report.py`
 # regenerates the README tables. Each step has its own time limit, so one
@@ -77,7 +78,7 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 rows = [r for r in rows if r["shape"].startswith("imagenet")]
 b = min(rows, key=lambda r: r["op_in_graph_ms"])
-print(f"-DFREEADV_X_PACK_BYTES={b['pack_bytes']} -DFREEADV_FULL_GRID={b['full_grid']} -DFREEADV_U8_LUT={b['u8_lut']}")
+print(f"-DFREEADV_FULL_GRID={b['full_grid']} -DFREEADV_F64_DIVISION={b['f64_division']} -DFREEADV_RGB_STEPS={b['rgb_steps']}")
 PYEOF
 )
 if [ -n "$best" ]; then
@@ -86,6 +87,7 @@ if [ -n "$best" ]; then
     step build-tuned 120 env TORCH_CUDA_ARCH_LIST="$arch" $PY -m pip install --no-build-isolation --no-deps -e .
 fi
 step kernels 100 $PY bench/kernels.py --device cuda --json "bench/results/kernels-$gpu.json"
+step stem-grad 60 $PY bench/stem_grad.py --json "bench/results/stem-grad-$gpu.json"
 step tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider -n 6 --continue-on-collection-errors --junitxml "$logs/tests.xml"
 step train-step-preact-b128 70 $PY bench/train_step.py --model preact_resnet18 --batch-size 128 --precision bf16 \
     --json "bench/results/train-step-preact_resnet18-b128-$gpu.json"
@@ -98,6 +100,22 @@ step train-step-preact-b512 40 $PY bench/train_step.py --model preact_resnet18 -
 step train-step-preact-b128-compile 90 $PY bench/train_step.py --model preact_resnet18 --batch-size 128 \
     --precision bf16 --variants compile,compile+graph --methods natural,free-8,official \
     --json "bench/results/train-step-preact_resnet18-b128-compile-$gpu.json"
+# ImageNet at other sizes, and the loaders against those step rates, on ImageNet-like files made here from
+# Tiny-ImageNet-20 (the caller carries ../shared/datasets/tiny-imagenet-20.tar.gz along as .gpu-data/)
+step train-step-resnet50-sizes 90 bash -c "for s in 128 288; do $PY bench/train_step.py --model resnet50 \
+    --precision bf16 --steps 10 --image-size \$s --methods natural,free-4 --variants graph \
+    --json bench/results/train-step-resnet50-\${s}px-$gpu.json || exit 1; done"
+if [ -f .gpu-data/tiny-imagenet-20.tar.gz ]; then
+    rm -rf build/imagenet-like
+    step imagenet-like 60 $PY bench/make_imagenet_like.py .gpu-data/tiny-imagenet-20.tar.gz build/imagenet-like \
+        --limit 3000 --grain 8
+    step loader 120 $PY bench/loader.py --data build/imagenet-like --device cuda --image-size 128,224,288 \
+        --batches 8 --train-step "bench/results/train-step-resnet50-128px-$gpu.json" \
+        --train-step "bench/results/train-step-resnet50-$gpu.json" \
+        --train-step "bench/results/train-step-resnet50-288px-$gpu.json" --json "bench/results/loader-$gpu.json"
+else
+    echo "gpu-check: no .gpu-data/tiny-imagenet-20.tar.gz, so no loader benchmark"
+fi
 echo "gpu-check: done in $((SECONDS - start))s; step statuses in $logs/status.txt"
 cat "$logs/status.txt"
 publish

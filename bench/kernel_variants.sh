@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds bench/kernel_variants.cu against kernels/perturb.cu once per setting
-# of the kernel's tuning knobs (bytes of x per pack, grid-stride or full grid,
-# uint8 quotient table) and times each on this GPU; every variant must
-# compute the same bits. Writes the JSON lines to $1 (default: stdout).
+# of the kernel's tuning knobs (grid-stride or full grid, the fp64 form of the
+# normalising division or __fdiv_rn, steps of 12 elements a thread loads at
+# once) and times each on this GPU; every variant must compute the same bits. Writes the JSON lines to $1 (default: stdout).
 #   bash bench/kernel_variants.sh [bench/results/kernel-variants-<gpu>.json]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,11 +12,11 @@ arch=$(python3 -c 'import torch; print("%d%d" % torch.cuda.get_device_capability
 dir=build/kernel-variants
 mkdir -p "$dir"
 variants=()
-for pack in 4 16; do for grid in 0 1; do for lut in 0 1; do variants+=("$pack $grid $lut"); done; done; done
+for grid in 0 1; do for f64 in 0 1; do for steps in 1 2; do variants+=("$grid $f64 $steps"); done; done; done
 for v in "${variants[@]}"; do
     set -- $v
-    nvcc -std=c++17 -O3 -Icsrc -DFREEADV_WITH_CUDA -DFREEADV_X_PACK_BYTES=$1 -DFREEADV_FULL_GRID=$2 \
-        -DFREEADV_U8_LUT=$3 -gencode "arch=compute_$arch,code=sm_$arch" bench/kernel_variants.cu kernels/perturb.cu \
+    nvcc -std=c++17 -O3 -Icsrc -DFREEADV_WITH_CUDA -DFREEADV_FULL_GRID=$1 -DFREEADV_F64_DIVISION=$2 \
+        -DFREEADV_RGB_STEPS=$3 -gencode "arch=compute_$arch,code=sm_$arch" bench/kernel_variants.cu kernels/perturb.cu \
         -o "$dir/kv-$1-$2-$3" &
 done
 wait

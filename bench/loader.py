@@ -1,14 +1,21 @@
-"""Images per second of each image-folder loader on the same folder.
+"""Images per second of each image-folder loader on the same folder, and how
+many GPUs of a kind each one can feed.
 
-    python bench/loader.py --data ROOT [--loader dali|torch] [--device cpu|cuda] [--json PATH]
-                           [--split train] [--batch-size 256] [--image-size 224] [--batches N] [--workers W]
+    python bench/loader.py --data ROOT [--loader dali|nvjpeg|torch ...] [--device cpu|cuda] [--json PATH]
+                           [--split train] [--batch-size 256] [--image-size 128,224,288] [--batches N]
+                           [--workers W] [--train-step FILE ...]
 
-ROOT is an ImageFolder dataset (ROOT/train/<class>/*.JPEG). Each loader runs
-one warm-up batch, then times --batches batches (the whole split by default)
-of the training transform (random-resized crop + flip, uint8 out), with a
-device synchronise per batch so the figure is what a training loop receives.
-Free-m replays each batch m times, so training needs only 1/m of these
-rates per replay-step rate.
+ROOT is an ImageFolder dataset (ROOT/train/<class>/*.JPEG; bench/make_imagenet_like.py
+writes one with ImageNet-like files). Each loader (default: every one this
+machine has) runs one warm-up batch, then times --batches batches (the whole
+split by default) of the training transform (random-resized crop + flip,
+uint8 out) at each image size, with a device synchronise per batch so the
+figure is what a training loop receives. With --train-step (results of
+bench/train_step.py, one file per image size), each rate is set beside the
+best measured natural and free-4 step rates at its size: natural training
+needs a new image per image-step, free-m one per m image-replays, so a
+loader feeds rate / natural-rate GPUs of natural training and
+rate / (free-4 rate / 4) of free-4.
 """
 from __future__ import annotations
 
@@ -20,7 +27,9 @@ from pathlib import Path
 import torch
 
 from common import parse, parser, sync, wall_clock, write_json
+from freeadv_fast.cli import int_list
 from freeadv_fast.data.folder import ImageFolderLoader, dali_available, find_split, scan_image_folder
+from freeadv_fast.data.nvjpeg import nvjpeg_available
 
 
 def loader_machine(device):
@@ -31,17 +40,37 @@ def loader_machine(device):
     return f"{platform.processor() or platform.machine()} CPU, {cores}"
 
 
+def step_rates(files) -> dict:
+    """{image size: {"natural": (rate, method), "free-4": (rate, method)}}: the
+    best variant of each in bench/train_step.py results."""
+    import json
+    rates: dict = {}
+    for f in files:
+        doc = json.loads(Path(f).read_text())
+        size = doc["meta"]["image_size"]
+        for r in doc["records"]:
+            kind = r["method"].split(" ")[0]
+            if kind in ("natural", "free-4") and "images_per_s" in r:
+                best = rates.setdefault(size, {}).get(kind)
+                if best is None or r["images_per_s"] > best[0]:
+                    rates[size][kind] = (r["images_per_s"], r["method"])
+    return rates
+
+
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--loader", choices=["dali", "torch"], action="append")
+    p.add_argument("--loader", choices=["dali", "nvjpeg", "torch"], action="append")
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int_list(16), default=[224], metavar="S[,S...]")
     p.add_argument("--batches", type=int, default=0, help="batches to time (0: the whole split)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--train-step", action="append", default=[], metavar="FILE",
+                   help="bench/train_step.py results to set the loader rates beside (repeatable)")
     args = parse(p, argv)
-    loaders = args.loader or (["dali", "torch"] if dali_available() else ["torch"])
+    loaders = args.loader or (["dali"] * dali_available() + ["nvjpeg"] * nvjpeg_available(args.device) + ["torch"])
+    steps = step_rates(args.train_step)
     split = find_split(args.data, args.split)
     classes, samples, bad = scan_image_folder(split)
     device = args.device
@@ -49,8 +78,8 @@ def main(argv=None):
         device = torch.device("cuda", device.index or 0)  # DALI wants the GPU's index
     print(f"{split}: {len(samples)} images, {len(classes)} classes; device {device}, {args.workers} workers")
     records = []
-    for name in loaders:
-        data = ImageFolderLoader(split, train=True, batch_size=args.batch_size, image_size=args.image_size,
+    for name, size in ((n, s) for s in args.image_size for n in loaders):
+        data = ImageFolderLoader(split, train=True, batch_size=args.batch_size, image_size=size,
                                  device=device, loader=name, workers=args.workers, samples=samples, classes=classes)
         total = len(data) - 1 if not args.batches else min(args.batches, len(data) - 1)
         if total < 1:
@@ -68,9 +97,17 @@ def main(argv=None):
             return images
         images, seconds = wall_clock(take, device)
         rate = images / seconds
-        print(f"  {name:<6} {rate:10.1f} images/s  ({images} images in {seconds:.1f} s)", flush=True)
-        records.append({"loader": name, "images_per_s": rate, "images": images, "seconds": seconds,
-                        "batch_size": args.batch_size, "image_size": args.image_size, "workers": args.workers})
+        record = {"loader": name, "images_per_s": rate, "images": images, "seconds": seconds,
+                  "batch_size": args.batch_size, "image_size": size, "workers": args.workers}
+        line = f"  {size:>4}px {name:<6} {rate:10.1f} images/s  ({images} images in {seconds:.1f} s)"
+        for kind, per_image in (("natural", 1), ("free-4", 4)):
+            if kind in steps.get(size, {}):
+                step, method = steps[size][kind]
+                record[f"gpus_fed_{kind}"] = rate / (step / per_image)
+                record[f"step_{kind}"] = {"method": method, "images_per_s": step}
+                line += f"; feeds {rate / (step / per_image):.2f} GPUs of {method} ({step:.0f}/s)"
+        print(line, flush=True)
+        records.append(record)
         del it, data
     if args.json:
         write_json(args.json, device, {"device": loader_machine(device), "data": str(args.data),

@@ -2,14 +2,30 @@
 // the spec in freeadv_fast/ops/reference.py).
 //
 // Plain CUDA, no torch headers: the host glue in csrc/ops.cpp hands over raw
-// pointers and the stream. The op is streaming (13 bytes an element for
-// uint8 x, float32 delta and 16-bit grad and out) with two correctly rounded
-// divisions an element (x / 255 and the normalisation, exact as the spec
-// asks): each thread takes a pack of x (FREEADV_X_PACK_BYTES) with vector
-// loads and stores of every tensor (16 bytes where the pack is that large),
-// in a grid-stride loop over enough resident blocks to fill the GPU; the
-// per-channel constants and the 256 uint8 quotients live in shared memory,
-// and the channel of each element is walked from one division per pack. A
+// pointers and the stream. The op streams 13 bytes an element (uint8 x,
+// float32 delta, 16-bit grad and out), so it is bound by memory only if an
+// element costs few instructions: an H200 moves about 18 bytes per SM and
+// cycle, which leaves some 40 instructions an element. Hence:
+// - the pixel mode and whether delta is updated are template parameters, so
+//   the inner loop has no mode branches;
+// - RGB channels_last (channel_stride 1, 3 channels), the layout training
+//   uses, has its own path: a thread takes 12 elements (4 pixels), whose
+//   channels are 0,1,2,0,1,2,... at compile time, with the 3 channels'
+//   constants in registers: no index arithmetic, no table;
+// - uint8 x / 255 is the exact quotient from a multiply and two FMAs (checked
+//   for all 256 values by tests/test_kernel_arithmetic.py), no division;
+// - the normalisation (v - mean) / std is correctly rounded, as the spec
+//   asks bit for bit, but without a division on GPUs whose fp64 rate is at
+//   least half their fp32 rate (P100, V100, A100, H100, H200): v - mean in
+//   float, times 1/std rounded to double, rounded to float. Why that is the
+//   correctly rounded quotient: for binary32 a, b with a/b in [2^e, 2^(e+1)),
+//   a - b*m for a rounding midpoint m is a nonzero multiple of
+//   2^(e_b + e - 47) (a/b is never a midpoint), so |a/b - m| > 2^(e-48);
+//   the double product is within 2^(e-51) of a/b, so it rounds to the same
+//   float. Other GPUs keep __fdiv_rn. tests/test_kernel_arithmetic.py
+//   replays both on CPU against float division.
+// Other layouts take packs of FREEADV_X_PACK_BYTES of x and walk the channel
+// from one integer division a pack, with the constants in shared memory. A
 // scalar loop finishes unaligned or ragged ends. No atomics.
 // Nothing here needs more than sm_60 (Pascal): no bf16 arithmetic (bf16 is
 // only converted, which cuda_bf16.h emulates on old GPUs), no async copies.
@@ -31,30 +47,38 @@ struct NoTensor {};  // stands for an absent grad or out
 
 constexpr int kThreads = 256;
 constexpr int kMaxSharedChannels = 64;  // more channels read their constants from global memory
+constexpr int kRgbPixels = 4;           // pixels a thread takes per step on the RGB channels_last path
+constexpr int kRgbElems = 3 * kRgbPixels;
 
 // Tuning knobs, measured with bench/kernel_variants.sh (one binary per
-// setting; bench/results/kernel-variants-h200.jsonl). The defaults were the
-// fastest of the eight on an H200 at the ImageNet batch, 20 calls in a
-// graph: 0.145 ms (83% of a copy's bandwidth) against 0.149-0.170 ms for
-// the others. The table saves one of the two correctly rounded divisions
-// an element needs; 16-byte packs of uint8 x (64 bytes of delta a thread)
-// were slower than 4-byte ones (16 bytes of delta).
-#ifndef FREEADV_X_PACK_BYTES  // bytes of x per pack and thread
+// setting; bench/results/kernel-variants-<gpu>.jsonl).
+#ifndef FREEADV_X_PACK_BYTES  // bytes of x per pack and thread on the general path
 #define FREEADV_X_PACK_BYTES 4
 #endif
 #ifndef FREEADV_FULL_GRID  // 1: a thread per pack; 0: grid-stride loop over resident blocks
 #define FREEADV_FULL_GRID 0
 #endif
-#ifndef FREEADV_U8_LUT  // 1: uint8 / 255 from a table of the 256 exact quotients in shared memory
-#define FREEADV_U8_LUT 1
+#ifndef FREEADV_F64_DIVISION  // 1: the fp64 reciprocal where the GPU's fp64 rate allows; 0: __fdiv_rn always
+#define FREEADV_F64_DIVISION 1
+#endif
+#ifndef FREEADV_RGB_STEPS  // steps of 12 elements a thread loads before computing (RGB path)
+#define FREEADV_RGB_STEPS 1
 #endif
 
-// Correctly rounded division, matching the fp32 reference bit for bit even if
-// a build adds --use_fast_math.
-__device__ __forceinline__ float to_float(uint8_t v) { return __fdiv_rn(static_cast<float>(v), 255.0f); }
+// x / 255 for uint8 x, correctly rounded: q = x * RN(1/255) is within an ulp,
+// and one FMA residual step rounds it exactly (all 256 values checked).
+constexpr float kInv255 = 1.0f / 255.0f;
+__device__ __forceinline__ float u8_to_unit(uint32_t v) {
+  const float x = static_cast<float>(v);
+  const float q = x * kInv255;
+  return __fmaf_rn(__fmaf_rn(-q, 255.0f, x), kInv255, q);
+}
+
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float pixel(uint8_t v) { return u8_to_unit(v); }
+__device__ __forceinline__ float pixel(float v) { return v; }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
@@ -66,7 +90,7 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // kVec elements of one tensor, moved with 16-byte accesses where the pack is
-// at least 16 bytes (and with one narrower access otherwise).
+// a multiple of 16 bytes (and with one narrower access otherwise).
 template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec >= 16 ? 16 : sizeof(T) * kVec) Pack {
   T v[kVec];
@@ -105,86 +129,119 @@ struct Params {
   const float* __restrict__ std;
   float lo, hi;
   int64_t channels, channel_stride;
-  bool project;
-  bool strict;   // ClampInputStrict: the bounds themselves masked
   bool index32;  // numel < 2^32: cheaper 32-bit index arithmetic
 };
 
-// The per-channel constants, in shared memory when they fit (and the uint8
-// quotient table, with FREEADV_U8_LUT).
-struct Constants {
-  const float* step;
-  const float* eps;
-  const float* mean;
-  const float* std;
-  const float* u8;
+// One channel's constants (inv_std: 1 / std rounded to double, for the fp64 division).
+struct Channel {
+  float step, eps, mean, std;
+  double inv_std;
 };
 
-constexpr int kSharedFloats = 4 * kMaxSharedChannels + (FREEADV_U8_LUT ? 256 : 0);
-
-__device__ __forceinline__ Constants load_constants(const Params& p, float* smem) {
-  float* lut = smem + 4 * kMaxSharedChannels;
-  if (FREEADV_U8_LUT)
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) lut[i] = __fdiv_rn(static_cast<float>(i), 255.0f);
-  const bool shared = p.channels <= kMaxSharedChannels;
-  if (shared) {
-    const int c = static_cast<int>(p.channels);
-    for (int i = threadIdx.x; i < c; i += blockDim.x) {
-      smem[i] = p.step[i];
-      smem[kMaxSharedChannels + i] = p.eps[i];
-      smem[2 * kMaxSharedChannels + i] = p.mean[i];
-      smem[3 * kMaxSharedChannels + i] = p.std[i];
-    }
-  }
-  __syncthreads();
-  if (!shared) return {p.step, p.eps, p.mean, p.std, lut};
-  return {smem, smem + kMaxSharedChannels, smem + 2 * kMaxSharedChannels, smem + 3 * kMaxSharedChannels, lut};
+template <bool kF64Division>
+__device__ __forceinline__ Channel channel_at(const Params& p, int64_t c) {
+  return {p.step[c], p.eps[c], p.mean[c], p.std[c], kF64Division ? __drcp_rn(static_cast<double>(p.std[c])) : 0.0};
 }
 
-// x in pixel units: the exact quotient for uint8, as the reference's x / 255.
-__device__ __forceinline__ float pixel(const Constants& k, uint8_t v) {
-  return FREEADV_U8_LUT ? k.u8[v] : to_float(v);
-}
-__device__ __forceinline__ float pixel(const Constants&, float v) { return v; }
-
-__device__ __forceinline__ int64_t channel_of(const Params& p, int64_t i) {
-  if (p.index32)
-    return (static_cast<uint32_t>(i) / static_cast<uint32_t>(p.channel_stride)) %
-           static_cast<uint32_t>(p.channels);
-  return (i / p.channel_stride) % p.channels;
+// (v - mean) / std, correctly rounded (see the top of the file for why the fp64 form is).
+template <bool kF64Division>
+__device__ __forceinline__ float normalize(float v, const Channel& k) {
+  if constexpr (kF64Division) return __double2float_rn(static_cast<double>(v - k.mean) * k.inv_std);
+  return __fdiv_rn(v - k.mean, k.std);
 }
 
 __device__ __forceinline__ float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 // The spec for one element: updates d in place (if kUpdate) and returns the
 // normalised model input made from the (new) delta.
-template <bool kUpdate>
-__device__ __forceinline__ float element(const Params& p, const Constants& k, int64_t c, float xv, float& d,
-                                         float sign) {
-  if (kUpdate) {
-    const float e = k.eps[c];
-    if (p.project) {
-      d = clampf(d + k.step[c] * sign, -e, e);
-      d = clampf(xv + d, p.lo, p.hi) - xv;
-    } else {
-      const float s = xv + d;
-      const bool inside = p.strict ? (s > p.lo && s < p.hi) : (s >= p.lo && s <= p.hi);
-      d = clampf(d + k.step[c] * sign * (inside ? 1.f : 0.f), -e, e);
-    }
-  }
-  float v = xv + d;
-  if (!p.project) v = clampf(v, p.lo, p.hi);
-  return __fdiv_rn(v - k.mean[c], k.std[c]);
-}
-
+// step * sign(g) * mask as the reference computes it, zeros' signs included
+// (step > 0): +-step, +0 where g is 0 or NaN, and sign(g) * 0 where masked.
 template <typename GT>
-__device__ __forceinline__ float sign_of(GT g) {
+__device__ __forceinline__ float signed_step(GT g, float step, bool mask) {
   if constexpr (std::is_same_v<GT, NoTensor>) {
     return 0.f;
   } else {
     const float f = to_float(g);
-    return static_cast<float>((f > 0.f) - (f < 0.f));  // sign(NaN) = 0
+    return f > 0.f ? (mask ? step : 0.f) : (f < 0.f ? (mask ? -step : -0.f) : 0.f);
   }
+}
+
+template <bool kUpdate, PixelMode kMode, bool kF64Division, typename GT>
+__device__ __forceinline__ float element(float lo, float hi, const Channel& k, float xv, float& d, GT g) {
+  if constexpr (kUpdate) {
+    if constexpr (kMode == PixelMode::Project) {
+      d = clampf(d + signed_step(g, k.step, true), -k.eps, k.eps);
+      d = clampf(xv + d, lo, hi) - xv;
+    } else {
+      const float s = xv + d;
+      const bool inside = kMode == PixelMode::ClampInputStrict ? (s > lo && s < hi) : (s >= lo && s <= hi);
+      d = clampf(d + signed_step(g, k.step, inside), -k.eps, k.eps);
+    }
+  }
+  float v = xv + d;
+  if constexpr (kMode != PixelMode::Project) v = clampf(v, lo, hi);
+  return normalize<kF64Division>(v, k);
+}
+
+// The RGB channels_last path: a step is kRgbElems consecutive elements from
+// a multiple of kRgbElems, so element j has channel j % 3. The caller checks
+// channels == 3, channel_stride == 1 and the pointers' alignment.
+template <typename XT, typename GT, typename OT, bool kUpdate, PixelMode kMode, bool kF64Division>
+__global__ void __launch_bounds__(kThreads)
+    perturb_rgb_kernel(const XT* __restrict__ x, float* __restrict__ delta, const GT* __restrict__ grad,
+                       OT* __restrict__ out, Params p, int64_t steps) {
+  constexpr int kV = 4;  // elements per access
+  constexpr int kAccesses = kRgbElems / kV;
+  constexpr bool kGrad = !std::is_same_v<GT, NoTensor>;
+  constexpr bool kOut = !std::is_same_v<OT, NoTensor>;
+  Channel k[3];
+#pragma unroll
+  for (int c = 0; c < 3; ++c) k[c] = channel_at<kF64Division>(p, c);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t s0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s0 < steps;
+       s0 += stride * FREEADV_RGB_STEPS) {
+    Pack<XT, kV> xp[FREEADV_RGB_STEPS][kAccesses];
+    Pack<float, kV> dp[FREEADV_RGB_STEPS][kAccesses];
+    Pack<GT, kV> gp[FREEADV_RGB_STEPS][kAccesses];
+    // every load of the step(s) first, then the arithmetic
+#pragma unroll
+    for (int u = 0; u < FREEADV_RGB_STEPS; ++u) {
+      const int64_t s = s0 + u * stride;
+      if (FREEADV_RGB_STEPS > 1 && s >= steps) break;
+      const int64_t base = s * kRgbElems;
+#pragma unroll
+      for (int a = 0; a < kAccesses; ++a) {
+        xp[u][a] = load_pack<XT, kV>(x + base + a * kV);
+        dp[u][a] = load_pack<float, kV>(delta + base + a * kV);
+        if constexpr (kGrad) gp[u][a] = load_pack<GT, kV>(grad + base + a * kV);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < FREEADV_RGB_STEPS; ++u) {
+      const int64_t s = s0 + u * stride;
+      if (FREEADV_RGB_STEPS > 1 && s >= steps) break;
+      const int64_t base = s * kRgbElems;
+#pragma unroll
+      for (int a = 0; a < kAccesses; ++a) {
+        Pack<OT, kV> op;
+#pragma unroll
+        for (int j = 0; j < kV; ++j) {
+          const float o = element<kUpdate, kMode, kF64Division>(p.lo, p.hi, k[(a * kV + j) % 3],
+                                                                pixel(xp[u][a].v[j]), dp[u][a].v[j], gp[u][a].v[j]);
+          if constexpr (kOut) op.v[j] = from_float<OT>(o);
+        }
+        if constexpr (kUpdate) store_pack<float, kV>(delta + base + a * kV, dp[u][a]);
+        if constexpr (kOut) store_pack<OT, kV>(out + base + a * kV, op);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ int64_t channel_of(const Params& p, int64_t i) {
+  if (p.index32)
+    return (static_cast<uint32_t>(i) / static_cast<uint32_t>(p.channel_stride)) %
+           static_cast<uint32_t>(p.channels);
+  return (i / p.channel_stride) % p.channels;
 }
 
 // 16 bytes of x per pack: 16 uint8 pixels or 4 float32 ones.
@@ -194,20 +251,27 @@ struct VecOf {
       FREEADV_X_PACK_BYTES >= static_cast<int>(sizeof(XT)) ? FREEADV_X_PACK_BYTES / static_cast<int>(sizeof(XT)) : 1;
 };
 
-template <typename XT, typename GT, typename OT, bool kUpdate>
+// Any layout: packs of kVec elements, the channel walked from one division
+// a pack, the constants in shared memory when they fit; `begin` lets the
+// RGB path hand over its ragged end.
+template <typename XT, typename GT, typename OT, bool kUpdate, PixelMode kMode>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(const XT* __restrict__ x, float* __restrict__ delta, const GT* __restrict__ grad,
-                   OT* __restrict__ out, Params p, int64_t numel, bool vectorized) {
+                   OT* __restrict__ out, Params p, int64_t begin, int64_t numel, bool vectorized) {
   constexpr int kVec = VecOf<XT>::value;
   constexpr bool kGrad = !std::is_same_v<GT, NoTensor>;
   constexpr bool kOut = !std::is_same_v<OT, NoTensor>;
-  __shared__ float smem[kSharedFloats];
-  const Constants k = load_constants(p, smem);
+  __shared__ Channel smem[kMaxSharedChannels];
+  const bool shared = p.channels <= kMaxSharedChannels;
+  if (shared)
+    for (int i = threadIdx.x; i < p.channels; i += blockDim.x) smem[i] = channel_at<false>(p, i);
+  __syncthreads();
+  auto constants = [&](int64_t c) { return shared ? smem[c] : channel_at<false>(p, c); };
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 
-  const int64_t vec_end = vectorized ? numel / kVec * kVec : 0;
-  for (int64_t base = tid * kVec; base < vec_end; base += stride * kVec) {
+  const int64_t vec_end = vectorized ? begin + (numel - begin) / kVec * kVec : begin;
+  for (int64_t base = begin + tid * kVec; base < vec_end; base += stride * kVec) {
     const Pack<XT, kVec> xp = load_pack<XT, kVec>(x + base);
     Pack<float, kVec> dp = load_pack<float, kVec>(delta + base);
     Pack<GT, kVec> gp;
@@ -219,7 +283,7 @@ __global__ void __launch_bounds__(kThreads)
                           : base % p.channel_stride;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const float o = element<kUpdate>(p, k, c, pixel(k, xp.v[j]), dp.v[j], sign_of<GT>(gp.v[j]));
+      const float o = element<kUpdate, kMode, false>(p.lo, p.hi, constants(c), pixel(xp.v[j]), dp.v[j], gp.v[j]);
       if constexpr (kOut) op.v[j] = from_float<OT>(o);
       if (++r == p.channel_stride) {
         r = 0;
@@ -231,9 +295,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int64_t i = vec_end + tid; i < numel; i += stride) {
     float d = delta[i];
-    float sign = 0.f;
-    if constexpr (kGrad) sign = sign_of<GT>(grad[i]);
-    const float o = element<kUpdate>(p, k, channel_of(p, i), pixel(k, x[i]), d, sign);
+    GT g{};
+    if constexpr (kGrad) g = grad[i];
+    const float o = element<kUpdate, kMode, false>(p.lo, p.hi, constants(channel_of(p, i)), pixel(x[i]), d, g);
     if constexpr (kUpdate) delta[i] = d;
     if constexpr (kOut) out[i] = from_float<OT>(o);
   }
@@ -270,6 +334,21 @@ int multiprocessors() {
   return sms;
 }
 
+// Whether the current device runs fp64 at least at half its fp32 rate (asked once per device).
+bool fast_fp64() {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
+  int device = 0;
+  cudaGetDevice(&device);
+  const bool cache = device >= 0 && device < kMaxDevices;
+  if (cache && cached[device] != 0) return cached[device] == 1;
+  int ratio = 0;
+  cudaDeviceGetAttribute(&ratio, cudaDevAttrSingleToDoublePrecisionPerfRatio, device);
+  const bool fast = ratio > 0 && ratio <= 2;
+  if (cache) cached[device] = fast ? 1 : 2;
+  return fast;
+}
+
 bool aligned(const void* ptr, size_t bytes) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 template <typename T, int kVec>
@@ -277,47 +356,116 @@ constexpr size_t pack_alignment() {
   return std::is_same_v<T, NoTensor> ? 1 : (sizeof(T) * kVec < 16 ? sizeof(T) * kVec : 16);
 }
 
-template <typename XT, typename GT, typename OT, bool kUpdate>
-void launch(const PerturbArgs& a, const void* grad, void* out, cudaStream_t stream) {
-  constexpr int kVec = VecOf<XT>::value;
-  Params p{a.step, a.eps, a.mean, a.std, a.lo, a.hi, a.channels, a.channel_stride,
-           a.mode == PixelMode::Project, a.mode == PixelMode::ClampInputStrict, a.numel < (int64_t(1) << 32)};
-  const bool vectorized = aligned(a.x, pack_alignment<XT, kVec>()) && aligned(a.delta, pack_alignment<float, kVec>()) &&
-                          aligned(grad, pack_alignment<GT, kVec>()) && aligned(out, pack_alignment<OT, kVec>());
-  const int64_t work = vectorized ? (a.numel + kVec - 1) / kVec : a.numel;
-  // FULL_GRID 0: enough resident blocks to saturate memory, the grid-stride loop does the rest.
-  const int64_t max_blocks = FREEADV_FULL_GRID ? int64_t(1) << 30 : int64_t(multiprocessors()) * 2048 / kThreads;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
-  perturb_kernel<XT, GT, OT, kUpdate><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<const XT*>(a.x), a.delta, static_cast<const GT*>(grad), static_cast<OT*>(out), p, a.numel,
-      vectorized);
+// FULL_GRID 0: as many blocks as can be resident at once (asked once per
+// kernel and device), the grid-stride loop does the rest; more would leave a
+// partial second wave.
+template <auto kKernel>
+unsigned blocks_for(int64_t work) {
+  int64_t max_blocks = int64_t(1) << 30;
+  if (!FREEADV_FULL_GRID) {
+    constexpr int kMaxDevices = 64;
+    static int resident[kMaxDevices] = {};
+    int device = 0;
+    cudaGetDevice(&device);
+    int per_sm = device >= 0 && device < kMaxDevices ? resident[device] : 0;
+    if (per_sm == 0) {
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, kThreads, 0);
+      per_sm = std::max(per_sm, 1);
+      if (device >= 0 && device < kMaxDevices) resident[device] = per_sm;
+    }
+    max_blocks = int64_t(multiprocessors()) * per_sm;
+  }
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks)));
+}
+
+void check_launch() {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("freeadv perturb (cuda): launch failed: ") + cudaGetErrorString(err));
 }
 
+template <typename XT, typename GT, typename OT, bool kUpdate, PixelMode kMode>
+void launch(const PerturbArgs& a, const void* grad, void* out, cudaStream_t stream) {
+  constexpr int kVec = VecOf<XT>::value;
+  const Params p{a.step, a.eps, a.mean, a.std, a.lo, a.hi, a.channels, a.channel_stride,
+                 a.numel < (int64_t(1) << 32)};
+  const auto* xs = static_cast<const XT*>(a.x);
+  const auto* gs = static_cast<const GT*>(grad);
+  auto* os = static_cast<OT*>(out);
+  int64_t begin = 0;
+  // 4 elements an access: x, delta, grad and out aligned to 4 of their elements (16 bytes at most)
+  const bool rgb = a.channels == 3 && a.channel_stride == 1 && aligned(a.x, pack_alignment<XT, 4>()) &&
+                   aligned(a.delta, pack_alignment<float, 4>()) && aligned(grad, pack_alignment<GT, 4>()) &&
+                   aligned(out, pack_alignment<OT, 4>());
+  if (rgb) {
+    const int64_t steps = a.numel / kRgbElems;
+    if (steps > 0) {
+      const int64_t work = (steps + FREEADV_RGB_STEPS - 1) / FREEADV_RGB_STEPS;
+      constexpr auto f64 = perturb_rgb_kernel<XT, GT, OT, kUpdate, kMode, true>;
+      constexpr auto f32 = perturb_rgb_kernel<XT, GT, OT, kUpdate, kMode, false>;
+      if (FREEADV_F64_DIVISION && fast_fp64())
+        f64<<<blocks_for<f64>(work), kThreads, 0, stream>>>(xs, a.delta, gs, os, p, steps);
+      else
+        f32<<<blocks_for<f32>(work), kThreads, 0, stream>>>(xs, a.delta, gs, os, p, steps);
+      check_launch();
+    }
+    begin = steps * kRgbElems;
+    if (begin == a.numel) return;
+  }
+  const bool vectorized = !rgb && aligned(a.x, pack_alignment<XT, kVec>()) &&
+                          aligned(a.delta, pack_alignment<float, kVec>()) && aligned(grad, pack_alignment<GT, kVec>()) &&
+                          aligned(out, pack_alignment<OT, kVec>());
+  const int64_t rest = a.numel - begin;
+  constexpr auto general = perturb_kernel<XT, GT, OT, kUpdate, kMode>;
+  general<<<blocks_for<general>(vectorized ? (rest + kVec - 1) / kVec : rest), kThreads, 0, stream>>>(
+      xs, a.delta, gs, os, p, begin, a.numel, vectorized);
+  check_launch();
+}
+
+// Calls f with the pixel mode as a compile-time constant; without an update
+// the two clamp modes make the same input.
+template <typename F>
+void with_mode(PixelMode mode, bool update, F&& f) {
+  using M = PixelMode;
+  switch (mode) {
+    case M::Project: return f(std::integral_constant<M, M::Project>{});
+    case M::ClampInputStrict:
+      if (update) return f(std::integral_constant<M, M::ClampInputStrict>{});
+      [[fallthrough]];
+    case M::ClampInput: return f(std::integral_constant<M, M::ClampInput>{});
+  }
+  throw std::invalid_argument("freeadv perturb (cuda): unknown pixel mode");
+}
+
 template <typename XT>
 void dispatch(const PerturbArgs& a, cudaStream_t s) {
-  if (!a.update) {
-    with_float_type(a.out_dtype, [&](auto o) { launch<XT, NoTensor, typename decltype(o)::type, false>(a, nullptr, a.out, s); });
-  } else if (a.out == nullptr) {
-    with_float_type(a.grad_dtype, [&](auto g) { launch<XT, typename decltype(g)::type, NoTensor, true>(a, a.grad, nullptr, s); });
-  } else if (a.grad_dtype == a.out_dtype) {
-    // The between-replays op: one pass over memory.
-    with_float_type(a.grad_dtype, [&](auto g) {
-      using T = typename decltype(g)::type;
-      launch<XT, T, T, true>(a, a.grad, a.out, s);
-    });
-  } else {
-    // Mixed grad/out dtypes are rare; two passes keep the instantiations few.
-    PerturbArgs update_only = a;
-    update_only.out = nullptr;
-    update_only.out_dtype = DType::None;
-    dispatch<XT>(update_only, s);
-    PerturbArgs make_only = a;
-    make_only.update = false;
-    dispatch<XT>(make_only, s);
-  }
+  with_mode(a.mode, a.update, [&](auto mode) {
+    constexpr PixelMode kMode = decltype(mode)::value;
+    if (!a.update) {
+      with_float_type(a.out_dtype, [&](auto o) {
+        launch<XT, NoTensor, typename decltype(o)::type, false, kMode>(a, nullptr, a.out, s);
+      });
+    } else if (a.out == nullptr) {
+      with_float_type(a.grad_dtype, [&](auto g) {
+        launch<XT, typename decltype(g)::type, NoTensor, true, kMode>(a, a.grad, nullptr, s);
+      });
+    } else if (a.grad_dtype == a.out_dtype) {
+      // The between-replays op: one pass over memory.
+      with_float_type(a.grad_dtype, [&](auto g) {
+        using T = typename decltype(g)::type;
+        launch<XT, T, T, true, kMode>(a, a.grad, a.out, s);
+      });
+    } else {
+      // Mixed grad/out dtypes are rare; two passes keep the instantiations few.
+      PerturbArgs update_only = a;
+      update_only.out = nullptr;
+      update_only.out_dtype = DType::None;
+      dispatch<XT>(update_only, s);
+      PerturbArgs make_only = a;
+      make_only.update = false;
+      dispatch<XT>(make_only, s);
+    }
+  });
 }
 
 }  // namespace

@@ -18,7 +18,7 @@ from freeadv_fast.data.synthetic import SyntheticBatches
 from freeadv_fast.data.tensors import RandomCropFlip, TensorBatches
 
 LOADERS = [pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")),
-           "torch"]
+           "nvjpeg", "torch"]
 
 
 def write_folder(root, classes=("n02", "n01", "n10"), per_class=5, seed=0):

@@ -135,3 +135,40 @@ def test_dali_mixed_decoding_delivers_uint8_nhwc_on_the_gpu(tmp_path):
     for x, y in batches:
         assert x.is_cuda and y.is_cuda and x.dtype == torch.uint8 and x.shape[1:] == (3, 64, 64)
         assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_nvjpeg_loader_on_the_gpu_matches_the_cpu_path_and_skips_bad_files(tmp_path, capsys):
+    """The nvjpeg loader (GPU decoding): centre crops within decoder noise of
+    the torch loader's, training batches uint8 NHWC on the GPU, and a
+    truncated JPEG named and skipped while a PNG named .JPEG is decoded."""
+    import io
+
+    from PIL import Image
+    from test_data import write_folder
+
+    from freeadv_fast.data.folder import ImageFolderLoader, dali_available, resolve_loader, scan_image_folder
+    root = write_folder(tmp_path / "train", classes=("a", "b"), per_class=6)
+    kw = dict(train=False, batch_size=4, image_size=64, val_resize=73, workers=1)
+    gpu = torch.cat([x.cpu() for x, _ in ImageFolderLoader(root, device="cuda:0", loader="nvjpeg", **kw)])
+    cpu = torch.cat([x for x, _ in ImageFolderLoader(root, device="cpu", loader="torch", **kw)])
+    diff = (gpu.float() - cpu.float()).abs()
+    assert gpu.shape == cpu.shape and diff.mean() < 2 and diff.quantile(0.99) < 12, (diff.mean(), diff.max())
+    if not dali_available():
+        assert resolve_loader("auto", "cuda:0") == "nvjpeg"
+
+    good = (root / "a" / "img0.JPEG").read_bytes()
+    (root / "a" / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    png = io.BytesIO()
+    Image.new("RGB", (50, 40), (200, 10, 10)).save(png, format="PNG")
+    (root / "b" / "really_a_png.JPEG").write_bytes(png.getvalue())
+    classes, samples, _ = scan_image_folder(root, check=False)  # let the loader meet the bad file itself
+    data = ImageFolderLoader(root, train=True, batch_size=5, image_size=48, device="cuda:0", loader="nvjpeg",
+                             workers=1, samples=samples, classes=classes)
+    seen = 0
+    for x, y in data:
+        assert x.is_cuda and y.is_cuda and x.dtype == torch.uint8 and x.shape[1:] == (3, 48, 48)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        seen += len(y)
+    assert seen == 13  # 14 files: the truncated one skipped, the PNG decoded
+    assert list(data.bad_files) == [str(root / "a" / "truncated.JPEG")]
+    assert "truncated.JPEG" in capsys.readouterr().err

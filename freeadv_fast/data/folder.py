@@ -4,10 +4,14 @@ with bad-file checks, and the two loaders that read them.
 * DALI (``nvidia-dali``): the file reader feeds ``mixed`` (nvJPEG) decoding
   fused with the random-resized crop on the GPU; with ``device_id=None`` the
   same pipeline runs on DALI's CPU operators.
-* torch: torchvision transforms in DataLoader workers, the fallback when DALI
-  is not installed.
+* nvjpeg (data/nvjpeg.py): DataLoader workers read the files' bytes, and
+  torchvision's ``decode_jpeg`` decodes each batch on the training device,
+  where the crop, resize and flip run too; the fallback when DALI is not
+  installed and a GPU is present (on CPU it decodes with libjpeg).
+* torch: torchvision transforms in DataLoader workers, the fallback on CPU
+  when DALI is not installed.
 
-Both give uint8 batches in NHWC storage seen as NCHW (channels_last) on the
+All give uint8 batches in NHWC storage seen as NCHW (channels_last) on the
 training device; normalization is left to the fused kernel. Training
 augmentation is ImageNet's random-resized crop and flip, or, for small
 native-resolution images (Tiny-ImageNet), ``pad-crop``: a zero-padded random
@@ -32,7 +36,7 @@ from .errors import DataError
 from .tensors import RandomCropFlip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-LOADERS = ("auto", "dali", "torch")
+LOADERS = ("auto", "dali", "nvjpeg", "torch")
 AUGMENTATIONS = ("random-resized-crop", "pad-crop")
 
 
@@ -260,17 +264,30 @@ def dali_available() -> bool:
         return False
 
 
-def resolve_loader(loader: str) -> str:
+def resolve_loader(loader: str, device=torch.device("cpu")) -> str:
+    """``auto``: DALI where installed, else nvjpeg where a GPU is (torchvision
+    decoding on it), else torch's DataLoader workers; said once."""
+    from .nvjpeg import nvjpeg_available
     if loader not in LOADERS:
         raise DataError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
+    device = torch.device(device)
     if loader == "auto":
         if dali_available():
             return "dali"
+        if nvjpeg_available(device):
+            say_once("DALI is not installed (pip install 'freeadv_fast[dali]'); decoding JPEGs on the GPU with "
+                     "torchvision (nvjpeg loader) instead")
+            return "nvjpeg"
         say_once("DALI is not installed (pip install 'freeadv_fast[dali]'); loading images with torchvision "
                  "in DataLoader workers instead")
         return "torch"
     if loader == "dali" and not dali_available():
         raise DataError("--loader dali: nvidia-dali is not installed (pip install 'freeadv_fast[dali]')")
+    if loader == "nvjpeg":
+        try:
+            from torchvision.io import decode_jpeg  # noqa: F401
+        except ImportError:
+            raise DataError("--loader nvjpeg: needs torchvision with torchvision.io.decode_jpeg") from None
     return loader
 
 
@@ -291,7 +308,7 @@ class ImageFolderLoader:
         self.split_dir, self.train, self.batch_size = Path(split_dir), train, batch_size
         self.device, self.image_size, self.val_resize = torch.device(device), image_size, val_resize
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.loader = resolve_loader(loader)
+        self.loader = resolve_loader(loader, device)
         self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
         if samples is None:
             classes, samples, _ = scan_image_folder(split_dir)
@@ -326,7 +343,13 @@ class ImageFolderLoader:
         indices = self.rank_indices()[start * self.batch_size:]
         if not indices:
             return iter(())
-        batches = self._dali_batches(indices, start) if self.loader == "dali" else self._torch_batches(indices)
+        if self.loader == "dali":
+            batches = self._dali_batches(indices, start)
+        elif self.loader == "nvjpeg":
+            from .nvjpeg import nvjpeg_batches
+            batches = nvjpeg_batches(self, indices, start)
+        else:
+            batches = self._torch_batches(indices)
         return self._crop_and_flip(batches, start) if self.pad_crop else batches
 
     def _crop_and_flip(self, batches, start):

@@ -1,0 +1,167 @@
+"""The ``nvjpeg`` loader: CPU workers only read file bytes; torchvision's
+``decode_jpeg`` decodes each batch on the training device (nvJPEG on a GPU),
+and the crop, resize and flip run there too. It delivers what the DALI and
+torch loaders do: uint8 batches in NHWC storage seen as NCHW.
+
+Bad files behave as in the other loaders: a file whose signature, end
+marker or claimed size is wrong (``folder._signature_check``) is skipped and
+named once, a file the decoder refuses is found by decoding the batch's
+images one by one and skipped the same way, and a non-JPEG image (a PNG named
+.JPEG, which PIL reads) is decoded on the CPU, as the torch loader's PIL does.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ..common import stream_seed
+from ..messages import say_once
+from .folder import _HEAD, _signature_check, png_problem
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def nvjpeg_available(device: torch.device) -> bool:
+    """torchvision with batched GPU JPEG decoding, and a GPU to run it on."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+class FileBytes(torch.utils.data.Dataset):
+    """(bytes as a uint8 tensor or None, label, path, why not) per sample: read
+    in the workers, checked as the other loaders check, decoded elsewhere."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            return None, label, path, f"unreadable ({exc.strerror or exc})"
+        why = _signature_check(data[:_HEAD], data[-1024:], len(data))
+        if why is None and data[:8] == b"\x89PNG\r\n\x1a\n":
+            why = png_problem(data)
+        if why:
+            return None, label, path, why
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, path, None
+
+
+def collate_lists(items):
+    return items
+
+
+def crop_box(height: int, width: int, gen: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop box (top, left, h, w), drawn from ``gen``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(2, generator=gen).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the whole image, cut to the ratio range
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class NvjpegDecoder:
+    """Decodes lists of encoded images on ``device`` and applies ``transform``
+    (random-resized-crop, resize, center-crop) image by image there."""
+
+    def __init__(self, device, *, transform: str, image_size: int, val_resize: int):
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        from torchvision.transforms.v2 import functional as TF
+        self.device, self.transform = torch.device(device), transform
+        self.image_size, self.val_resize = image_size, val_resize
+        self._decode_jpeg, self._decode_image, self._rgb, self._tf = decode_jpeg, decode_image, ImageReadMode.RGB, TF
+
+    def decode(self, encoded: list[torch.Tensor], paths: list[str]):
+        """Images (uint8 C x H x W on the device, None where undecodable) and
+        {path: why} for the undecodable ones."""
+        images: list[torch.Tensor | None] = [None] * len(encoded)
+        bad = {}
+        jpeg = [i for i, e in enumerate(encoded) if bytes(e[:3].tolist()) == JPEG_MAGIC]
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs (for torchcodec) on every call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                decoded = self._decode_jpeg([encoded[i] for i in jpeg], mode=self._rgb, device=self.device)
+            except RuntimeError:  # one bad image fails the batch: find it
+                decoded = []
+                for i in jpeg:
+                    try:
+                        decoded.append(self._decode_jpeg(encoded[i], mode=self._rgb, device=self.device))
+                    except RuntimeError as exc:
+                        decoded.append(None)
+                        bad[paths[i]] = f"cannot decode ({str(exc).strip().splitlines()[0]})"
+            for i, image in zip(jpeg, decoded):
+                images[i] = image
+            for i in set(range(len(encoded))) - set(jpeg):  # not JPEG: the CPU decoder, as PIL would
+                try:
+                    images[i] = self._decode_image(encoded[i], mode=self._rgb).to(self.device, non_blocking=True)
+                except RuntimeError as exc:
+                    bad[paths[i]] = f"cannot decode ({str(exc).strip().splitlines()[0]})"
+        return images, bad
+
+    def augment(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        TF, s = self._tf, self.image_size
+        if self.transform == "random-resized-crop":
+            top, left, h, w = crop_box(image.shape[1], image.shape[2], gen)
+            out = TF.resized_crop(image, top, left, h, w, [s, s], antialias=True)
+            return TF.horizontal_flip(out) if bool(torch.rand(1, generator=gen) < 0.5) else out
+        if self.transform == "resize":
+            return TF.resize(image, [s, s], antialias=True)
+        return TF.center_crop(TF.resize(image, self.val_resize, antialias=True), [s, s])
+
+    def batch(self, items, gen: torch.Generator):
+        """(x uint8 B x 3 x S x S channels_last, y) of the decodable items, and {path: why} of the others."""
+        bad = {path: why for data, _, path, why in items if data is None}
+        good = [it for it in items if it[0] is not None]
+        images, undecodable = self.decode([it[0] for it in good], [it[2] for it in good])
+        bad.update(undecodable)
+        kept = [(self.augment(im, gen), it[1]) for im, it in zip(images, good) if im is not None]
+        if not kept:
+            return None, None, bad
+        x = torch.stack([im for im, _ in kept]).contiguous(memory_format=torch.channels_last)
+        y = torch.tensor([label for _, label in kept], dtype=torch.long).to(self.device, non_blocking=True)
+        return x, y, bad
+
+
+def nvjpeg_batches(loader, indices, start):
+    """The batches of ``indices`` for an ImageFolderLoader with loader="nvjpeg"."""
+    from torch.utils.data import DataLoader
+    decoder = NvjpegDecoder(loader.device, transform=loader.transform, image_size=loader.image_size,
+                            val_resize=loader.val_resize)
+    reader = DataLoader(FileBytes([loader.samples[i] for i in indices]), batch_size=loader.batch_size,
+                        num_workers=loader.workers, collate_fn=collate_lists,
+                        prefetch_factor=4 if loader.workers > 0 else None)
+    for b, items in enumerate(reader):
+        gen = torch.Generator().manual_seed(stream_seed(loader.seed, loader.epoch, loader.rank, batch=start + b))
+        x, y, bad = decoder.batch(items, gen)
+        if bad:
+            loader.bad_files.update(bad)
+            path, why = next(iter(bad.items()))
+            say_once(f"{loader.split_dir}: skipping {len(bad)} file(s) that cannot be decoded, e.g. {path}: {why}")
+        if x is not None:
+            yield x, y
