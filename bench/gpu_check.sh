@@ -8,7 +8,7 @@
 # bench/results/gpu-check-<gpu>/), from which `python bench/report.py`
 # regenerates the README tables. Each step has its own time limit, so one
 # slow or failing step still leaves the others' results. With $OUT set (the
-# device tool), everything written is copied there as it is made.
+# device tool), everything written is packed there as it is made.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,10 +21,10 @@ arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())
 logs=bench/results/gpu-check-$gpu
 mkdir -p "$logs"
 
-publish() {  # results travel back even if a later step runs out of time (flat: $OUT/<file>, $OUT/log-<step>.log)
+publish() {  # results travel back even if a later step runs out of time: one archive, since the device tool
+    # returns only a few files ($OUT/gpu-check-<gpu>.tgz: bench/results/*<gpu>* and the logs)
     [ -n "${OUT:-}" ] || return 0
-    for f in bench/results/*"$gpu"*; do [ -f "$f" ] && cp "$f" "$OUT/"; done
-    for f in "$logs"/*; do cp "$f" "$OUT/log-$(basename "$f")"; done
+    tar czf "$OUT/gpu-check-$gpu.tgz.partial" bench/results/*"$gpu"* 2>/dev/null && mv "$OUT/gpu-check-$gpu.tgz.partial" "$OUT/gpu-check-$gpu.tgz"
 }
 # the commit measured (a tree copied to the GPU machine may carry a stale .git): $FREEADV_GIT_COMMIT, or git's
 export FREEADV_GIT_COMMIT=${FREEADV_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}

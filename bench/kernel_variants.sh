@@ -12,7 +12,11 @@ arch=$(python3 -c 'import torch; print("%d%d" % torch.cuda.get_device_capability
 dir=build/kernel-variants
 mkdir -p "$dir"
 variants=()
-for grid in 0 1; do for f64 in 0 1; do for steps in 1 2; do variants+=("$grid $f64 $steps"); done; done; done
+if [ -n "${KERNEL_VARIANTS:-}" ]; then  # "GRID F64 STEPS;GRID F64 STEPS;...": a rerun of some settings
+    IFS=';' read -ra variants <<< "$KERNEL_VARIANTS"
+else
+    for grid in 0 1; do for f64 in 0 1; do for steps in 1 2 4; do variants+=("$grid $f64 $steps"); done; done; done
+fi
 for v in "${variants[@]}"; do
     set -- $v
     nvcc -std=c++17 -O3 -Icsrc -DFREEADV_WITH_CUDA -DFREEADV_FULL_GRID=$1 -DFREEADV_F64_DIVISION=$2 \

@@ -120,15 +120,18 @@ def compare_section() -> str:
     return "\n".join(lines + ["", "Runs:", ""] + [f"- {r}" for r in runs]) + "\n"
 
 
+KNOB_NAMES = {"pack_bytes": "x bytes a pack", "full_grid": "one thread a pack (else grid-stride)",
+              "u8_lut": "uint8 table", "f64_division": "fp64 division", "rgb_steps": "RGB steps a thread"}
+
+
 def kernel_variants_section(path):
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    knobs = [k for k in KNOB_NAMES if k in rows[0]]  # the knobs of the kernel version measured
     lines = [f"**CUDA kernel tuning** (`bench/kernel_variants.sh`: update_and_make_input_, uint8 x, bf16 grad "
              f"and out, channels_last; one build per setting; every setting computed the same bits): "
              f"`{path.name}`", ""]
-    return lines + table(("batch", "x bytes a pack", "grid", "uint8 table", "ms", "ms in a graph",
-                          "of copy in a graph"),
-                         [(r["shape"], r["pack_bytes"], "one thread a pack" if r["full_grid"] else "grid-stride",
-                           "yes" if r["u8_lut"] else "no", f"{r['op_ms']:.4f}", f"{r['op_in_graph_ms']:.4f}",
+    return lines + table(("batch", *(KNOB_NAMES[k] for k in knobs), "ms", "ms in a graph", "of copy in a graph"),
+                         [(r["shape"], *(r[k] for k in knobs), f"{r['op_ms']:.4f}", f"{r['op_in_graph_ms']:.4f}",
                            f"{r['op_in_graph_gbps'] / r['copy_in_graph_gbps']:.0%}") for r in rows])
 
 

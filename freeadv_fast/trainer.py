@@ -22,6 +22,7 @@ from . import distributed, ops
 from .common import COMPILE_MODES, autocast, check_pixel_range, check_precision
 from .graphs import Static, StepGraph
 from .messages import say_once
+from .stem import StemInputGrad, stem_conv
 
 
 class NonFiniteError(RuntimeError):
@@ -85,7 +86,7 @@ class Trainer:
 
     def __init__(self, model, optimizer, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32",
                  channels_last=False, compile=False, cuda_graph=False, scheduler=None, backend="auto", seed=0,
-                 max_bad_steps=10):
+                 max_bad_steps=10, stem_input_grad="autograd"):
         self.amp_dtype = check_precision(precision)
         self.lo, self.hi = check_pixel_range(pixel_range)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -114,6 +115,8 @@ class Trainer:
         self._compile_mode = None if compile in (True, "default") else compile
         self._forward = (torch.compile(self._forward_eager, mode=self._compile_mode) if compile
                          else self._forward_eager)
+        self._stem = self._stem_input_grad(stem_input_grad)
+        self._stem_proven = False  # the first input-gradient step uses autograd and checks the stem sees the input
         self.cuda_graph = cuda_graph and self._graphs_apply()
         self._graph: StepGraph | None = None
         self._graph_key = None
@@ -135,6 +138,18 @@ class Trainer:
         if why:
             say_once(why)
         return why is None
+
+    def _stem_input_grad(self, choice) -> StemInputGrad | None:
+        """How the input gradient is made: "autograd", "padded" (freeadv_fast.stem,
+        where the model has a 3-channel stem convolution), or "auto": padded in
+        16-bit precision on CUDA without torch.compile (where it was measured)."""
+        if choice not in ("auto", "autograd", "padded"):
+            raise ValueError(f"stem_input_grad must be auto, autograd or padded, got {choice!r}")
+        conv = stem_conv(distributed.unwrap(self.model))
+        auto = self.device.type == "cuda" and self.amp_dtype is not None and not self.compiled
+        if conv is None or choice == "autograd" or (choice == "auto" and not auto):
+            return None
+        return StemInputGrad(conv)
 
     def _zeros(self, shape):
         """A float32 zero buffer in the trainer's memory format."""
@@ -275,13 +290,28 @@ class Trainer:
 
     def _train_step(self, inp, y, *, input_grad):
         """Forward, mean cross-entropy, zero grads, one backward; returns the
-        loss, the logits and (when ``input_grad``) the input gradient."""
-        if input_grad:
+        loss, the logits and (when ``input_grad``) the input gradient: from
+        autograd, or from the stem's output gradient (freeadv_fast.stem) once
+        a step has shown that the stem takes this input."""
+        stem = self._stem if input_grad else None
+        if stem is not None:
+            stem.expect(inp)
+        if input_grad and not self._stem_proven:
             inp.requires_grad_(True)
         loss, logits = self._forward(inp, y)
         self.optimizer.zero_grad(set_to_none=True)
         self._scaled(loss).backward()
-        return loss, logits, (inp.grad if input_grad else None)
+        if not input_grad:
+            return loss, logits, None
+        grad = stem.input_grad(inp) if stem is not None else None
+        if not self._stem_proven:
+            if stem is not None and grad is None:
+                say_once("the model's first 3-channel convolution does not take the input; free-m's input "
+                         "gradient comes from autograd")
+                self._stem = None
+            self._stem_proven = self._stem is not None
+            return loss, logits, inp.grad
+        return loss, logits, grad
 
     def _record(self, loss, logits, y):
         """Metrics and the non-finite-loss streak, on the device."""

@@ -172,3 +172,32 @@ def test_nvjpeg_loader_on_the_gpu_matches_the_cpu_path_and_skips_bad_files(tmp_p
     assert seen == 13  # 14 files: the truncated one skipped, the PNG decoded
     assert list(data.bad_files) == [str(root / "a" / "truncated.JPEG")]
     assert "truncated.JPEG" in capsys.readouterr().err
+
+
+def test_the_padded_stem_gradient_on_the_gpu_is_autograds_and_auto_picks_it():
+    """bf16 channels_last on the GPU, where "auto" uses it (freeadv_fast/stem.py):
+    the input gradient from the stem's output gradient against autograd's."""
+    from freeadv_fast import FreeAdversarialTrainer
+    from freeadv_fast.models import create_model
+    from freeadv_fast.stem import StemInputGrad, stem_conv
+    torch.manual_seed(0)
+    model = create_model("resnet50", 10).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 64, 64, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,), device="cuda")
+    stem = StemInputGrad(stem_conv(model))
+    inp = x.clone().requires_grad_(True)
+    stem.expect(inp)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(inp).float(), y)
+    loss.backward()
+    got = stem.input_grad(inp)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    assert (got.sign() == inp.grad.sign()).float().mean() > 0.999
+    torch.testing.assert_close(got.float(), inp.grad.float(), rtol=2 ** -6, atol=1e-3 * inp.grad.abs().max().item())
+
+    t = FreeAdversarialTrainer(model, torch.optim.SGD(model.parameters(), lr=0.01), replays=2, epsilon=4 / 255,
+                               step_size=4 / 255, mean=MEAN, std=STD, precision="bf16", channels_last=True)
+    xb = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, device="cuda")
+    t.train_batch(xb, y)
+    t.train_batch(xb, y)
+    assert t._stem is not None and t._stem_proven and t.delta.abs().max() > 0

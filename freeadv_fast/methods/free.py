@@ -17,7 +17,8 @@ class FreeAdversarialTrainer(Trainer):
 
     ``delta`` (float32, pixel units) persists across minibatches and epochs;
     a smaller batch uses and updates its leading slice, a larger one grows it
-    keeping the old values. ``pixel_mode="clamp_input"`` is the paper's code
+    keeping the old values. ``stem_input_grad`` picks how the input gradient
+    is made (Trainer; freeadv_fast/stem.py). ``pixel_mode="clamp_input"`` is the paper's code
     (the model sees ``normalize(clamp(x + delta))``); ``"project"`` keeps
     ``x + delta`` in the pixel range instead.
     """
@@ -26,13 +27,13 @@ class FreeAdversarialTrainer(Trainer):
 
     def __init__(self, model, optimizer, *, replays, epsilon, step_size, mean, std, pixel_range=(0.0, 1.0),
                  pixel_mode="clamp_input", precision="fp32", channels_last=False, compile=False, cuda_graph=False,
-                 scheduler=None, backend="auto", seed=0, max_bad_steps=10):
+                 scheduler=None, backend="auto", seed=0, max_bad_steps=10, stem_input_grad="auto"):
         if not (isinstance(replays, int) and replays >= 1):
             raise ValueError(f"replays must be an integer >= 1, got {replays!r}")
         ops.check_mode(pixel_mode)
         super().__init__(model, optimizer, mean=mean, std=std, pixel_range=pixel_range, precision=precision,
                          channels_last=channels_last, compile=compile, cuda_graph=cuda_graph, scheduler=scheduler,
-                         backend=backend, seed=seed, max_bad_steps=max_bad_steps)
+                         backend=backend, seed=seed, max_bad_steps=max_bad_steps, stem_input_grad=stem_input_grad)
         self.replays, self.pixel_mode = replays, pixel_mode
         self.epsilon, self.step_size = epsilon, step_size
         for name, value in (("epsilon", epsilon), ("step_size", step_size)):
