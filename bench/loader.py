@@ -7,10 +7,14 @@ many GPUs of a kind each one can feed.
 
 ROOT is an ImageFolder dataset (ROOT/train/<class>/*.JPEG; bench/make_imagenet_like.py
 writes one with ImageNet-like files). Each loader (default: every one this
-machine has) runs one warm-up batch, then times --batches batches (the whole
-split by default) of the training transform (random-resized crop + flip,
-uint8 out) at each image size, with a device synchronise per batch so the
-figure is what a training loop receives. With --train-step (results of
+machine has) runs one whole pass to warm up, then times the next pass (its
+first --batches batches; the whole split by default) of the training
+transform (random-resized crop + flip, uint8 out) at each image size, from
+the pass's start and with a device synchronise per batch: what a training
+loop receives, the pipeline's fill included (each pass starts empty, so
+timing only batches already prefetched would overstate a loader). The fill
+weighs less the more batches a pass has: give it many more batches than
+workers. With --train-step (results of
 bench/train_step.py, one file per image size), each rate is set beside the
 best measured natural and free-4 step rates at its size: natural training
 needs a new image per image-step, free-m one per m image-replays, so a
@@ -64,7 +68,7 @@ def main(argv=None):
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int_list(16), default=[224], metavar="S[,S...]")
-    p.add_argument("--batches", type=int, default=0, help="batches to time (0: the whole split)")
+    p.add_argument("--batches", type=int, default=0, help="batches of the timed pass (0: the whole pass)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--train-step", action="append", default=[], metavar="FILE",
                    help="bench/train_step.py results to set the loader rates beside (repeatable)")
@@ -81,21 +85,21 @@ def main(argv=None):
     for name, size in ((n, s) for s in args.image_size for n in loaders):
         data = ImageFolderLoader(split, train=True, batch_size=args.batch_size, image_size=size,
                                  device=device, loader=name, workers=args.workers, samples=samples, classes=classes)
-        total = len(data) - 1 if not args.batches else min(args.batches, len(data) - 1)
-        if total < 1:
+        if len(data) < 2:
             p.exit(2, f"bench/loader.py: {split} has too few images for two batches of {args.batch_size}\n")
-        it = iter(data)
-        next(it)  # warm-up: pipeline build, worker start
 
-        def take():
-            """Images in ``total`` batches, each synchronised: what a training loop receives."""
+        def one_pass(limit=0):
+            """Images in a pass (its first ``limit`` batches), timed from the pass's start, each batch
+            synchronised: what a training loop receives, the pipeline's fill included."""
             images = 0
-            for _ in range(total):
-                x, y = next(it)
+            for i, (x, y) in enumerate(data):
                 sync(device)
                 images += len(y)
+                if i + 1 == limit:
+                    break
             return images
-        images, seconds = wall_clock(take, device)
+        one_pass()  # warm-up, a whole pass: workers started, files in the page cache, nothing left in flight
+        images, seconds = wall_clock(lambda: one_pass(args.batches), device)
         rate = images / seconds
         record = {"loader": name, "images_per_s": rate, "images": images, "seconds": seconds,
                   "batch_size": args.batch_size, "image_size": size, "workers": args.workers}
@@ -108,7 +112,7 @@ def main(argv=None):
                 line += f"; feeds {rate / (step / per_image):.2f} GPUs of {method} ({step:.0f}/s)"
         print(line, flush=True)
         records.append(record)
-        del it, data
+        del data
     if args.json:
         write_json(args.json, device, {"device": loader_machine(device), "data": str(args.data),
                                        "images": len(samples)}, records=records)

@@ -12,7 +12,11 @@ into the input gradient.
 
 It applies when the model's first 3-channel convolution is what the input
 goes into (checked on every step: the hook compares the tensor it sees with
-the input handed in), in 16-bit precision on CUDA, where it was measured.
+the input handed in). It is opt-in (``stem_input_grad="padded"``): in the
+training step itself (bench/train_step.py, graphed free-4 against natural on
+the same H100) it did not pay: 0.93 of natural with it, against 0.95 with
+autograd in the run before; why the saving measured alone does not reach the
+step is still to be profiled.
 """
 from __future__ import annotations
 

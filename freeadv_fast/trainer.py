@@ -140,14 +140,15 @@ class Trainer:
         return why is None
 
     def _stem_input_grad(self, choice) -> StemInputGrad | None:
-        """How the input gradient is made: "autograd", "padded" (freeadv_fast.stem,
-        where the model has a 3-channel stem convolution), or "auto": padded in
-        16-bit precision on CUDA without torch.compile (where it was measured)."""
-        if choice not in ("auto", "autograd", "padded"):
-            raise ValueError(f"stem_input_grad must be auto, autograd or padded, got {choice!r}")
+        """How the input gradient is made: "autograd", or "padded"
+        (freeadv_fast.stem, where the model has a 3-channel stem convolution)."""
+        if choice not in ("autograd", "padded"):
+            raise ValueError(f"stem_input_grad must be autograd or padded, got {choice!r}")
         conv = stem_conv(distributed.unwrap(self.model))
-        auto = self.device.type == "cuda" and self.amp_dtype is not None and not self.compiled
-        if conv is None or choice == "autograd" or (choice == "auto" and not auto):
+        if conv is None or choice == "autograd" or self.compiled:
+            if choice == "padded":
+                say_once("stem_input_grad='padded' needs an uncompiled model with a 3-channel stem convolution; "
+                         "the input gradient comes from autograd")
             return None
         return StemInputGrad(conv)
 

@@ -174,9 +174,9 @@ def test_nvjpeg_loader_on_the_gpu_matches_the_cpu_path_and_skips_bad_files(tmp_p
     assert "truncated.JPEG" in capsys.readouterr().err
 
 
-def test_the_padded_stem_gradient_on_the_gpu_is_autograds_and_auto_picks_it():
-    """bf16 channels_last on the GPU, where "auto" uses it (freeadv_fast/stem.py):
-    the input gradient from the stem's output gradient against autograd's."""
+def test_the_padded_stem_gradient_on_the_gpu_is_autograds():
+    """bf16 channels_last on the GPU (freeadv_fast/stem.py): the input gradient
+    from the stem's output gradient against autograd's, and a trainer using it."""
     from freeadv_fast import FreeAdversarialTrainer
     from freeadv_fast.models import create_model
     from freeadv_fast.stem import StemInputGrad, stem_conv
@@ -196,7 +196,8 @@ def test_the_padded_stem_gradient_on_the_gpu_is_autograds_and_auto_picks_it():
     torch.testing.assert_close(got.float(), inp.grad.float(), rtol=2 ** -6, atol=1e-3 * inp.grad.abs().max().item())
 
     t = FreeAdversarialTrainer(model, torch.optim.SGD(model.parameters(), lr=0.01), replays=2, epsilon=4 / 255,
-                               step_size=4 / 255, mean=MEAN, std=STD, precision="bf16", channels_last=True)
+                               step_size=4 / 255, mean=MEAN, std=STD, precision="bf16", channels_last=True,
+                               stem_input_grad="padded")
     xb = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, device="cuda")
     t.train_batch(xb, y)
     t.train_batch(xb, y)

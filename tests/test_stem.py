@@ -67,12 +67,10 @@ def test_a_stem_that_does_not_take_the_input_falls_back_to_autograd(capsys):
     assert t.delta.abs().max() > 0
 
 
-def test_auto_uses_the_padded_stem_only_where_it_was_measured():
+def test_autograd_is_the_default_and_other_choices_are_refused():
     model = small_cnn()
-    for precision in ("fp32", "bf16"):  # CPU: autograd either way
-        t = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
-                                   precision=precision)
-        assert t._stem is None
+    t = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    assert t._stem is None
     with pytest.raises(ValueError, match="stem_input_grad"):
         FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
                                stem_input_grad="fast")

@@ -27,7 +27,7 @@ class FreeAdversarialTrainer(Trainer):
 
     def __init__(self, model, optimizer, *, replays, epsilon, step_size, mean, std, pixel_range=(0.0, 1.0),
                  pixel_mode="clamp_input", precision="fp32", channels_last=False, compile=False, cuda_graph=False,
-                 scheduler=None, backend="auto", seed=0, max_bad_steps=10, stem_input_grad="auto"):
+                 scheduler=None, backend="auto", seed=0, max_bad_steps=10, stem_input_grad="autograd"):
         if not (isinstance(replays, int) and replays >= 1):
             raise ValueError(f"replays must be an integer >= 1, got {replays!r}")
         ops.check_mode(pixel_mode)
