@@ -52,13 +52,17 @@ def int_list(minimum: int):
     return parse
 
 
+def str_list(text):
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def _flag_type(f):
     kinds = str(f.type)
     low = f.metadata.get("min")
     if f.metadata.get("pixel"):
         return pixel
     if kinds == "list":
-        return int_list(low if low is not None else 0)
+        return str_list if f.metadata.get("strings") else int_list(low if low is not None else 0)
     if kinds.startswith("int"):
         return int_at_least(low) if low is not None else int
     return float if kinds.startswith("float") else str

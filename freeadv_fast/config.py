@@ -24,6 +24,7 @@ from .data.folder import LOADERS
 from .methods import METHODS
 from .models import ARCHITECTURES
 from .ops import PIXEL_MODES
+from .phases import PhaseError, parse as parse_phases, pass_ends
 from .scheduler import SCHEDULES
 
 EMBEDDED_DEFAULT = "digits"
@@ -52,11 +53,11 @@ def pixel_value(text) -> float:
     return value
 
 
-def setting(default=None, help="", *, choices=None, noun=None, min=None, pixel=False, factory=None):
+def setting(default=None, help="", *, choices=None, noun=None, min=None, pixel=False, factory=None, strings=False):
     """A RunConfig field: its default and the metadata its flag and its check
     are made from (``choices``: a callable giving the allowed names; ``noun``:
-    what messages call one of them)."""
-    meta = dict(help=help, choices=choices, noun=noun, min=min, pixel=pixel)
+    what messages call one of them; ``strings``: a list flag of strings, not integers)."""
+    meta = dict(help=help, choices=choices, noun=noun, min=min, pixel=pixel, strings=strings)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -93,6 +94,11 @@ class RunConfig:
     loader: str = setting("auto", "image-folder loader", choices=lambda: LOADERS)
     workers: int | None = setting(None, "loader worker threads/processes per rank", min=0)
     image_size: int | None = setting(None, "training image size of image folders (default: the dataset's)", min=1)
+    source_size: int | None = setting(None, "image folders: resize the shorter side to this before the "
+                                      "random-resized crop (default: crop the full image)", min=1)
+    phases: list = setting(help="progressive resizing: phases UNTIL:SIZE[:BATCH[:SOURCE]], comma-separated (train "
+                           "at SIZE px, global batch BATCH, from images resized to SOURCE, until epoch UNTIL; the "
+                           "last UNTIL is --epochs)", factory=list, strings=True)
     sync_batchnorm: bool = setting(False, "synchronize batch-norm statistics across processes")
     out: str | None = setting(None, "run directory (default runs/<dataset>-<method>-<time>)")
     eval_every: int = setting(1, "passes between held-out evaluations (0: off)", min=0)
@@ -145,6 +151,17 @@ PRESETS: dict[str, dict] = {
                          step_size="10/255", batch_size=128, lr=0.2, momentum=0.9, weight_decay=5e-4,
                          schedule="onecycle", epochs=15, precision="bf16", final_eval_steps=[20, 100],
                          eval_step_size="2/255"),
+    # "Fast is better than free"'s ImageNet phases (its ImageNet/ configs): 128 px crops of images resized to
+    # 160 until epoch 6, 224 px until 12, 288 px until 15, for their FGSM-RS and for free-4 with the same
+    # 15 epochs of optimizer steps. The batch sizes per phase, the one-cycle peak LR 0.2 at batch 256 (scaled
+    # with each phase's batch) and weight decay 1e-4 are ours, not read off their configs.
+    **{f"imagenet-fast-{name}-eps{eps}": dict(
+        dataset="imagenet", arch="resnet50", epsilon=f"{eps}/255", epochs=15, batch_size=256, lr=0.2,
+        momentum=0.9, weight_decay=1e-4, schedule="onecycle", precision="bf16", channels_last=True,
+        phases=["6:128:256:160", "12:224:256", "15:288:128"], eval_samples=1000,
+        final_eval_steps=[10, 50], eval_step_size="1/255", **method)
+       for name, method in (("free4", dict(method="free", replays=4)), ("fgsm", dict(method="fast")))
+       for eps in (2, 4)},
     # the embedded default: scikit-learn's digits, a few minutes on 2 CPU cores
     "digits-demo": dict(dataset="digits", arch="small_cnn", method="free", replays=4, epsilon=0.15, step_size=0.15,
                         batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True, schedule="onecycle",
@@ -290,7 +307,29 @@ def check(cfg: RunConfig, names: dict | None = None) -> RunConfig:
                           "(pip install 'freeadv_fast[tensorboard]')")
     if cfg.schedule == "multistep" and not cfg.milestones:
         raise ConfigError("the multistep schedule needs milestones (optimizer steps)")
+    if cfg.phases:
+        _check_phases(cfg)
     return cfg
+
+
+def _check_phases(cfg: RunConfig):
+    """Normalizes the phases to UNTIL:SIZE:BATCH[:SOURCE] strings (how configs
+    and checkpoints keep them) and refuses what cannot run."""
+    try:
+        phases = parse_phases(cfg.phases, epochs=cfg.epochs, batch_size=cfg.batch_size)
+        pass_ends(phases, cfg.replays)
+    except PhaseError as exc:
+        raise ConfigError(f"phases: {exc}") from None
+    if not DATASETS[cfg.dataset].resizable:
+        resizable = ", ".join(n for n, spec in DATASETS.items() if spec.resizable)
+        raise ConfigError(f"phases: {cfg.dataset} is held at one image size; phases need a dataset whose loader "
+                          f"resizes ({resizable})")
+    if cfg.schedule == "step":
+        raise ConfigError("phases: the step schedule counts passes of one length; use onecycle, cosine, multistep "
+                          "or constant with phases")
+    if cfg.image_size is not None or cfg.source_size is not None:
+        raise ConfigError("phases set each phase's image and source size: leave out image-size and source-size")
+    cfg.phases = [p.text() for p in phases]
 
 
 def to_yaml(cfg: RunConfig) -> str:

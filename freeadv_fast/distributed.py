@@ -53,20 +53,25 @@ def setup(cpu: bool = False, timeout_s: float = 600.0) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = not cpu and torch.cuda.is_available()
+    # FREEADV_SHARE_GPU=1: every local rank on cuda:0 with gloo (NCCL refuses two ranks on one device); how a
+    # one-GPU machine tests the multi-process path, never a way to train
+    shared = use_cuda and os.environ.get("FREEADV_SHARE_GPU") == "1"
     if use_cuda:
-        if local >= torch.cuda.device_count():
+        if local >= torch.cuda.device_count() and not shared:
             raise RuntimeError(f"LOCAL_RANK {local} but this node has only {torch.cuda.device_count()} GPU(s)")
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        index = 0 if shared else local
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         store = round_store(rank, timeout) if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
+        nccl = use_cuda and not shared
+        dist.init_process_group("nccl" if nccl else "gloo", timeout=timeout,
                                 **({"store": store, "rank": rank, "world_size": world} if store is not None
                                    else {"init_method": "env://"}),
-                                **({"device_id": device} if use_cuda else {}))
+                                **({"device_id": device} if nccl else {}))
     return Dist(rank, world, local, device)
 
 

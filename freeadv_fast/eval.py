@@ -27,7 +27,7 @@ from .data.datasets import build_data, take
 from .evaluate import evaluate
 from .models import create_model
 from .report import format_table
-from .run import USER_ERRORS
+from .run import USER_ERRORS, phase_configs
 
 PROG = "python -m freeadv_fast.eval"
 # the run settings this command takes, and the flags they go by here
@@ -99,7 +99,7 @@ def eval_worker(job: dict, cpu: bool):
 
 
 def _evaluate(job, d) -> int:
-    cfg = job["config"]
+    cfg = phase_configs(job["config"])[-1]  # a run with phases ends at its last phase's image size
     data = build_data(cfg, d.rank, d.world_size, d.device)
     state = read_checkpoint(job["checkpoint"])
     model = create_model(cfg.arch, data.num_classes, data.in_channels)

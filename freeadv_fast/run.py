@@ -4,10 +4,12 @@ evaluation. ``python -m freeadv_fast.train`` starts one of these per device.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -19,15 +21,39 @@ import torch
 from . import distributed, messages
 from .checkpoint import CheckpointError, find_resumable, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, to_yaml
-from .data.datasets import build_data
+from .data.datasets import build_data, forget_scans
 from .data.errors import DataError
 from .evaluate import EvaluationStopped, attack_name, evaluate
 from .models import create_model
+from .phases import parse as parse_phases, pass_ends, phase_of
 from .scheduler import build_schedule, passes_for
 from .methods import METHODS
 from .trainer import NonFiniteError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+class OutOfMemory(RuntimeError):
+    """The GPU cannot hold a step at this batch and image size; the message says which and how to lower it."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfMemory)
+
+
+def out_of_memory(exc: Exception, cfg: RunConfig, now: RunConfig, phase: int, phases: int, world: int,
+                  device) -> OutOfMemory:
+    """The one-line refusal for a CUDA out-of-memory error: the phase, the
+    batch per GPU, the memory asked for against what is free."""
+    asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(exc))
+    where = f"phase {phase + 1}/{phases}: " if cfg.phases else ""
+    text = (f"out of GPU memory ({where}{now.image_size or 'default'} px images, batch {now.batch_size // world} "
+            f"per GPU): a step asked for {asked.group(1) if asked else 'more memory'}")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        text += f" with {free / 2**30:.2f} GiB of {total / 2**30:.1f} GiB free"
+    lower = "that phase's batch in --phases" if cfg.phases else "--batch-size"
+    return OutOfMemory(f"{text}. Lower {lower} (the LR follows a phase's batch) or the image size, or use more "
+                       f"GPUs; {_kept(cfg)}")
 
 
 class StopRequest:
@@ -146,8 +172,8 @@ def train_worker(cfg: RunConfig, resume: str | None, cpu: bool):
 
 # what a resumed run must share with the run that wrote the checkpoint: the
 # perturbation buffer, the batch order and the LR schedule depend on them
-SAME_RUN_KEYS = ("dataset", "data", "arch", "method", "replays", "batch_size", "image_size", "train_subset",
-                 "epochs", "schedule", "milestones", "seed")
+SAME_RUN_KEYS = ("dataset", "data", "arch", "method", "replays", "batch_size", "image_size", "source_size",
+                 "phases", "train_subset", "epochs", "schedule", "milestones", "seed")
 
 
 def check_same_run(saved: dict, cfg: RunConfig, path) -> None:
@@ -182,10 +208,21 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def build_trainer(cfg: RunConfig, data, device, dist=None):
+def phase_configs(cfg: RunConfig) -> list[RunConfig]:
+    """The run's phases as configs of one image size each (freeadv_fast/phases.py);
+    a run without phases is one phase."""
+    if not cfg.phases:
+        return [cfg]
+    return [dataclasses.replace(cfg, image_size=p.image_size, batch_size=p.batch_size, source_size=p.source_size)
+            for p in parse_phases(cfg.phases, epochs=cfg.epochs, batch_size=cfg.batch_size)]
+
+
+def build_trainer(cfg: RunConfig, data, device, dist=None, phase_data=None):
     """(trainer, model, passes, replays) for ``cfg`` on ``data``: the model on
     ``device`` (wrapped in DDP when ``dist`` is distributed), SGD, the LR
-    schedule over the whole run and the method's trainer."""
+    schedule over the whole run and the method's trainer. With phases,
+    ``phase_data`` holds each phase's Data: the schedule spans their passes,
+    each phase's steps at the LR scaled by its batch size."""
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, data.num_classes, data.in_channels).to(device)
     if cfg.channels_last:
@@ -197,8 +234,19 @@ def build_trainer(cfg: RunConfig, data, device, dist=None):
     method = METHODS[cfg.method]
     replays = method.replays(cfg)
     passes = passes_for(cfg.epochs, replays)
-    schedule = build_schedule(cfg.schedule, optimizer, steps_per_pass=len(data.train) * replays, passes=passes,
-                              replays=replays, milestones=cfg.milestones)
+    if cfg.phases:
+        phases = parse_phases(cfg.phases, epochs=cfg.epochs, batch_size=cfg.batch_size)
+        starts, total, done = [], 0, 0
+        for end, d in zip(pass_ends(phases, replays), phase_data):
+            starts.append(total)
+            total += (end - done) * len(d.train) * replays
+            done = end
+        schedule = build_schedule(cfg.schedule, optimizer, steps_per_pass=total, passes=1, replays=replays,
+                                  milestones=cfg.milestones, phase_starts=starts,
+                                  phase_scales=[p.batch_size / cfg.batch_size for p in phases])
+    else:
+        schedule = build_schedule(cfg.schedule, optimizer, steps_per_pass=len(data.train) * replays, passes=passes,
+                                  replays=replays, milestones=cfg.milestones)
     rank = dist.rank if dist is not None else 0
     common = dict(mean=data.mean, std=data.std, precision=cfg.precision, channels_last=cfg.channels_last,
                   compile=cfg.compile and cfg.compile_mode, cuda_graph=cfg.cuda_graph, scheduler=schedule,
@@ -225,13 +273,21 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     torch.manual_seed(cfg.seed)
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = build_data(cfg, d.rank, d.world_size, d.device)
-    trainer, model, passes, replays = build_trainer(cfg, data, d.device, d)
+    forget_scans()
+    phase_cfgs = phase_configs(cfg)
+    phase_data = [build_data(c, d.rank, d.world_size, d.device) for c in phase_cfgs]
+    trainer, model, passes, replays = build_trainer(cfg, phase_data[0], d.device, d, phase_data)
+    ends = pass_ends(parse_phases(cfg.phases, epochs=cfg.epochs, batch_size=cfg.batch_size), replays) \
+        if cfg.phases else [passes]
+    phase = phase_of(ends, trainer.epoch)  # 0 here; set again after a resume
+    data = phase_data[phase]
 
     state = {**cfg.to_dict(), "best_robust": -1.0}  # stored in every checkpoint
     path = Path(resume) if resume else None  # already resolved by resolve_resume
     if path is not None:
         state["best_robust"] = load_checkpoint(path, trainer).get("best_robust", -1.0)
+        phase = phase_of(ends, trainer.epoch)
+        data = phase_data[phase]
         if d.is_main:
             messages.info(f"resumed from {path}: pass {trainer.epoch + 1}/{passes}, "
                 f"batch {trainer.batch_in_epoch}, step {trainer.step}")
@@ -253,7 +309,6 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
             board(record)
 
     bar = None
-    images_per_pass = getattr(data.train, "num_samples", len(data.train) * cfg.batch_size)
     last_log = {}
 
     fault = fault_injection(d.rank)
@@ -266,14 +321,20 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
             return
         if bar is None:  # the first batch of a pass (or of a resumed one)
             from tqdm import tqdm
-            done = min(images_per_pass, (trainer.batch_in_epoch - 1) * cfg.batch_size)
+            batch = phase_cfgs[phase].batch_size
+            images_per_pass = getattr(data.train, "num_samples", len(data.train) * batch)
+            done = min(images_per_pass, (trainer.batch_in_epoch - 1) * batch)
             bar = tqdm(total=images_per_pass, initial=done, unit="img", desc=f"pass {trainer.epoch + 1}/{passes}",
                        file=sys.stderr, mininterval=1.0, dynamic_ncols=True, leave=False)
         bar.update(n * d.world_size)
 
+    def phase_info():
+        info = {"image_size": data.image_size, "batch_size": phase_cfgs[phase].batch_size}
+        return {**info, "phase": phase + 1} if cfg.phases else info
+
     def on_log(record):
         record = {"type": "train", **record, "images_per_s": record["samples_per_s"] / replays,
-                  "progress": record["epoch"] + record["batch"] / max(1, len(data.train))}
+                  "progress": record["epoch"] + record["batch"] / max(1, len(data.train)), **phase_info()}
         last_log.update(record)
         write_metrics(record)
         if bar is not None:
@@ -297,7 +358,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
                               step_size=cfg.eval_step_size, steps=(cfg.eval_steps,),
                               limit=-(-cfg.eval_samples // d.world_size), precision=cfg.precision, seed=cfg.seed)
             robust = result[attack_name("ce", cfg.eval_steps)]
-            write_metrics({"type": "eval", "step": trainer.step, "epoch": epoch, **result})
+            write_metrics({"type": "eval", "step": trainer.step, "epoch": epoch, **result, **phase_info()})
             if d.is_main:
                 messages.info(f"  eval on {result['samples']} held-out images: clean {result['clean_top1']:.4f}, "
                     f"PGD-{cfg.eval_steps} {robust:.4f} (eps {cfg.epsilon:.4g})")
@@ -323,13 +384,33 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
-        messages.info(f"{cfg.method} training of {cfg.arch} on {cfg.dataset}: {passes} passes x {len(data.train)} "
-            f"batches x {replays} replay(s) = {passes * len(data.train) * replays} optimizer steps, "
-            f"{d.world_size} process(es) "
-            f"on {d.device.type}; run directory {out}")
-    completed = trainer.fit(data.train, passes, log_every=cfg.log_every, on_log=on_log,
-                            checkpoint_path=out / "checkpoint-last.pt", checkpoint_every=cfg.checkpoint_every,
-                            should_stop=should_stop, config=state, on_batch=on_batch, on_pass_end=periodic_eval)
+        spans = list(zip([0] + ends, ends, phase_data))
+        steps = sum((e - s) * len(p.train) for s, e, p in spans) * replays
+        batches = " + ".join(f"{e - s} x {len(p.train)}" for s, e, p in spans)
+        messages.info(f"{cfg.method} training of {cfg.arch} on {cfg.dataset}: {passes} passes ({batches} batches) x "
+            f"{replays} replay(s) = {steps} optimizer steps, {d.world_size} process(es) on {d.device.type}; run "
+            f"directory {out}")
+    completed = True
+    while completed and trainer.epoch < passes:
+        phase = phase_of(ends, trainer.epoch)
+        data = phase_data[phase]
+        first_pass = ends[phase - 1] if phase else 0
+        if cfg.phases and d.is_main:
+            now = phase_cfgs[phase]
+            source = f" crops of images resized to {now.source_size}" if now.source_size else ""
+            messages.info(f"phase {phase + 1}/{len(ends)}: {data.image_size} px{source}, batch {now.batch_size}, "
+                          f"passes {first_pass + 1}-{ends[phase]}")
+        if phase and trainer.epoch == first_pass and trainer.batch_in_epoch == 0:
+            trainer.start_phase()
+        try:
+            completed = trainer.fit(data.train, ends[phase], log_every=cfg.log_every, on_log=on_log,
+                                    checkpoint_path=out / "checkpoint-last.pt", checkpoint_every=cfg.checkpoint_every,
+                                    should_stop=should_stop, config=state, on_batch=on_batch,
+                                    on_pass_end=periodic_eval)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(exc, cfg, phase_cfgs[phase], phase, len(ends), d.world_size, d.device) from None
+        if hasattr(data.train, "close") and trainer.epoch >= ends[phase]:
+            data.train.close()  # the phase is over: its loader's workers can go
     if bar is not None:
         bar.close()
     if not completed:
@@ -341,6 +422,8 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
         return 128 + stop.signum if stop.signum else 1
     try:
         final = final_evaluation(cfg, model, data, d, should_stop=lambda: bool(stop.signum))
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory(exc, cfg, phase_cfgs[-1], len(ends) - 1, len(ends), d.world_size, d.device) from None
     except EvaluationStopped:
         if d.is_main:
             last = out / "checkpoint-last.pt"

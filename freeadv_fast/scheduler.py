@@ -13,6 +13,7 @@ parameters come from the run's configuration, never from the checkpoint.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from functools import partial
 
@@ -70,10 +71,18 @@ def one_cycle(step: int, *, total_steps: int, peak_fraction: float = 0.4) -> flo
     return max(0.0, (1 - t) / (1 - peak_fraction))
 
 
+def phase_scaled(step: int, *, factor, starts: tuple, scales: tuple) -> float:
+    """``factor(step)`` times the LR scale of the phase (freeadv_fast/phases.py)
+    that optimizer step belongs to; ``starts``: each phase's first step."""
+    return factor(step) * scales[bisect.bisect_right(starts, step) - 1]
+
+
 def build_schedule(name: str, optimizer, *, steps_per_pass: int, passes: int, replays: int = 1,
-                   milestones=None, warmup_passes: float = 0.0) -> LambdaLR:
+                   milestones=None, warmup_passes: float = 0.0, phase_starts=(), phase_scales=()) -> LambdaLR:
     """A schedule by name, with its lengths given in passes and converted to
-    optimizer steps here (``steps_per_pass`` = batches per pass * replays)."""
+    optimizer steps here (``steps_per_pass`` = batches per pass * replays).
+    With phases (their first optimizer steps and LR scales), the factor is
+    scaled by the phase of each step."""
     if steps_per_pass < 1 or passes < 1:
         raise ValueError(f"a schedule needs steps_per_pass and passes >= 1, got {steps_per_pass} and {passes}")
     total = steps_per_pass * passes
@@ -91,6 +100,8 @@ def build_schedule(name: str, optimizer, *, steps_per_pass: int, passes: int, re
         factor = partial(one_cycle, total_steps=total)
     else:
         raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
+    if phase_starts:
+        factor = partial(phase_scaled, factor=factor, starts=tuple(phase_starts), scales=tuple(phase_scales))
     schedule = LambdaLR(optimizer, factor)
     # plain numbers: an optimizer whose LR is a device tensor (CUDA graphs) is
     # then written with fill_, never read back to the host

@@ -341,6 +341,10 @@ class Trainer:
     def train_batch(self, x, y) -> dict:
         raise NotImplementedError
 
+    def start_phase(self):
+        """A new phase of progressive resizing begins (freeadv_fast/phases.py):
+        state tied to the old image size restarts. Nothing here; free-m's delta."""
+
     # -- the pass loop ----------------------------------------------------
     def fit(self, loader, passes: int, *, log_every: int = 0, on_log=None, checkpoint_path=None,
             checkpoint_every: int = 0, should_stop=None, config=None, on_batch=None, on_pass_end=None) -> bool:

@@ -202,3 +202,49 @@ def test_the_padded_stem_gradient_on_the_gpu_is_autograds():
     t.train_batch(xb, y)
     t.train_batch(xb, y)
     assert t._stem is not None and t._stem_proven and t.delta.abs().max() > 0
+
+
+def test_two_ranks_sharing_the_gpu_train_as_one_process_on_the_whole_batch(tmp_path, monkeypatch):
+    """The multi-process path on a one-GPU machine: two ranks on the same GPU
+    with gloo (FREEADV_SHARE_GPU; NCCL refuses two ranks on one device)."""
+    from dist_workers import run
+    from freeadv_fast import distributed
+    monkeypatch.setenv("FREEADV_SHARE_GPU", "1")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, as the workers ask
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    for d in (single, multi):
+        d.mkdir()
+    run("full", str(single), 0.0, "cuda")
+    assert distributed.launch(run, 2, "full", str(multi), 0.0, "cuda") == 0
+    load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
+    a, b = load(multi / "model-full.pt"), load(single / "model-full.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    halves = [load(multi / f"delta-full-rank{r}.pt") for r in (0, 1)]
+    torch.testing.assert_close(torch.cat(halves), load(single / "delta-full-rank0.pt"), atol=1e-6, rtol=0)
+
+
+def run_train(*args, timeout=300):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "freeadv_fast.train", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_the_launcher_trains_on_the_gpu(tmp_path):
+    r = run_train("synthetic", "--gpus", "1", "--arch", "small_cnn", "--epochs", "1", "--batch-size", "16",
+                  "--image-size", "32", "--synthetic-batches", "2", "--synthetic-classes", "10", "--eval-every", "0",
+                  "--final-eval-samples", "16", "--final-eval-steps", "1", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 process(es) on cuda" in r.stderr and (tmp_path / "run" / "final.json").exists()
+
+
+def test_a_batch_too_large_for_the_gpu_is_one_line_and_status_2(tmp_path):
+    """A million 224-px images a batch: the first allocation already exceeds
+    the GPU, so the run fails at once without taking the memory other tests use."""
+    r = run_train("synthetic", "--arch", "resnet50", "--method", "natural", "--batch-size", str(2 ** 20),
+                  "--image-size", "224", "--epochs", "1", "--synthetic-batches", "1", "--eval-every", "0",
+                  "--out", tmp_path / "run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if "out of GPU memory" in line]
+    assert len(lines) == 1 and f"batch {2 ** 20} per GPU" in lines[0] and "Lower --batch-size" in lines[0]

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "freeadv_fast"
 LAYERS = [
     {"_ext", "common", "messages", "kernels"},  # the extension, shared facts, logging
     {"ops"},  # the fused perturbation ops and their backends
-    {"graphs", "distributed", "scheduler", "models", "data", "checkpoint", "stem"},  # beside the trainer
+    {"graphs", "distributed", "scheduler", "phases", "models", "data", "checkpoint", "stem"},  # beside the trainer
     {"trainer", "attacks", "evaluate"},
     {"methods"},
     {"config", "report", "freeadv_fast"},  # settings; the package's public names

@@ -36,16 +36,27 @@ def in_memory(cfg, train, val, *, rank, world_size, device, augment=None, drop_l
             TensorBatches(xt, yt, cfg.batch_size, shuffle=False, rank=rank, world_size=world_size))
 
 
+_SCANS: dict = {}  # the last scan of an image-folder pair: a run's phases share it (run.py forgets it first)
+
+
+def forget_scans():
+    _SCANS.clear()
+
+
 def image_folders(cfg, scan, *, train_dir, val_dir, image_size, rank, world_size, device, **augment):
     """(train, val, classes) loaders of an image-folder dataset. ``scan()``
     gives ((classes, train samples), val samples); it reads a few bytes of
     every file, so it runs once, on rank 0, not on every rank."""
-    (classes, samples), val_samples = distributed.from_rank0(scan)
+    key = (str(train_dir), str(val_dir))
+    if key not in _SCANS:  # scanned once a process: every phase of a run rebuilds its loaders from it
+        _SCANS.clear()
+        _SCANS[key] = distributed.from_rank0(scan)
+    (classes, samples), val_samples = _SCANS[key]
     val_samples = [val_samples[i] for i in held_out_order(len(val_samples)).tolist()]
     samples = [samples[i] for i in subset_indices(len(samples), cfg.train_subset, cfg.seed).tolist()]
     common = dict(batch_size=cfg.batch_size // world_size, device=device, image_size=image_size, rank=rank,
                   world_size=world_size, seed=cfg.seed, loader=cfg.loader, workers=cfg.workers, classes=classes,
-                  **augment)
+                  source_size=cfg.source_size, **augment)
     return (ImageFolderLoader(train_dir, train=True, samples=samples, **common),
             ImageFolderLoader(val_dir, train=False, samples=val_samples, **common), classes)
 
@@ -79,4 +90,4 @@ def take(batches, limit: int):
         yield x, y
 
 
-__all__ = ["build_data", "held_out_order", "image_folders", "in_memory", "subset_indices", "take"]
+__all__ = ["build_data", "forget_scans", "held_out_order", "image_folders", "in_memory", "subset_indices", "take"]

@@ -297,7 +297,7 @@ class ImageFolderLoader:
     def __init__(self, split_dir, *, train: bool, batch_size: int, device="cpu", image_size: int = 224,
                  val_resize: int = 256, rank: int = 0, world_size: int = 1, seed: int = 0, loader: str = "auto",
                  workers: int | None = None, samples=None, classes=None, augment: str = "random-resized-crop",
-                 padding: int = 4):
+                 padding: int = 4, source_size: int | None = None):
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
         if augment not in AUGMENTATIONS:
@@ -307,6 +307,9 @@ class ImageFolderLoader:
         self.pad_crop = RandomCropFlip(padding) if train and augment == "pad-crop" else None
         self.split_dir, self.train, self.batch_size = Path(split_dir), train, batch_size
         self.device, self.image_size, self.val_resize = torch.device(device), image_size, val_resize
+        # random-resized crops from the image resized (shorter side) to this first, as progressive resizing's
+        # small phases take them; None: from the full image
+        self.source_size = source_size if self.transform == "random-resized-crop" else None
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.loader = resolve_loader(loader, device)
         self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
@@ -361,6 +364,10 @@ class ImageFolderLoader:
     def __iter__(self):
         return self.skip(0)
 
+    def close(self):
+        """Lets the torch loader's worker processes go (a phase that is over)."""
+        self._torch_loader = None
+
     # -- DALI ---------------------------------------------------------------
     def _dali_batches(self, indices, start):
         """DALI stops at a file it cannot decode. Then the files of the batches
@@ -375,7 +382,7 @@ class ImageFolderLoader:
         pos = 0
         while pos < len(files):
             pipe = dali_pipeline(files[pos:], labels[pos:], transform=self.transform, batch_size=self.batch_size,
-                                 image_size=self.image_size, val_resize=self.val_resize,
+                                 image_size=self.image_size, val_resize=self.val_resize, source_size=self.source_size,
                                  device_id=self.device.index if on_gpu else None, num_threads=self.workers,
                                  seed=stream_seed(self.seed, self.epoch, self.rank, batch=start + pos))
             it = DALIGenericIterator([pipe], ["x", "y"], reader_name="Reader",
@@ -414,7 +421,7 @@ class ImageFolderLoader:
         if self._torch_loader is None:
             self._sampler = _ListSampler()
             self._torch_loader = DataLoader(
-                _FolderDataset(self.samples, self.transform, self.image_size, self.val_resize),
+                _FolderDataset(self.samples, self.transform, self.image_size, self.val_resize, self.source_size),
                 batch_size=self.batch_size,
                 sampler=self._sampler, num_workers=self.workers, collate_fn=_collate_skipping_bad,
                 pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
@@ -431,9 +438,11 @@ class ImageFolderLoader:
             say_once(f"{self.split_dir}: skipped {skipped} image(s) that failed to decode in pass {self.epoch}")
 
 
-def dali_pipeline(files, labels, *, transform, batch_size, image_size, val_resize, device_id, num_threads, seed):
+def dali_pipeline(files, labels, *, transform, batch_size, image_size, val_resize, device_id, num_threads, seed,
+                  source_size=None):
     """random-resized-crop: decode fused with a random-resized crop (scale
-    0.08-1, ratio 3/4-4/3), resize to image_size, random flip. resize: decode,
+    0.08-1, ratio 3/4-4/3), resize to image_size, random flip (with
+    ``source_size``: decode, resize the shorter side to it, then the crop). resize: decode,
     resize to image_size x image_size. center-crop: resize the shorter side to
     val_resize, center crop image_size. uint8 HWC out, on the GPU when
     ``device_id`` is given (``mixed`` decoding), else on the CPU."""
@@ -444,7 +453,13 @@ def dali_pipeline(files, labels, *, transform, batch_size, image_size, val_resiz
     def pipe():
         encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
         decoder = "mixed" if device_id is not None else "cpu"
-        if transform == "random-resized-crop":
+        if transform == "random-resized-crop" and source_size:
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=source_size, antialias=True)
+            images = fn.random_resized_crop(images, size=(image_size, image_size), random_area=[0.08, 1.0],
+                                            random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, antialias=True)
+            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+        elif transform == "random-resized-crop":
             images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
                                                    random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
                                                    num_attempts=10)
@@ -478,11 +493,12 @@ class _ListSampler(torch.utils.data.Sampler):
 
 
 class _FolderDataset(torch.utils.data.Dataset):
-    def __init__(self, samples, transform, image_size, val_resize):
+    def __init__(self, samples, transform, image_size, val_resize, source_size=None):
         from torchvision import transforms as T
         self.samples = samples
-        steps = {"random-resized-crop": [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-                                         T.RandomHorizontalFlip()],
+        source = [T.Resize(source_size)] if source_size else []
+        steps = {"random-resized-crop": source + [T.RandomResizedCrop(image_size, scale=(0.08, 1.0),
+                                                                      ratio=(3 / 4, 4 / 3)), T.RandomHorizontalFlip()],
                  "resize": [T.Resize((image_size, image_size))],
                  "center-crop": [T.Resize(val_resize), T.CenterCrop(image_size)]}[transform]
         self.transform = T.Compose(steps + [T.PILToTensor()])

@@ -90,11 +90,11 @@ class NvjpegDecoder:
     """Decodes lists of encoded images on ``device`` and applies ``transform``
     (random-resized-crop, resize, center-crop) image by image there."""
 
-    def __init__(self, device, *, transform: str, image_size: int, val_resize: int):
+    def __init__(self, device, *, transform: str, image_size: int, val_resize: int, source_size=None):
         from torchvision.io import ImageReadMode, decode_image, decode_jpeg
         from torchvision.transforms.v2 import functional as TF
         self.device, self.transform = torch.device(device), transform
-        self.image_size, self.val_resize = image_size, val_resize
+        self.image_size, self.val_resize, self.source_size = image_size, val_resize, source_size
         self._decode_jpeg, self._decode_image, self._rgb, self._tf = decode_jpeg, decode_image, ImageReadMode.RGB, TF
 
     def decode(self, encoded: list[torch.Tensor], paths: list[str]):
@@ -127,6 +127,8 @@ class NvjpegDecoder:
     def augment(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         TF, s = self._tf, self.image_size
         if self.transform == "random-resized-crop":
+            if self.source_size:
+                image = TF.resize(image, self.source_size, antialias=True)
             top, left, h, w = crop_box(image.shape[1], image.shape[2], gen)
             out = TF.resized_crop(image, top, left, h, w, [s, s], antialias=True)
             return TF.horizontal_flip(out) if bool(torch.rand(1, generator=gen) < 0.5) else out
@@ -152,7 +154,7 @@ def nvjpeg_batches(loader, indices, start):
     """The batches of ``indices`` for an ImageFolderLoader with loader="nvjpeg"."""
     from torch.utils.data import DataLoader
     decoder = NvjpegDecoder(loader.device, transform=loader.transform, image_size=loader.image_size,
-                            val_resize=loader.val_resize)
+                            val_resize=loader.val_resize, source_size=loader.source_size)
     reader = DataLoader(FileBytes([loader.samples[i] for i in indices]), batch_size=loader.batch_size,
                         num_workers=loader.workers, collate_fn=collate_lists,
                         prefetch_factor=4 if loader.workers > 0 else None)

@@ -42,6 +42,7 @@ class DatasetSpec:
     epsilon: str = "8/255"  # the usual L-inf budget of robustness results on it
     eval_attack: tuple | None = None  # (PGD steps, step size) of the paper's evaluation, when it has one
     compare: dict = field(default_factory=dict)  # bench/compare.py's "full" and "quick" settings
+    resizable: bool = False  # its loader makes any --image-size (and so can run phases)
 
     def check(self, cfg, layout: bool = True):
         """That --data is given where needed and (``layout``) that the data's

@@ -48,4 +48,5 @@ def build(cfg, rank, world_size, device):
             SyntheticBatches(per_rank, batches_per_epoch=2, **common), cfg.synthetic_classes, size)
 
 
-register_dataset(DatasetSpec("synthetic", "synthetic (random pixels)", build, MEAN, STD, IMAGE_SIZE, "resnet50"))
+register_dataset(DatasetSpec("synthetic", "synthetic (random pixels)", build, MEAN, STD, IMAGE_SIZE, "resnet50",
+                             resizable=True))

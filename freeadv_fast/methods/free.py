@@ -43,6 +43,10 @@ class FreeAdversarialTrainer(Trainer):
         self._update_and_make_input = (torch.compile(update, fullgraph=True, mode=self._compile_mode) if compile
                                        else update)
 
+    def start_phase(self):
+        """The perturbation restarts from zero at a new image size (why: freeadv_fast/phases.py)."""
+        self.delta = None
+
     def _delta_for(self, x):
         n = x.shape[0]
         if self.delta is not None and self.delta.shape[1:] != x.shape[1:]:
