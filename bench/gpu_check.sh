@@ -102,9 +102,18 @@ step train-step-preact-b128-compile 90 $PY bench/train_step.py --model preact_re
     --json "bench/results/train-step-preact_resnet18-b128-compile-$gpu.json"
 # ImageNet at other sizes, and the loaders against those step rates, on ImageNet-like files made here from
 # Tiny-ImageNet-20 (the caller carries ../shared/datasets/tiny-imagenet-20.tar.gz along as .gpu-data/)
-step train-step-resnet50-sizes 90 bash -c "for s in 128 288; do $PY bench/train_step.py --model resnet50 \
-    --precision bf16 --steps 10 --image-size \$s --methods natural,free-4 --variants graph \
-    --json bench/results/train-step-resnet50-\${s}px-$gpu.json || exit 1; done"
+# ResNet-50 at the other sizes of the imagenet-fast-* phases (128 px at batch 256, 288 px at 128), and the
+# projected wall time of those presets from the rates at 128, 224 and 288 px
+step train-step-resnet50-sizes 120 bash -c "$PY bench/train_step.py --model resnet50 --precision bf16 --steps 10 \
+    --image-size 128 --batch-size 256 --methods natural,free-4,fgsm-rs --variants graph \
+    --json bench/results/train-step-resnet50-128px-$gpu.json && $PY bench/train_step.py --model resnet50 \
+    --precision bf16 --steps 10 --image-size 288 --batch-size 128 --methods natural,free-4,fgsm-rs --variants graph \
+    --json bench/results/train-step-resnet50-288px-$gpu.json"
+for preset in imagenet-fast-free4-eps4 imagenet-fast-fgsm-eps4; do
+    step "projection-$preset" 30 $PY bench/train_step.py --project "$preset" --results \
+        "bench/results/train-step-resnet50-128px-$gpu.json" "bench/results/train-step-resnet50-$gpu.json" \
+        "bench/results/train-step-resnet50-288px-$gpu.json" --json "bench/results/projection-$preset-$gpu.json"
+done
 if [ -f .gpu-data/tiny-imagenet-20.tar.gz ]; then
     rm -rf build/imagenet-like
     step imagenet-like 60 $PY bench/make_imagenet_like.py .gpu-data/tiny-imagenet-20.tar.gz build/imagenet-like \

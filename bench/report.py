@@ -73,9 +73,23 @@ def loader_section(path, data):
     meta = data["meta"]
     lines = [f"**Data loaders** on {meta.get('images', '?')} images of `{Path(meta.get('data', '?')).name}`: "
              f"{source(path, meta)}", ""]
-    return lines + table(("loader", "images/s", "batch", "image size", "workers"),
-                         [(r["loader"], f"{r['images_per_s']:,.0f}", r["batch_size"], r["image_size"], r["workers"])
-                          for r in data["records"]])
+    def fed(r, kind):
+        return f"{r[f'gpus_fed_{kind}']:.2f} ({r[f'step_{kind}']['method']})" if f"gpus_fed_{kind}" in r else "-"
+    return lines + table(("loader", "images/s", "batch", "image size", "workers", "GPUs fed, natural",
+                          "GPUs fed, free-4"),
+                         [(r["loader"], f"{r['images_per_s']:,.0f}", r["batch_size"], r["image_size"], r["workers"],
+                           fed(r, "natural"), fed(r, "free-4")) for r in data["records"]])
+
+
+def projection_section(path, data):
+    doc = data["projection"]
+    lines = [f"**Projected wall time** of `{doc['preset']}` ({doc['method']}) on one device, from the step rates "
+             f"measured at each phase's size: {source(path, data['meta'])}", ""]
+    rows = [(f"{r['until']:g}", r["image_size"], r["batch_size"], f"{r['method']} ({r['file']})",
+             f"{r['images_per_s']:,.0f}", f"{r['hours']:.2f}") for r in doc["phases"]]
+    rows.append(("total", "", "", "", "", f"{doc['hours_one_device']:.2f}"))
+    return lines + table(("until epoch", "image size", "batch", "rate from", "images/s", "hours"), rows) + [
+        "", "Beside: " + "; ".join(doc["others"]) + ". Data loading not counted."]
 
 
 def demo_section(path, data):
@@ -147,6 +161,8 @@ def render() -> str:
             sections.append(demo_section(path, data))
         elif "probe" in data:
             sections.append(clamp_probe_section(path, data))
+        elif "projection" in data:
+            sections.append(projection_section(path, data))
         elif data.get("records") and "op" in data["records"][0]:
             sections.append(kernels_section(path, data))
         elif data.get("records") and "loader" in data["records"][0]:

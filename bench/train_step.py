@@ -72,9 +72,63 @@ def official_free_step(model, optimizer, x, y, noise, mean, std, replays, step, 
         loss.item(), prec1.item()  # the official loop logs both every replay
 
 
+# other ImageNet runs the projection of a phased preset is set beside (as the issue tracker quotes them)
+OTHER_IMAGENET_RUNS = ("the paper's free-4, 90 epochs: 2 days on 4 P100s", "Fast-AT's free run: 52 h",
+                       "Fast-AT's FGSM run: 12 h")
+PROJECTED_METHOD = {"free": "free-{replays}", "fast": "fgsm-rs", "natural": "natural", "pgd": "pgd-7"}
+
+
+def project(preset: str, files) -> dict:
+    """The wall time of an ImageNet preset with phases on one device, from
+    measured step rates at each phase's image size (results of this script,
+    one file per size): a phase of E epochs takes E x 1,281,167 images (image-
+    replays for free-m) at the best rate measured for its method and size."""
+    import json
+    from pathlib import Path
+
+    from freeadv_fast.config import build_config
+    from freeadv_fast.phases import parse as parse_phases
+    cfg = build_config(preset=preset)
+    phases = parse_phases(cfg.phases or [f"{cfg.epochs}:{cfg.image_size or 224}"], epochs=cfg.epochs,
+                          batch_size=cfg.batch_size)
+    kind = PROJECTED_METHOD[cfg.method].format(replays=cfg.replays)
+    measured = {}  # image size -> (rate, method, batch, file)
+    for f in files:
+        doc = json.loads(Path(f).read_text())
+        for r in doc["records"]:
+            if r["method"].split(" ")[0] == kind and "images_per_s" in r:
+                size, batch = doc["meta"]["image_size"], doc["meta"]["batch_size"]
+                if size not in measured or r["images_per_s"] > measured[size][0]:
+                    measured[size] = (r["images_per_s"], r["method"], batch, str(Path(f).name))
+    rows, total, start = [], 0.0, 0.0
+    for p in phases:
+        if p.image_size not in measured:
+            raise SystemExit(f"bench/train_step.py --project: no {kind} rate at {p.image_size} px in the results given")
+        rate, method, batch, name = measured[p.image_size]
+        hours = (p.until - start) * IMAGENET_TRAIN / rate / 3600
+        rows.append({"until": p.until, "image_size": p.image_size, "batch_size": p.batch_size, "measured_batch": batch,
+                     "method": method, "images_per_s": rate, "hours": hours, "file": name})
+        total, start = total + hours, p.until
+    return {"preset": preset, "method": kind, "phases": rows, "hours_one_device": total, "others": OTHER_IMAGENET_RUNS}
+
+
+def print_projection(doc):
+    print(f"projected {doc['preset']} ({doc['method']}) on one device:")
+    for r in doc["phases"]:
+        batch = "" if r["measured_batch"] == r["batch_size"] else f" (measured at batch {r['measured_batch']})"
+        print(f"  until epoch {r['until']:g}: {r['image_size']} px, batch {r['batch_size']}: {r['method']} at "
+              f"{r['images_per_s']:.0f}/s{batch} -> {r['hours']:.2f} h")
+    print(f"  total {doc['hours_one_device']:.2f} h on one device, data loading not counted; beside: "
+          + "; ".join(doc["others"]))
+
+
 def main(argv=None):
     p = parser(__doc__, quick="few steps, small batch (the CPU run in CI)", several=True,
                precision="comma-separated: fp32,bf16 (default both on GPU, fp32 on CPU)")
+    p.add_argument("--project", metavar="PRESET", help="print the projected wall time of a preset with phases "
+                   "(e.g. imagenet-fast-free4-eps4) from --results files, measuring nothing")
+    p.add_argument("--results", nargs="+", default=[], metavar="FILE", help="with --project: results of this "
+                   "script, one per image size of the preset's phases")
     p.add_argument("--model", default=None, choices=["resnet50", "preact_resnet18", "wide_resnet32_10"])
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int)
@@ -86,6 +140,12 @@ def main(argv=None):
     p.add_argument("--methods", default="natural,free-4,free-8,pgd-7,fgsm-rs,official",
                    help="comma-separated subset of natural,free-4,free-8,pgd-7,fgsm-rs,official")
     args = parse(p, argv)
+    if args.project:
+        doc = project(args.project, args.results)
+        print_projection(doc)
+        if args.json:
+            write_json(args.json, args.device, {"command_kind": "projection"}, projection=doc)
+        return 0
     device = args.device
     gpu = device.type == "cuda"
     model_name = args.model or ("resnet50" if gpu else "preact_resnet18")

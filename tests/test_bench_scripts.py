@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_data import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +49,25 @@ def test_stem_grad_bench_runs_and_records_each_part(tmp_path):
     assert {r["layout"] for r in doc["conv1"]} == {"channels_last", "nchw"} and len(doc["conv1"]) == 8
     assert doc["whole_step"][-1]["sign_agreement_autograd_vs_padded8"] > 0.99
     assert doc["profile"]["largest_differences"]
+
+
+def test_train_step_projects_a_phased_preset_from_results_at_each_size(tmp_path):
+    files = []
+    for size, batch, rate in ((128, 256, 3600.0), (224, 256, 1200.0), (288, 128, 720.0)):
+        f = tmp_path / f"{size}.json"
+        f.write_text(json.dumps({"meta": {"image_size": size, "batch_size": batch}, "records": [
+            {"method": "free-4 bf16 graph", "images_per_s": rate}, {"method": "free-4 bf16", "images_per_s": 1.0},
+            {"method": "natural bf16 graph", "images_per_s": 10 * rate}]}))
+        files.append(f)
+    out = tmp_path / "projection.json"
+    text = run("train_step.py", "--device", "cpu", "--project", "imagenet-fast-free4-eps4", "--results", *files,
+               "--json", out)
+    doc = json.loads(out.read_text())["projection"]
+    hours = [r["hours"] for r in doc["phases"]]  # 6, 6 and 3 epochs of 1,281,167 image-replays at each rate
+    expected = [6 * 1281167 / 3600 / 3600, 6 * 1281167 / 1200 / 3600, 3 * 1281167 / 720 / 3600]
+    assert hours == [pytest.approx(h) for h in expected] and doc["hours_one_device"] == pytest.approx(sum(expected))
+    assert "total" in text and "2 days on 4 P100s" in text
+    missing = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--device", "cpu", "--project",
+                              "imagenet-fast-free4-eps4", "--results", files[0]], capture_output=True, text=True,
+                             timeout=120, cwd=ROOT)
+    assert missing.returncode != 0 and "no free-4 rate at 224 px" in missing.stderr
