@@ -78,7 +78,7 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 rows = [r for r in rows if r["shape"].startswith("imagenet")]
 b = min(rows, key=lambda r: r["op_in_graph_ms"])
-print(f"-DFREEADV_FULL_GRID={b['full_grid']} -DFREEADV_F64_DIVISION={b['f64_division']} -DFREEADV_RGB_STEPS={b['rgb_steps']}")
+print(" ".join(f"-DFREEADV_{k.upper()}={b[k]}" for k in ("full_grid", "f64_division", "rgb_steps", "streaming", "min_blocks")))
 PYEOF
 )
 if [ -n "$best" ]; then

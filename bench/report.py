@@ -135,7 +135,8 @@ def compare_section() -> str:
 
 
 KNOB_NAMES = {"pack_bytes": "x bytes a pack", "full_grid": "one thread a pack (else grid-stride)",
-              "u8_lut": "uint8 table", "f64_division": "fp64 division", "rgb_steps": "RGB steps a thread"}
+              "u8_lut": "uint8 table", "f64_division": "fp64 division", "rgb_steps": "RGB steps a thread",
+              "streaming": "streaming hints", "min_blocks": "min. blocks per SM"}
 
 
 def kernel_variants_section(path):

@@ -51,18 +51,28 @@ constexpr int kRgbPixels = 4;           // pixels a thread takes per step on the
 constexpr int kRgbElems = 3 * kRgbPixels;
 
 // Tuning knobs, measured with bench/kernel_variants.sh (one binary per
-// setting; bench/results/kernel-variants-<gpu>.jsonl).
+// setting; bench/results/kernel-variants-<gpu>.jsonl). The defaults are the
+// fastest measured on an H100 (kernel-variants-*h100.jsonl: one thread per
+// pack, the fp64 division, two steps of 12 elements a thread, 0.185 ms for the
+// ImageNet batch in a graph); streaming hints and a block minimum are still
+// to be measured.
 #ifndef FREEADV_X_PACK_BYTES  // bytes of x per pack and thread on the general path
 #define FREEADV_X_PACK_BYTES 4
 #endif
 #ifndef FREEADV_FULL_GRID  // 1: a thread per pack; 0: grid-stride loop over resident blocks
-#define FREEADV_FULL_GRID 0
+#define FREEADV_FULL_GRID 1
 #endif
 #ifndef FREEADV_F64_DIVISION  // 1: the fp64 reciprocal where the GPU's fp64 rate allows; 0: __fdiv_rn always
 #define FREEADV_F64_DIVISION 1
 #endif
+#ifndef FREEADV_STREAMING  // 1: loads and stores with evict-first (streaming) cache hints
+#define FREEADV_STREAMING 0
+#endif
+#ifndef FREEADV_MIN_BLOCKS  // the RGB kernel's __launch_bounds__ minimum of resident blocks per SM (0: none)
+#define FREEADV_MIN_BLOCKS 0
+#endif
 #ifndef FREEADV_RGB_STEPS  // steps of 12 elements a thread loads before computing (RGB path)
-#define FREEADV_RGB_STEPS 1
+#define FREEADV_RGB_STEPS 2
 #endif
 
 // x / 255 for uint8 x, correctly rounded: q = x * RN(1/255) is within an ulp,
@@ -96,14 +106,33 @@ struct alignas(sizeof(T) * kVec >= 16 ? 16 : sizeof(T) * kVec) Pack {
   T v[kVec];
 };
 
+// One access of W bytes (16, 8 or 4), streamed (evict-first: each byte is
+// touched once a call) with FREEADV_STREAMING, else through the read-only path.
+template <int W>
+using Word = std::conditional_t<W == 16, uint4, std::conditional_t<W == 8, uint2, unsigned int>>;
+
+template <int W>
+__device__ __forceinline__ Word<W> load_word(const Word<W>* p) {
+  return FREEADV_STREAMING ? __ldcs(p) : __ldg(p);
+}
+
+template <int W>
+__device__ __forceinline__ void store_word(Word<W>* p, Word<W> v) {
+  if (FREEADV_STREAMING)
+    __stcs(p, v);
+  else
+    *p = v;
+}
+
 template <typename T, int kVec>
 __device__ __forceinline__ Pack<T, kVec> load_pack(const T* p) {
   constexpr int kBytes = sizeof(T) * kVec;
+  constexpr int W = kBytes % 16 == 0 ? 16 : kBytes == 8 ? 8 : kBytes == 4 ? 4 : 0;
   Pack<T, kVec> r;
-  if constexpr (kBytes >= 16 && kBytes % 16 == 0) {
+  if constexpr (W != 0) {
 #pragma unroll
-    for (int k = 0; k < kBytes / 16; ++k)
-      reinterpret_cast<uint4*>(&r)[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
+    for (int k = 0; k < kBytes / W; ++k)
+      reinterpret_cast<Word<W>*>(&r)[k] = load_word<W>(reinterpret_cast<const Word<W>*>(p) + k);
   } else {
     r = *reinterpret_cast<const Pack<T, kVec>*>(p);
   }
@@ -113,10 +142,11 @@ __device__ __forceinline__ Pack<T, kVec> load_pack(const T* p) {
 template <typename T, int kVec>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, kVec>& v) {
   constexpr int kBytes = sizeof(T) * kVec;
-  if constexpr (kBytes >= 16 && kBytes % 16 == 0) {
+  constexpr int W = kBytes % 16 == 0 ? 16 : kBytes == 8 ? 8 : kBytes == 4 ? 4 : 0;
+  if constexpr (W != 0) {
 #pragma unroll
-    for (int k = 0; k < kBytes / 16; ++k)
-      reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(&v)[k];
+    for (int k = 0; k < kBytes / W; ++k)
+      store_word<W>(reinterpret_cast<Word<W>*>(p) + k, reinterpret_cast<const Word<W>*>(&v)[k]);
   } else {
     *reinterpret_cast<Pack<T, kVec>*>(p) = v;
   }
@@ -186,8 +216,14 @@ __device__ __forceinline__ float element(float lo, float hi, const Channel& k, f
 // The RGB channels_last path: a step is kRgbElems consecutive elements from
 // a multiple of kRgbElems, so element j has channel j % 3. The caller checks
 // channels == 3, channel_stride == 1 and the pointers' alignment.
+#if FREEADV_MIN_BLOCKS > 0
+#define FREEADV_RGB_BOUNDS __launch_bounds__(kThreads, FREEADV_MIN_BLOCKS)
+#else
+#define FREEADV_RGB_BOUNDS __launch_bounds__(kThreads)
+#endif
+
 template <typename XT, typename GT, typename OT, bool kUpdate, PixelMode kMode, bool kF64Division>
-__global__ void __launch_bounds__(kThreads)
+__global__ void FREEADV_RGB_BOUNDS
     perturb_rgb_kernel(const XT* __restrict__ x, float* __restrict__ delta, const GT* __restrict__ grad,
                        OT* __restrict__ out, Params p, int64_t steps) {
   constexpr int kV = 4;  // elements per access
