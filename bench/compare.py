@@ -1,15 +1,33 @@
 """The paper's central comparison, measured in one run: natural training,
-free-m, PGD-k and FGSM-RS trained on the same data, model, precision and
-budget, then attacked with the same PGD (and CW) attacks.
+free-m, PGD-k and FGSM-RS trained on the same data, model and precision,
+then attacked with the same attacks.
 
     python bench/compare.py --data DIR [--dataset cifar10|tiny-imagenet|fashion-mnist] [--device cuda|cpu]
-                            [--quick] [--json PATH] [--out DIR]
+                            [--recipe fast-at|equal-steps] [--sweep-replays 2,4,8,10] [--frontier]
+                            [--quick] [--json PATH]
 
-Budget convention ("epochs-equivalent", as in the paper and Fast-AT): every
-method gets E epochs of the training set. Natural training, PGD-k and
-FGSM-RS make E passes; free-m makes ceil(E / m) passes of m replays, so it
-takes as many optimizer steps as natural training. All share one LR schedule
-(one-cycle by default, Fast-AT's) counted in optimizer steps.
+What each method trains for is a recipe:
+
+* ``fast-at`` (the default): each method at the recipe "Fast is better than
+  free"'s CIFAR-10 scripts publish (RECIPES below): natural, FGSM-RS and
+  PGD-7 15 epochs at peak LR 0.2, free-8 10 passes of 8 replays at 0.04, its
+  x + delta kept in the pixel range (``pixel_mode="project"``), as those
+  scripts do.
+* ``equal-steps``: every method E epochs-equivalent (--epochs): free-m makes
+  ceil(E / m) passes of m replays, as many optimizer steps as natural
+  training, all at --lr (--free-lr for free-m).
+
+``--sweep-replays 2,4,8,10`` adds free-m at each m on one epochs-equivalent
+budget (--sweep-epochs, default the fast-at free-8's 80): the paper's m
+table. ``--frontier`` adds each method at three budgets (FRONTIER), for
+robust accuracy against training time. Every row records its recipe, passes,
+optimizer steps, LR, step size, pixel mode and its whole configuration, so
+rows of runs split over several GPU sessions can be merged by
+``bench/report.py --merge``. --quick scales every budget by --budget-scale.
+
+Evaluation: the PGD and CW attacks of --eval-steps (one start each), and
+PGD with restarts (--restart-steps, --restarts: Fast-AT's PGD-50 with 10
+restarts) on --eval-samples held-out images (0: all).
 
 Training time is the wall clock of the trainer's passes alone (a CUDA
 synchronise at each end), not of the evaluation: in-memory datasets (CIFAR,
@@ -18,11 +36,13 @@ are decoded by their loader during the passes, as in a real run.
 
 Writes the JSON (every figure, with provenance) and beside it, under the same
 name, a markdown table (.md) and a plot (.png: robust accuracy against
-training time, one point per method). ``--quick``: a small CNN on a subset, a few minutes on two
-CPU cores, for CI.
+training time, a line per method; with a sweep, a second plot of accuracy
+against m). ``--quick``: a small CNN on a subset, a few minutes on two CPU
+cores, for CI.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -38,6 +58,21 @@ from freeadv_fast.evaluate import attack_name, evaluate
 from freeadv_fast.methods import METHODS
 from freeadv_fast.run import build_trainer
 
+# "Fast is better than free"'s CIFAR-10 scripts (fast_adversarial, CIFAR10/): per method, its budget
+# (epochs-equivalent, or passes for free-m), peak LR and step; one-cycle LR, batch 128, SGD 0.9 / 5e-4
+RECIPES = {
+    "fast-at": {"natural": dict(epochs=15, lr=0.2),
+                "fast": dict(epochs=15, lr=0.2, step_size="10/255"),
+                "pgd": dict(epochs=15, lr=0.2, step_size="2/255"),
+                "free": dict(passes=10, lr=0.04, pixel_mode="project")},
+    "equal-steps": {},  # --epochs, --lr and --free-lr for every method
+}
+# each method at three budgets (epochs-equivalent; free-m: passes), for the robustness-against-time frontier
+FRONTIER = {"natural": [dict(epochs=5), dict(epochs=15)],
+            "fast": [dict(epochs=5), dict(epochs=15), dict(epochs=30)],
+            "pgd": [dict(epochs=5), dict(epochs=10), dict(epochs=15)],
+            "free": [dict(passes=4), dict(passes=10), dict(passes=20)]}
+
 # the datasets with comparison settings: (arch, epochs, batch, train subset, eval samples, eval steps) of a
 # full run and of --quick, each in its dataset's spec (DatasetSpec.compare)
 COMPARABLE = {name: spec for name, spec in DATASETS.items() if spec.compare}
@@ -51,22 +86,36 @@ def parse_args(argv):
     p.add_argument("--dataset", default="cifar10", choices=sorted(COMPARABLE))
     p.add_argument("--data-name", help="how the data is named in the results (default: the dataset's name; e.g. "
                                        "'CIFAR-10 (JPEG q75 copy)')")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--recipe", default="fast-at", choices=list(RECIPES),
+                   help="what each method trains for (default fast-at: each at its published recipe)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
+                   + " for the recipe rows ('' for none)")
+    p.add_argument("--sweep-replays", help="also free-m at each m (comma-separated) on --sweep-epochs")
+    p.add_argument("--sweep-epochs", type=float, help="epochs-equivalent of every m of the sweep (default: the "
+                                                      "fast-at free-8's 80, times --budget-scale)")
+    p.add_argument("--frontier", action="store_true", help="also each method at three budgets (FRONTIER)")
+    p.add_argument("--frontier-methods", default=",".join(FRONTIER),
+                   help="the methods of the frontier (comma-separated; one GPU run may not hold all four)")
+    p.add_argument("--budget-scale", type=float, help="multiplies every recipe, sweep and frontier budget (passes "
+                                                      "round up; default 1, --quick the dataset's quick epochs / 15)")
     p.add_argument("--arch")
-    p.add_argument("--epochs", type=float, help="epochs-equivalent budget of every method")
+    p.add_argument("--epochs", type=float, help="equal-steps: epochs-equivalent budget of every method")
     p.add_argument("--replays", type=int, default=8, help="m of free-m")
     p.add_argument("--pgd-steps", type=int, default=7, help="k of PGD-k training")
     p.add_argument("--epsilon", help="L-inf budget (default 8/255; fashion-mnist 0.1)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, default=0.2, help="peak LR of every method (Fast-AT's 0.2)")
-    p.add_argument("--free-lr", type=float, help="peak LR of free-m only (default: --lr); free-m takes m steps "
-                                                 "in a row on each batch and can diverge where the others do not")
+    p.add_argument("--lr", type=float, default=0.2, help="equal-steps: peak LR of every method (Fast-AT's 0.2)")
+    p.add_argument("--free-lr", type=float, help="equal-steps: peak LR of free-m only (default: --lr); free-m "
+                                                 "takes m steps in a row on each batch and can diverge where the "
+                                                 "others do not")
     p.add_argument("--schedule", default="onecycle")
     p.add_argument("--train-subset", type=int, help="train on this many images (0: all)")
     p.add_argument("--eval-samples", type=int, help="held-out images attacked (0: all)")
-    p.add_argument("--eval-steps", help="PGD / CW steps, comma-separated")
+    p.add_argument("--eval-steps", help="PGD / CW steps of the one-start attacks, comma-separated")
+    p.add_argument("--restart-steps", type=int, help="steps of the PGD with restarts (default 50; --quick 10)")
+    p.add_argument("--restarts", type=int, help="restarts of that PGD (default 10; --quick 2; 1: none)")
     p.add_argument("--eval-step-size", help="default epsilon / 4")
-    p.add_argument("--loader", default="auto", help="image folders: dali, torch or auto")
+    p.add_argument("--loader", default="auto", help="image folders: dali, nvjpeg, torch or auto")
     p.add_argument("--cuda-graph", action="store_true", help="capture every method's training step as a CUDA graph")
     p.add_argument("--compile", action="store_true", help="torch.compile every method's model")
     p.add_argument("--seed", type=int, default=0)
@@ -78,37 +127,88 @@ def parse_args(argv):
     args.batch_size = args.batch_size or batch
     args.train_subset = subset if args.train_subset is None else args.train_subset
     args.eval_samples = samples if args.eval_samples is None else args.eval_samples
+    args.budget_scale = args.budget_scale or (epochs / 15 if args.quick else 1.0)
+    args.restart_steps = args.restart_steps or (10 if args.quick else 50)
+    args.restarts = args.restarts or (2 if args.quick else 10)
     try:
         args.eval_steps = [int(s) for s in (args.eval_steps or steps).split(",")]
-        args.methods = args.methods.split(",")
+        args.methods = [m for m in args.methods.split(",") if m]
         bad = [m for m in args.methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method(s) {', '.join(bad)}: choose from {', '.join(METHODS)}")
+        args.frontier_methods = [m for m in args.frontier_methods.split(",") if m]
+        bad = [m for m in args.frontier_methods if m not in FRONTIER]
+        if bad:
+            raise ValueError(f"--frontier-methods: unknown {', '.join(bad)}: choose from {', '.join(FRONTIER)}")
+        args.sweep_replays = [int(m) for m in args.sweep_replays.split(",")] if args.sweep_replays else []
+        if any(m < 1 for m in args.sweep_replays):
+            raise ValueError("--sweep-replays: each m must be >= 1")
+        if not (args.methods or args.sweep_replays or args.frontier):
+            raise ValueError("nothing to run: no --methods, --sweep-replays or --frontier")
+        if args.budget_scale <= 0:
+            raise ValueError("--budget-scale must be positive")
     except ValueError as exc:
         p.error(str(exc))
+    args.sweep_epochs = args.sweep_epochs or 80 * args.budget_scale
     args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
     args.json = args.json or Path("runs") / f"compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}" / "compare.json"
     return args
 
 
-def config_for(args, method):
-    """One method's settings: everything but the method (and its own step size) is shared."""
-    return check(RunConfig(dataset=args.dataset, data=args.data, arch=args.arch, method=method, replays=args.replays,
-                           pgd_steps=args.pgd_steps, epsilon=args.epsilon, epochs=args.epochs,
-                           batch_size=args.batch_size, lr=args.free_lr if method == "free" and args.free_lr
-                           else args.lr, schedule=args.schedule, momentum=0.9,
+def row_specs(args) -> list[dict]:
+    """Every row to train: its group (the recipe, "sweep" or "frontier"), its
+    method and what differs from the shared settings (epochs-equivalent, LR,
+    step size, pixel mode, m)."""
+    def budget(method, spec, replays):
+        """epochs-equivalent of a recipe entry, scaled (free-m's passes round up to whole passes)"""
+        if "passes" in spec:
+            return math.ceil(spec["passes"] * args.budget_scale) * replays
+        return max(1.0, round(spec["epochs"] * args.budget_scale, 3))
+
+    rows = []
+    recipe = RECIPES[args.recipe]
+    for method in args.methods:
+        if args.recipe == "equal-steps":
+            lr = args.free_lr if method == "free" and args.free_lr else args.lr
+            rows.append(dict(group="equal-steps", method=method, epochs=args.epochs, lr=lr, replays=args.replays))
+        else:
+            spec = recipe[method]
+            rows.append(dict(group=args.recipe, method=method, epochs=budget(method, spec, 8), lr=spec["lr"],
+                             step_size=spec.get("step_size"), pixel_mode=spec.get("pixel_mode", "clamp_input"),
+                             replays=8))
+    free = RECIPES["fast-at"]["free"]
+    for m in args.sweep_replays:
+        rows.append(dict(group="sweep", method="free", epochs=args.sweep_epochs, lr=free["lr"],
+                         pixel_mode=free["pixel_mode"], replays=m))
+    if args.frontier:
+        for method in args.frontier_methods:
+            budgets, spec = FRONTIER[method], RECIPES["fast-at"][method]
+            for b in budgets:
+                rows.append(dict(group="frontier", method=method, epochs=budget(method, b, 8), lr=spec["lr"],
+                                 step_size=spec.get("step_size"), pixel_mode=spec.get("pixel_mode", "clamp_input"),
+                                 replays=8))
+    return rows
+
+
+def config_for(args, method, *, epochs=None, lr=None, step_size=None, pixel_mode="clamp_input", replays=None,
+               **_):
+    """One row's settings: everything but the method and what its row sets is shared."""
+    return check(RunConfig(dataset=args.dataset, data=args.data, arch=args.arch, method=method,
+                           replays=replays or args.replays, pgd_steps=args.pgd_steps, epsilon=args.epsilon,
+                           step_size=step_size, pixel_mode=pixel_mode, epochs=epochs or args.epochs,
+                           batch_size=args.batch_size, lr=lr or args.lr, schedule=args.schedule, momentum=0.9,
                            weight_decay=5e-4, precision=args.precision, channels_last=args.device.type == "cuda",
                            loader=args.loader, train_subset=args.train_subset, seed=args.seed,
                            cuda_graph=args.cuda_graph, compile=args.compile,
                            eval_step_size=args.eval_step_size))
 
 
-def run_method(args, method, data, log):
-    cfg = config_for(args, method)
+def run_row(args, spec, data, log):
+    cfg = config_for(args, **spec)
     trainer, model, passes, replays = build_trainer(cfg, data, args.device)
-    label = METHODS[method].title(cfg)
-    log(f"== {label}: {passes} passes x {len(data.train)} batches x {replays} replay(s), eps {cfg.epsilon:.4g}, "
-        f"step {cfg.step_size:.4g}")
+    label = METHODS[cfg.method].title(cfg)
+    log(f"== {label} ({spec['group']}): {passes} passes x {len(data.train)} batches x {replays} replay(s), "
+        f"{cfg.epochs:g} epochs-equivalent, LR {cfg.lr:g}, eps {cfg.epsilon:.4g}, step {cfg.step_size:.4g}")
     records = []
 
     def on_log(r):
@@ -120,20 +220,31 @@ def run_method(args, method, data, log):
     images = passes * getattr(data.train, "num_samples", len(data.train) * cfg.batch_size)
     log(f"   trained in {seconds:.1f} s; evaluating on {args.eval_samples or 'all'} held-out images")
     t0 = time.perf_counter()
-    result = evaluate(model, data.val, mean=data.mean, std=data.std, epsilon=cfg.epsilon,
-                      step_size=cfg.eval_step_size, steps=tuple(args.eval_steps), losses=("ce", "cw"),
-                      limit=args.eval_samples, precision=cfg.precision, seed=args.seed)
+    common = dict(mean=data.mean, std=data.std, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
+                  limit=args.eval_samples, precision=cfg.precision, seed=args.seed)
+    result = evaluate(model, data.val, steps=tuple(args.eval_steps), losses=("ce", "cw"), **common)
+    if args.restarts > 1:
+        restarted = evaluate(model, data.val, steps=(args.restart_steps,), restarts=args.restarts, **common)
+        result.update({k: v for k, v in restarted.items() if k.startswith("pgd-")})
     robust = result[attack_name("ce", args.eval_steps[0])]
     log(f"   clean {result['clean_top1']:.1%}, {attack_name('ce', args.eval_steps[0]).upper()} {robust:.1%} "
         f"({time.perf_counter() - t0:.0f} s)")
-    return {"method": method, "label": label, "replays": replays, "passes": passes,
-            "optimizer_steps": trainer.step, "train_seconds": seconds, "lr": cfg.lr,
-            "images_per_s": images * replays / seconds, "step_size": cfg.step_size,
-            "final_train_loss": records[-1]["loss"] if records else None, "eval": result}
+    return {"group": spec["group"], "method": cfg.method, "label": label, "replays": replays, "passes": passes,
+            "epochs_equivalent": cfg.epochs, "optimizer_steps": trainer.step, "train_seconds": seconds,
+            "lr": cfg.lr, "step_size": cfg.step_size, "pixel_mode": cfg.pixel_mode,
+            "images_per_s": images * replays / seconds,
+            "final_train_loss": records[-1]["loss"] if records else None, "eval": result,
+            "config": cfg.to_dict()}
 
 
-def markdown(rows, attack_keys):
-    head = ["method", "train time", "clean"] + [k.upper() for k in attack_keys]
+def attack_keys(rows) -> list[str]:
+    """The attacks every row was evaluated with, one-start PGD and CW first."""
+    keys = [k for k in rows[0]["eval"] if (k.startswith("pgd-") or k.startswith("cw-")) and not k.endswith("_ci95")]
+    return sorted(keys, key=lambda k: ("x" in k, k.split("-")[0] != "pgd", int(k.split("-")[1].split("x")[0])))
+
+
+def markdown(rows, keys):
+    head = ["method", "group", "passes", "train time", "clean"] + [k.upper() for k in keys]
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
     for r in rows:
         e = r["eval"]
@@ -141,29 +252,85 @@ def markdown(rows, attack_keys):
         def cell(key):
             lo, hi = e[key + "_ci95"]
             return f"{e[key]:.1%} [{lo:.1%}, {hi:.1%}]"
-        lines.append(f"| {r['label']} | {r['train_seconds'] / 60:.1f} min | {cell('clean_top1')} | "
-                     + " | ".join(cell(k) for k in attack_keys) + " |")
+        lines.append(f"| {r['label']} | {r.get('group', '-')} | {r['passes']} | {r['train_seconds'] / 60:.1f} min | "
+                     f"{cell('clean_top1')} | " + " | ".join(cell(k) for k in keys) + " |")
     return "\n".join(lines)
 
 
 def plot(rows, key, path, title):
+    """Robust accuracy against training time, one line (by time) per method label."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    by_label: dict = {}
     for r in rows:
-        minutes, acc = r["train_seconds"] / 60, r["eval"][key]
-        lo, hi = r["eval"][key + "_ci95"]
-        ax.errorbar([minutes], [100 * acc], yerr=[[100 * (acc - lo)], [100 * (hi - acc)]], fmt="o", capsize=3)
-        ax.annotate(r["label"], (minutes, 100 * acc), textcoords="offset points", xytext=(6, 4))
+        if r.get("group") != "sweep":
+            by_label.setdefault(r["label"], []).append(r)
+    for label, group in by_label.items():
+        group = sorted(group, key=lambda r: r["train_seconds"])
+        minutes = [r["train_seconds"] / 60 for r in group]
+        acc = [100 * r["eval"][key] for r in group]
+        err = [[100 * (r["eval"][key] - r["eval"][key + "_ci95"][0]) for r in group],
+               [100 * (r["eval"][key + "_ci95"][1] - r["eval"][key]) for r in group]]
+        ax.errorbar(minutes, acc, yerr=err, fmt="o-", capsize=3, label=label)
     ax.set_xlabel("training time (minutes)")
     ax.set_ylabel(f"{key.upper()} accuracy (%)")
     ax.set_xlim(left=0)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_sweep(rows, key, path, title):
+    """Clean and robust accuracy of free-m against m (the sweep's rows)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sweep = sorted((r for r in rows if r.get("group") == "sweep"), key=lambda r: r["replays"])
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for metric, name in (("clean_top1", "clean"), (key, key.upper())):
+        ms = [r["replays"] for r in sweep]
+        acc = [100 * r["eval"][metric] for r in sweep]
+        err = [[100 * (r["eval"][metric] - r["eval"][metric + "_ci95"][0]) for r in sweep],
+               [100 * (r["eval"][metric + "_ci95"][1] - r["eval"][metric]) for r in sweep]]
+        ax.errorbar(ms, acc, yerr=err, fmt="o-", capsize=3, label=name)
+    ax.set_xlabel("m (replays of each minibatch)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarize(rows, key) -> dict:
+    """Ratios the issue tracker asks about, between the recipe rows."""
+    by = {r["method"]: r for r in rows if r.get("group") in RECIPES}
+    summary = {}
+    for a, b in (("free", "pgd"), ("free", "natural"), ("fast", "free")):
+        if a in by and b in by:
+            summary[f"{a}_time_over_{b}_time"] = by[a]["train_seconds"] / by[b]["train_seconds"]
+            summary[f"{a}_minus_{b}_robust"] = by[a]["eval"][key] - by[b]["eval"][key]
+    return summary
+
+
+def write_outputs(path: Path, rows, meta, device, title):
+    """The JSON, and the .md table and .png plot(s) beside it."""
+    keys = attack_keys(rows)
+    main_key = next((k for k in keys if "x" in k), keys[0])  # the restarted PGD when there is one
+    summary = summarize(rows, main_key)
+    write_json(path, device, meta, compare=rows, summary=summary)
+    table = markdown(rows, keys)
+    path.with_suffix(".md").write_text(table + "\n")
+    plot(rows, main_key, path.with_suffix(".png"), title)
+    if any(r.get("group") == "sweep" for r in rows):
+        plot_sweep(rows, main_key, path.with_name(path.stem + "-sweep.png"), title)
+    return table, summary
 
 
 def main(argv=None) -> int:
@@ -181,32 +348,22 @@ def main(argv=None) -> int:
         log(f"compare.py: error: {exc}")
         return 2
     data_name = args.data_name or COMPARABLE[args.dataset].title
+    specs = row_specs(args)
     log(f"{data_name}: {data.train.num_samples} training images ({time.perf_counter() - t0:.1f} s to load), "
-        f"{args.arch}, {args.epochs:g} epochs-equivalent, batch {args.batch_size}, {args.precision}, "
-        f"on {args.device}")
-    rows = [run_method(args, method, data, log) for method in args.methods]
-    attack_keys = [attack_name(loss, s) for loss in ("ce", "cw") for s in args.eval_steps]
+        f"{args.arch}, batch {args.batch_size}, {args.precision}, on {args.device}; {len(specs)} runs")
+    rows = []
     meta = {"quick": args.quick, "dataset": args.dataset, "data": data_name,
-            "train_images": data.train.num_samples, "arch": args.arch, "epochs_equivalent": args.epochs,
+            "train_images": data.train.num_samples, "arch": args.arch, "recipe": args.recipe,
+            "epochs_equivalent": args.epochs, "budget_scale": args.budget_scale,
             "batch_size": args.batch_size, "precision": args.precision, "lr": args.lr,
             "free_lr": args.free_lr or args.lr, "schedule": args.schedule, "cuda_graph": args.cuda_graph,
-            "compile": args.compile,
-            "epsilon": cfg.epsilon, "eval_step_size": cfg.eval_step_size,
-            "eval_steps": args.eval_steps, "eval_samples": rows[0]["eval"]["samples"]}
-    by = {r["method"]: r for r in rows}
-    summary = {}
-    main_attack = attack_keys[0]
-    if "free" in by and "pgd" in by:
-        summary["free_time_over_pgd_time"] = by["free"]["train_seconds"] / by["pgd"]["train_seconds"]
-        summary["free_minus_pgd_robust"] = by["free"]["eval"][main_attack] - by["pgd"]["eval"][main_attack]
-    if "free" in by and "natural" in by:
-        summary["free_time_over_natural_time"] = by["free"]["train_seconds"] / by["natural"]["train_seconds"]
-        summary["free_minus_natural_robust"] = by["free"]["eval"][main_attack] - by["natural"]["eval"][main_attack]
-    write_json(args.json, args.device, meta, compare=rows, summary=summary)
-    table = markdown(rows, attack_keys)
-    args.json.with_suffix(".md").write_text(table + "\n")
-    plot(rows, main_attack, args.json.with_suffix(".png"),
-         f"{data_name}, {args.arch}, {args.epochs:g} epochs-eq., eps {args.epsilon} ({device_name(args.device)})")
+            "compile": args.compile, "epsilon": cfg.epsilon, "eval_step_size": cfg.eval_step_size,
+            "eval_steps": args.eval_steps, "restart_steps": args.restart_steps, "restarts": args.restarts}
+    title = f"{data_name}, {args.arch}, eps {args.epsilon} ({device_name(args.device)})"
+    for spec in specs:  # the JSON grows row by row: a run cut short by a time limit keeps what it measured
+        rows.append(run_row(args, spec, data, log))
+        meta["eval_samples"] = rows[0]["eval"]["samples"]
+        table, summary = write_outputs(args.json, rows, meta, args.device, title)
     print(table)
     for key, value in summary.items():
         print(f"{key}: {value:.3f}")

@@ -32,6 +32,8 @@ only=${GPU_CHECK_ONLY:-}  # space-separated step names to run (a rerun of some s
 step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs it, records its status
     local name=$1 limit=$2; shift 2
     if [ -n "$only" ] && [[ " $only " != *" $name "* ]]; then echo "=== $name: not in GPU_CHECK_ONLY"; return; fi
+    # the method comparisons each take a GPU run of their own: only when named
+    if [[ $name == compare-* ]] && [[ " $only " != *" $name "* ]]; then echo "=== $name: name it in GPU_CHECK_ONLY"; return; fi
     echo "=== [$((SECONDS - start))s] $name (limit ${limit}s): $*"
     timeout --signal=INT --kill-after=10 "$limit" "$@" > "$logs/$name.log" 2>&1
     local rc=$?
@@ -124,6 +126,21 @@ if [ -f .gpu-data/tiny-imagenet-20.tar.gz ]; then
         --train-step "bench/results/train-step-resnet50-288px-$gpu.json" --json "bench/results/loader-$gpu.json"
 else
     echo "gpu-check: no .gpu-data/tiny-imagenet-20.tar.gz, so no loader benchmark"
+fi
+# The paper's claim on real CIFAR-10 (bench/compare.py), each its own run of under 10 minutes, named in
+# GPU_CHECK_ONLY; the caller carries ../shared/datasets/cifar10-jpeg.tar.gz along as .gpu-data/. Their rows
+# merge with `python bench/report.py --merge ... --out bench/results/compare-cifar10-<gpu>.json`.
+if [ -f .gpu-data/cifar10-jpeg.tar.gz ] && [[ " $only " == *" compare-"* ]]; then
+    [ -d build/cifar10-jpeg ] || { mkdir -p build/cifar10-jpeg && tar xzf .gpu-data/cifar10-jpeg.tar.gz -C build/cifar10-jpeg; }
+    cmp=(--data build/cifar10-jpeg --data-name "CIFAR-10 (JPEG q75 copy)" --cuda-graph --eval-samples 1000)
+    step compare-recipe 560 $PY bench/compare.py "${cmp[@]}" --recipe fast-at \
+        --json "bench/results/compare-cifar10-$gpu-recipe.json"
+    step compare-sweep 560 $PY bench/compare.py "${cmp[@]}" --methods "" --sweep-replays 2,4,8,10 \
+        --json "bench/results/compare-cifar10-$gpu-sweep.json"
+    step compare-frontier-a 560 $PY bench/compare.py "${cmp[@]}" --methods "" --frontier \
+        --frontier-methods natural,fast,free --json "bench/results/compare-cifar10-$gpu-frontier-a.json"
+    step compare-frontier-b 560 $PY bench/compare.py "${cmp[@]}" --methods "" --frontier --frontier-methods pgd \
+        --json "bench/results/compare-cifar10-$gpu-frontier-b.json"
 fi
 echo "gpu-check: done in $((SECONDS - start))s; step statuses in $logs/status.txt"
 cat "$logs/status.txt"

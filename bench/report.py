@@ -6,6 +6,7 @@ names the device it was measured on.
 
     python bench/report.py            # rewrite the sections in README.md
     python bench/report.py --check    # exit 1 if README.md is not up to date (CI)
+    python bench/report.py --merge A.json B.json --out merged.json   # rows of split compare.py runs
 """
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ def compare_section() -> str:
             def cell(key):
                 lo, hi = e[key + "_ci95"]
                 return f"{e[key]:.1%} ({lo:.1%}-{hi:.1%})"
-            rows.append((meta["data"], meta["device"], r["label"], r["passes"], f"{r['train_seconds'] / 60:.1f} min",
+            label = r["label"] + (f" [{r['group']}]" if r.get("group") else "")
+            rows.append((meta["data"], meta["device"], label, r["passes"], f"{r['train_seconds'] / 60:.1f} min",
                          cell("clean_top1"), cell(f"pgd-{steps}"), cell(f"cw-{steps}"), f"`{path.name}`"))
     if not rows:
         return "No comparison committed yet (run bench/compare.py).\n"
@@ -176,11 +178,53 @@ def render() -> str:
     return "\n".join(head + ["\n".join(s) + "\n" for s in sections]).rstrip() + "\n"
 
 
+# what rows of bench/compare.py runs must share to stand in one table: the data, model, precision, device
+# and the same attacks on the same test images
+MERGE_KEYS = ("data", "dataset", "arch", "precision", "device", "epsilon", "eval_step_size", "eval_steps",
+              "restart_steps", "restarts", "eval_samples", "batch_size")
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """The rows of several bench/compare.py results (runs split over GPU
+    sessions) in one JSON, table and plot, refusing results that differ in
+    what MERGE_KEYS names."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from compare import write_outputs
+    docs = [json.loads(p.read_text()) for p in paths]
+    if any("compare" not in d for d in docs):
+        print(f"report.py --merge: {next(p for p, d in zip(paths, docs) if 'compare' not in d)} is not a "
+              "bench/compare.py result", file=sys.stderr)
+        return 2
+    base = docs[0]["meta"]
+    for path, doc in zip(paths[1:], docs[1:]):
+        diff = [f"{k} ({doc['meta'].get(k)!r}, not {base.get(k)!r})" for k in MERGE_KEYS
+                if doc["meta"].get(k) != base.get(k)]
+        if diff:
+            print(f"report.py --merge: {path} differs from {paths[0]} in {', '.join(diff)}; not merged",
+                  file=sys.stderr)
+            return 2
+    rows = [r for d in docs for r in d["compare"]]
+    meta = {**base, "merged_from": [p.name for p in paths], "quick": any(d["meta"].get("quick") for d in docs)}
+    import torch
+    table, _ = write_outputs(out, rows, meta, torch.device("cpu"),
+                             f"{base['data']}, {base['arch']}, eps {base['epsilon'] * 255:.3g}/255 ({base['device']})")
+    print(table)
+    print(f"wrote {out} and its .md and .png from {len(paths)} files")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true")
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="FILE",
+                   help="bench/compare.py results of the same data, model and precision to merge into --out")
+    p.add_argument("--out", type=Path, help="with --merge: the merged results file (JSON; .md and .png beside it)")
     args = p.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            p.error("--merge needs --out")
+        return merge(args.merge, args.out)
     text = args.readme.read_text()
     new = text
     for name, body in zip(SECTIONS, (compare_section(), render())):
