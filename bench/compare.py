@@ -257,55 +257,52 @@ def markdown(rows, keys):
     return "\n".join(lines)
 
 
-def plot(rows, key, path, title):
-    """Robust accuracy against training time, one line (by time) per method label."""
+def _errorbar(ax, xs, rows, metric, label):
+    acc = [100 * r["eval"][metric] for r in rows]
+    err = [[100 * (r["eval"][metric] - r["eval"][metric + "_ci95"][0]) for r in rows],
+           [100 * (r["eval"][metric + "_ci95"][1] - r["eval"][metric]) for r in rows]]
+    ax.errorbar(xs, acc, yerr=err, fmt="o-", capsize=3, label=label)
+
+
+def _figure(draw, path, xlabel, ylabel, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    draw(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(rows, key, path, title):
+    """Robust accuracy against training time, one line (by time) per method label."""
     by_label: dict = {}
     for r in rows:
         if r.get("group") != "sweep":
             by_label.setdefault(r["label"], []).append(r)
-    for label, group in by_label.items():
-        group = sorted(group, key=lambda r: r["train_seconds"])
-        minutes = [r["train_seconds"] / 60 for r in group]
-        acc = [100 * r["eval"][key] for r in group]
-        err = [[100 * (r["eval"][key] - r["eval"][key + "_ci95"][0]) for r in group],
-               [100 * (r["eval"][key + "_ci95"][1] - r["eval"][key]) for r in group]]
-        ax.errorbar(minutes, acc, yerr=err, fmt="o-", capsize=3, label=label)
-    ax.set_xlabel("training time (minutes)")
-    ax.set_ylabel(f"{key.upper()} accuracy (%)")
-    ax.set_xlim(left=0)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    def draw(ax):
+        for label, group in by_label.items():
+            group = sorted(group, key=lambda r: r["train_seconds"])
+            _errorbar(ax, [r["train_seconds"] / 60 for r in group], group, key, label)
+        ax.set_xlim(left=0)
+    _figure(draw, path, "training time (minutes)", f"{key.upper()} accuracy (%)", title)
 
 
 def plot_sweep(rows, key, path, title):
     """Clean and robust accuracy of free-m against m (the sweep's rows)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     sweep = sorted((r for r in rows if r.get("group") == "sweep"), key=lambda r: r["replays"])
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for metric, name in (("clean_top1", "clean"), (key, key.upper())):
-        ms = [r["replays"] for r in sweep]
-        acc = [100 * r["eval"][metric] for r in sweep]
-        err = [[100 * (r["eval"][metric] - r["eval"][metric + "_ci95"][0]) for r in sweep],
-               [100 * (r["eval"][metric + "_ci95"][1] - r["eval"][metric]) for r in sweep]]
-        ax.errorbar(ms, acc, yerr=err, fmt="o-", capsize=3, label=name)
-    ax.set_xlabel("m (replays of each minibatch)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    def draw(ax):
+        for metric, name in (("clean_top1", "clean"), (key, key.upper())):
+            _errorbar(ax, [r["replays"] for r in sweep], sweep, metric, name)
+    _figure(draw, path, "m (replays of each minibatch)", "accuracy (%)", title)
 
 
 def summarize(rows, key) -> dict:

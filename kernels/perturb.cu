@@ -239,26 +239,32 @@ __global__ void FREEADV_RGB_BOUNDS
     Pack<XT, kV> xp[FREEADV_RGB_STEPS][kAccesses];
     Pack<float, kV> dp[FREEADV_RGB_STEPS][kAccesses];
     Pack<GT, kV> gp[FREEADV_RGB_STEPS][kAccesses];
+    // the first element of each step this thread takes, and how many of them lie before the end
+    int64_t bases[FREEADV_RGB_STEPS];
+    int taken = 0;
+#pragma unroll
+    for (int u = 0; u < FREEADV_RGB_STEPS; ++u) {
+      bases[u] = (s0 + u * stride) * kRgbElems;
+      taken += s0 + u * stride < steps;
+    }
     // every load of the step(s) first, then the arithmetic
 #pragma unroll
     for (int u = 0; u < FREEADV_RGB_STEPS; ++u) {
-      const int64_t s = s0 + u * stride;
-      if (FREEADV_RGB_STEPS > 1 && s >= steps) break;
-      const int64_t base = s * kRgbElems;
+      if (u >= taken) break;
 #pragma unroll
       for (int a = 0; a < kAccesses; ++a) {
-        xp[u][a] = load_pack<XT, kV>(x + base + a * kV);
-        dp[u][a] = load_pack<float, kV>(delta + base + a * kV);
-        if constexpr (kGrad) gp[u][a] = load_pack<GT, kV>(grad + base + a * kV);
+        const int64_t i = bases[u] + a * kV;
+        xp[u][a] = load_pack<XT, kV>(x + i);
+        dp[u][a] = load_pack<float, kV>(delta + i);
+        if constexpr (kGrad) gp[u][a] = load_pack<GT, kV>(grad + i);
       }
     }
 #pragma unroll
     for (int u = 0; u < FREEADV_RGB_STEPS; ++u) {
-      const int64_t s = s0 + u * stride;
-      if (FREEADV_RGB_STEPS > 1 && s >= steps) break;
-      const int64_t base = s * kRgbElems;
+      if (u >= taken) break;
 #pragma unroll
       for (int a = 0; a < kAccesses; ++a) {
+        const int64_t i = bases[u] + a * kV;
         Pack<OT, kV> op;
 #pragma unroll
         for (int j = 0; j < kV; ++j) {
@@ -266,8 +272,8 @@ __global__ void FREEADV_RGB_BOUNDS
                                                                 pixel(xp[u][a].v[j]), dp[u][a].v[j], gp[u][a].v[j]);
           if constexpr (kOut) op.v[j] = from_float<OT>(o);
         }
-        if constexpr (kUpdate) store_pack<float, kV>(delta + base + a * kV, dp[u][a]);
-        if constexpr (kOut) store_pack<OT, kV>(out + base + a * kV, op);
+        if constexpr (kUpdate) store_pack<float, kV>(delta + i, dp[u][a]);
+        if constexpr (kOut) store_pack<OT, kV>(out + i, op);
       }
     }
   }
