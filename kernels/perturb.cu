@@ -22,7 +22,7 @@
 //   a - b*m for a rounding midpoint m is a nonzero multiple of
 //   2^(e_b + e - 47) (a/b is never a midpoint), so |a/b - m| > 2^(e-48);
 //   the double product is within 2^(e-51) of a/b, so it rounds to the same
-//   float. Other GPUs keep __fdiv_rn. tests/test_kernel_arithmetic.py
+//   float. Other GPUs take the general path, with __fdiv_rn. tests/test_kernel_arithmetic.py
 //   replays both on CPU against float division.
 // Other layouts take packs of FREEADV_X_PACK_BYTES of x and walk the channel
 // from one integer division a pack, with the constants in shared memory. A
@@ -436,19 +436,17 @@ void launch(const PerturbArgs& a, const void* grad, void* out, cudaStream_t stre
   auto* os = static_cast<OT*>(out);
   int64_t begin = 0;
   // 4 elements an access: x, delta, grad and out aligned to 4 of their elements (16 bytes at most)
+  // The RGB path is built with one division (FREEADV_F64_DIVISION), which halves the kernels to compile; a
+  // GPU whose fp64 is slow takes the general path (with __fdiv_rn) when the RGB kernel divides in fp64.
   const bool rgb = a.channels == 3 && a.channel_stride == 1 && aligned(a.x, pack_alignment<XT, 4>()) &&
                    aligned(a.delta, pack_alignment<float, 4>()) && aligned(grad, pack_alignment<GT, 4>()) &&
-                   aligned(out, pack_alignment<OT, 4>());
+                   aligned(out, pack_alignment<OT, 4>()) && (!FREEADV_F64_DIVISION || fast_fp64());
   if (rgb) {
     const int64_t steps = a.numel / kRgbElems;
     if (steps > 0) {
       const int64_t work = (steps + FREEADV_RGB_STEPS - 1) / FREEADV_RGB_STEPS;
-      constexpr auto f64 = perturb_rgb_kernel<XT, GT, OT, kUpdate, kMode, true>;
-      constexpr auto f32 = perturb_rgb_kernel<XT, GT, OT, kUpdate, kMode, false>;
-      if (FREEADV_F64_DIVISION && fast_fp64())
-        f64<<<blocks_for<f64>(work), kThreads, 0, stream>>>(xs, a.delta, gs, os, p, steps);
-      else
-        f32<<<blocks_for<f32>(work), kThreads, 0, stream>>>(xs, a.delta, gs, os, p, steps);
+      constexpr auto kernel = perturb_rgb_kernel<XT, GT, OT, kUpdate, kMode, bool(FREEADV_F64_DIVISION)>;
+      kernel<<<blocks_for<kernel>(work), kThreads, 0, stream>>>(xs, a.delta, gs, os, p, steps);
       check_launch();
     }
     begin = steps * kRgbElems;
