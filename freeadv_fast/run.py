@@ -31,7 +31,6 @@ from .methods import METHODS
 from .trainer import NonFiniteError
 
 
-
 class OutOfMemory(RuntimeError):
     """The GPU cannot hold a step at this batch and image size; the message says which and how to lower it."""
 
@@ -208,6 +207,13 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def phase_ends(cfg: RunConfig, replays: int, passes: int) -> list[int]:
+    """The pass count at which each phase ends ([passes]: one phase)."""
+    if not cfg.phases:
+        return [passes]
+    return pass_ends(parse_phases(cfg.phases, epochs=cfg.epochs, batch_size=cfg.batch_size), replays)
+
+
 def phase_configs(cfg: RunConfig) -> list[RunConfig]:
     """The run's phases as configs of one image size each (freeadv_fast/phases.py);
     a run without phases is one phase."""
@@ -235,15 +241,14 @@ def build_trainer(cfg: RunConfig, data, device, dist=None, phase_data=None):
     replays = method.replays(cfg)
     passes = passes_for(cfg.epochs, replays)
     if cfg.phases:
-        phases = parse_phases(cfg.phases, epochs=cfg.epochs, batch_size=cfg.batch_size)
         starts, total, done = [], 0, 0
-        for end, d in zip(pass_ends(phases, replays), phase_data):
+        for end, d in zip(phase_ends(cfg, replays, passes), phase_data):
             starts.append(total)
             total += (end - done) * len(d.train) * replays
             done = end
         schedule = build_schedule(cfg.schedule, optimizer, steps_per_pass=total, passes=1, replays=replays,
                                   milestones=cfg.milestones, phase_starts=starts,
-                                  phase_scales=[p.batch_size / cfg.batch_size for p in phases])
+                                  phase_scales=[c.batch_size / cfg.batch_size for c in phase_configs(cfg)])
     else:
         schedule = build_schedule(cfg.schedule, optimizer, steps_per_pass=len(data.train) * replays, passes=passes,
                                   replays=replays, milestones=cfg.milestones)
@@ -277,8 +282,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     phase_cfgs = phase_configs(cfg)
     phase_data = [build_data(c, d.rank, d.world_size, d.device) for c in phase_cfgs]
     trainer, model, passes, replays = build_trainer(cfg, phase_data[0], d.device, d, phase_data)
-    ends = pass_ends(parse_phases(cfg.phases, epochs=cfg.epochs, batch_size=cfg.batch_size), replays) \
-        if cfg.phases else [passes]
+    ends = phase_ends(cfg, replays, passes)
     phase = phase_of(ends, trainer.epoch)  # 0 here; set again after a resume
     data = phase_data[phase]
 
