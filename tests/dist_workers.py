@@ -23,7 +23,9 @@ def run(mode: str, out_dir: str, dropout: float = 0.0, device: str = "cpu"):
     rank its delta. Dropout makes the result depend on the restored RNG state.
     ``device="cuda"``: on the GPU (with FREEADV_SHARE_GPU=1, every rank on one)."""
     deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    # on a GPU some backward kernels (adaptive average pooling) have no deterministic form: warn there, and the
+    # GPU test compares within a tolerance
+    torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
     out = Path(out_dir)
     d = distributed.setup(cpu=device == "cpu")
     try:
