@@ -1,6 +1,7 @@
 """What a run says goes through logging: --log-level, quiet ranks, and the
 metrics mirrored to TensorBoard."""
 import logging
+import os
 
 import pytest
 
@@ -14,6 +15,8 @@ TINY = ["digits", "--cpu", "--method", "natural", "--epochs", "2", "--eval-every
 def default_level(monkeypatch):
     monkeypatch.delenv("FREEADV_LOG_LEVEL", raising=False)
     yield
+    # --log-level writes the variable for the workers: later tests in this process must not inherit it
+    os.environ.pop("FREEADV_LOG_LEVEL", None)
     messages.set_level("info")
 
 
