@@ -165,3 +165,21 @@ def write_json(path: Path, device: torch.device, meta: dict | None = None, **bod
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
+
+
+def best_step_rates(files, kinds) -> dict:
+    """{image size: {kind: {"images_per_s", "method", "batch_size", "file"}}}:
+    the fastest variant of each method kind ("natural", "free-4", ...) in
+    bench/train_step.py results, per image size."""
+    best: dict = {}
+    for f in files:
+        doc = json.loads(Path(f).read_text())
+        size, batch = doc["meta"]["image_size"], doc["meta"]["batch_size"]
+        for r in doc["records"]:
+            kind = r["method"].split(" ")[0]
+            if kind in kinds and "images_per_s" in r:
+                now = best.setdefault(size, {}).get(kind)
+                if now is None or r["images_per_s"] > now["images_per_s"]:
+                    best[size][kind] = {"images_per_s": r["images_per_s"], "method": r["method"],
+                                        "batch_size": batch, "file": Path(f).name}
+    return best

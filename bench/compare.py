@@ -159,34 +159,28 @@ def row_specs(args) -> list[dict]:
     """Every row to train: its group (the recipe, "sweep" or "frontier"), its
     method and what differs from the shared settings (epochs-equivalent, LR,
     step size, pixel mode, m)."""
-    def budget(method, spec, replays):
-        """epochs-equivalent of a recipe entry, scaled (free-m's passes round up to whole passes)"""
-        if "passes" in spec:
-            return math.ceil(spec["passes"] * args.budget_scale) * replays
-        return max(1.0, round(spec["epochs"] * args.budget_scale, 3))
+    def fast_at_row(group, method, budget):
+        """A method at the fast-at recipe with ``budget`` (epochs, or free-m's
+        passes) scaled by --budget-scale, free-m's passes rounded up to whole ones."""
+        spec = RECIPES["fast-at"][method]
+        epochs = (math.ceil(budget["passes"] * args.budget_scale) * args.replays if "passes" in budget
+                  else max(1.0, round(budget["epochs"] * args.budget_scale, 3)))
+        return dict(group=group, method=method, epochs=epochs, lr=spec["lr"], step_size=spec.get("step_size"),
+                    pixel_mode=spec.get("pixel_mode", "clamp_input"), replays=args.replays)
 
     rows = []
-    recipe = RECIPES[args.recipe]
     for method in args.methods:
         if args.recipe == "equal-steps":
             lr = args.free_lr if method == "free" and args.free_lr else args.lr
             rows.append(dict(group="equal-steps", method=method, epochs=args.epochs, lr=lr, replays=args.replays))
         else:
-            spec = recipe[method]
-            rows.append(dict(group=args.recipe, method=method, epochs=budget(method, spec, 8), lr=spec["lr"],
-                             step_size=spec.get("step_size"), pixel_mode=spec.get("pixel_mode", "clamp_input"),
-                             replays=8))
+            rows.append(fast_at_row(args.recipe, method, RECIPES[args.recipe][method]))
     free = RECIPES["fast-at"]["free"]
     for m in args.sweep_replays:
         rows.append(dict(group="sweep", method="free", epochs=args.sweep_epochs, lr=free["lr"],
                          pixel_mode=free["pixel_mode"], replays=m))
     if args.frontier:
-        for method in args.frontier_methods:
-            budgets, spec = FRONTIER[method], RECIPES["fast-at"][method]
-            for b in budgets:
-                rows.append(dict(group="frontier", method=method, epochs=budget(method, b, 8), lr=spec["lr"],
-                                 step_size=spec.get("step_size"), pixel_mode=spec.get("pixel_mode", "clamp_input"),
-                                 replays=8))
+        rows += [fast_at_row("frontier", method, b) for method in args.frontier_methods for b in FRONTIER[method]]
     return rows
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import parse, parser, sync, wall_clock, write_json
+from common import best_step_rates, parse, parser, sync, wall_clock, write_json
 from freeadv_fast.cli import int_list
 from freeadv_fast.data.folder import ImageFolderLoader, dali_available, find_split, scan_image_folder
 from freeadv_fast.data.nvjpeg import nvjpeg_available
@@ -42,23 +42,6 @@ def loader_machine(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {cores}"
     return f"{platform.processor() or platform.machine()} CPU, {cores}"
-
-
-def step_rates(files) -> dict:
-    """{image size: {"natural": (rate, method), "free-4": (rate, method)}}: the
-    best variant of each in bench/train_step.py results."""
-    import json
-    rates: dict = {}
-    for f in files:
-        doc = json.loads(Path(f).read_text())
-        size = doc["meta"]["image_size"]
-        for r in doc["records"]:
-            kind = r["method"].split(" ")[0]
-            if kind in ("natural", "free-4") and "images_per_s" in r:
-                best = rates.setdefault(size, {}).get(kind)
-                if best is None or r["images_per_s"] > best[0]:
-                    rates[size][kind] = (r["images_per_s"], r["method"])
-    return rates
 
 
 def main(argv=None):
@@ -74,7 +57,7 @@ def main(argv=None):
                    help="bench/train_step.py results to set the loader rates beside (repeatable)")
     args = parse(p, argv)
     loaders = args.loader or (["dali"] * dali_available() + ["nvjpeg"] * nvjpeg_available(args.device) + ["torch"])
-    steps = step_rates(args.train_step)
+    steps = best_step_rates(args.train_step, ("natural", "free-4"))
     split = find_split(args.data, args.split)
     classes, samples, bad = scan_image_folder(split)
     device = args.device
@@ -106,7 +89,7 @@ def main(argv=None):
         line = f"  {size:>4}px {name:<6} {rate:10.1f} images/s  ({images} images in {seconds:.1f} s)"
         for kind, per_image in (("natural", 1), ("free-4", 4)):
             if kind in steps.get(size, {}):
-                step, method = steps[size][kind]
+                step, method = steps[size][kind]["images_per_s"], steps[size][kind]["method"]
                 record[f"gpus_fed_{kind}"] = rate / (step / per_image)
                 record[f"step_{kind}"] = {"method": method, "images_per_s": step}
                 line += f"; feeds {rate / (step / per_image):.2f} GPUs of {method} ({step:.0f}/s)"

@@ -35,7 +35,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import device_name, elapsed_s, parse, parser, wall_clock, write_json
+from common import best_step_rates, device_name, elapsed_s, parse, parser, wall_clock, write_json
 from freeadv_fast import FastTrainer, FreeAdversarialTrainer, NaturalTrainer, PGDTrainer
 from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.models import create_model
@@ -83,31 +83,22 @@ def project(preset: str, files) -> dict:
     measured step rates at each phase's image size (results of this script,
     one file per size): a phase of E epochs takes E x 1,281,167 images (image-
     replays for free-m) at the best rate measured for its method and size."""
-    import json
-    from pathlib import Path
-
     from freeadv_fast.config import build_config
     from freeadv_fast.phases import parse as parse_phases
     cfg = build_config(preset=preset)
     phases = parse_phases(cfg.phases or [f"{cfg.epochs}:{cfg.image_size or 224}"], epochs=cfg.epochs,
                           batch_size=cfg.batch_size)
     kind = PROJECTED_METHOD[cfg.method].format(replays=cfg.replays)
-    measured = {}  # image size -> (rate, method, batch, file)
-    for f in files:
-        doc = json.loads(Path(f).read_text())
-        for r in doc["records"]:
-            if r["method"].split(" ")[0] == kind and "images_per_s" in r:
-                size, batch = doc["meta"]["image_size"], doc["meta"]["batch_size"]
-                if size not in measured or r["images_per_s"] > measured[size][0]:
-                    measured[size] = (r["images_per_s"], r["method"], batch, str(Path(f).name))
+    measured = best_step_rates(files, (kind,))
     rows, total, start = [], 0.0, 0.0
     for p in phases:
-        if p.image_size not in measured:
+        if kind not in measured.get(p.image_size, {}):
             raise SystemExit(f"bench/train_step.py --project: no {kind} rate at {p.image_size} px in the results given")
-        rate, method, batch, name = measured[p.image_size]
-        hours = (p.until - start) * IMAGENET_TRAIN / rate / 3600
-        rows.append({"until": p.until, "image_size": p.image_size, "batch_size": p.batch_size, "measured_batch": batch,
-                     "method": method, "images_per_s": rate, "hours": hours, "file": name})
+        m = measured[p.image_size][kind]
+        hours = (p.until - start) * IMAGENET_TRAIN / m["images_per_s"] / 3600
+        rows.append({"until": p.until, "image_size": p.image_size, "batch_size": p.batch_size,
+                     "measured_batch": m["batch_size"], "method": m["method"], "images_per_s": m["images_per_s"],
+                     "hours": hours, "file": m["file"]})
         total, start = total + hours, p.until
     return {"preset": preset, "method": kind, "phases": rows, "hours_one_device": total, "others": OTHER_IMAGENET_RUNS}
 

@@ -4,7 +4,8 @@ Natural training stops its backward at the first convolution's weights;
 free-m also needs d loss / d input, the data gradient of that convolution
 back to 3 channels. cuDNN's kernel for 3 channels is slow: at ResNet-50 224
 px bf16 on an H100 it cost 3.6 ms of a 65 ms forward and backward
-(bench/results/stem-grad-h100.json). The same gradient from the convolution's
+(bench/stem_grad.py; its printed figures are in
+bench/results/gpu-check-h100/runs.txt). The same gradient from the convolution's
 output gradient with the weight padded with zero input channels to 4 cost
 1.9 ms, and gave the same signs. ``StemInputGrad`` does that: a hook keeps the
 stem's output gradient during the one backward, and ``input_grad`` turns it

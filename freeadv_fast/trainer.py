@@ -116,7 +116,7 @@ class Trainer:
         self._forward = (torch.compile(self._forward_eager, mode=self._compile_mode) if compile
                          else self._forward_eager)
         self._stem = self._stem_input_grad(stem_input_grad)
-        self._stem_proven = False  # the first input-gradient step uses autograd and checks the stem sees the input
+        self._stem_proven = False  # the stem's first step uses autograd and checks the stem sees the input
         self.cuda_graph = cuda_graph and self._graphs_apply()
         self._graph: StepGraph | None = None
         self._graph_key = None
@@ -297,22 +297,22 @@ class Trainer:
         stem = self._stem if input_grad else None
         if stem is not None:
             stem.expect(inp)
-        if input_grad and not self._stem_proven:
+        if input_grad and not (stem is not None and self._stem_proven):  # autograd makes this step's gradient
             inp.requires_grad_(True)
         loss, logits = self._forward(inp, y)
         self.optimizer.zero_grad(set_to_none=True)
         self._scaled(loss).backward()
-        if not input_grad:
-            return loss, logits, None
-        grad = stem.input_grad(inp) if stem is not None else None
-        if not self._stem_proven:
-            if stem is not None and grad is None:
-                say_once("the model's first 3-channel convolution does not take the input; free-m's input "
-                         "gradient comes from autograd")
-                self._stem = None
-            self._stem_proven = self._stem is not None
-            return loss, logits, inp.grad
-        return loss, logits, grad
+        if stem is None:
+            return loss, logits, (inp.grad if input_grad else None)
+        grad = stem.input_grad(inp)
+        if self._stem_proven:
+            return loss, logits, grad
+        if grad is None:  # the first step: the stem must have seen the input
+            say_once("the model's first 3-channel convolution does not take the input; free-m's input "
+                     "gradient comes from autograd")
+            self._stem = None
+        self._stem_proven = grad is not None
+        return loss, logits, inp.grad
 
     def _record(self, loss, logits, y):
         """Metrics and the non-finite-loss streak, on the device."""

@@ -21,7 +21,7 @@ def run(script, *args, timeout=300):
 def test_loader_bench_times_each_loader_at_each_size_and_sets_step_rates_beside(tmp_path):
     write_folder(tmp_path / "data" / "train", per_class=8)
     step = tmp_path / "step.json"  # a train_step.py result at 32 px
-    step.write_text(json.dumps({"meta": {"image_size": 32}, "records": [
+    step.write_text(json.dumps({"meta": {"image_size": 32, "batch_size": 8}, "records": [
         {"method": "natural bf16 graph", "images_per_s": 100.0},
         {"method": "free-4 bf16 graph", "images_per_s": 80.0},
         {"method": "free-4 bf16", "images_per_s": 60.0}]}))

@@ -132,6 +132,20 @@ def _signature_check(head: bytes, tail: bytes, size: int) -> str | None:
     return "not an image (unknown file signature)"
 
 
+def read_checked(path) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None), or (None, why it cannot be a whole image):
+    unreadable, a bad signature, end marker or claimed size, a damaged PNG.
+    What the loaders that decode bytes themselves check before decoding."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror or exc})"
+    why = _signature_check(data[:_HEAD], data[-1024:], len(data))
+    if why is None and data[:8] == b"\x89PNG\r\n\x1a\n":
+        why = png_problem(data)
+    return (None, why) if why else (data, None)
+
+
 def full_check(path: str) -> str | None:
     """Why ``path`` cannot be decoded (None if PIL decodes it completely)."""
     why = quick_check(path)
@@ -195,13 +209,7 @@ def decode_image_folder(split_dir, *, size: int, channels: int = 3, classes=None
 
     def decode(i):
         path = samples[i][0]
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            return f"{path}: unreadable ({exc.strerror or exc})"
-        why = _signature_check(data[:_HEAD], data[-1024:], len(data))
-        if why is None and data[:8] == b"\x89PNG\r\n\x1a\n":
-            why = png_problem(data)
+        data, why = read_checked(path)
         if why:
             return f"{path}: {why}"
         try:

@@ -4,7 +4,7 @@ and the crop, resize and flip run there too. It delivers what the DALI and
 torch loaders do: uint8 batches in NHWC storage seen as NCHW.
 
 Bad files behave as in the other loaders: a file whose signature, end
-marker or claimed size is wrong (``folder._signature_check``) is skipped and
+marker or claimed size is wrong (``folder.read_checked``) is skipped and
 named once, a file the decoder refuses is found by decoding the batch's
 images one by one and skipped the same way, and a non-JPEG image (a PNG named
 .JPEG, which PIL reads) is decoded on the CPU, as the torch loader's PIL does.
@@ -18,7 +18,7 @@ import torch
 
 from ..common import stream_seed
 from ..messages import say_once
-from .folder import _HEAD, _signature_check, png_problem
+from .folder import read_checked
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -46,17 +46,8 @@ class FileBytes(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            return None, label, path, f"unreadable ({exc.strerror or exc})"
-        why = _signature_check(data[:_HEAD], data[-1024:], len(data))
-        if why is None and data[:8] == b"\x89PNG\r\n\x1a\n":
-            why = png_problem(data)
-        if why:
-            return None, label, path, why
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, path, None
+        data, why = read_checked(path)
+        return (None if why else torch.frombuffer(bytearray(data), dtype=torch.uint8)), label, path, why
 
 
 def collate_lists(items):
