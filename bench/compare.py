@@ -23,7 +23,12 @@ table. ``--frontier`` adds each method at three budgets (FRONTIER), for
 robust accuracy against training time. Every row records its recipe, passes,
 optimizer steps, LR, step size, pixel mode and its whole configuration, so
 rows of runs split over several GPU sessions can be merged by
-``bench/report.py --merge``. --quick scales every budget by --budget-scale.
+``bench/report.py --merge``. A row whose whole configuration an earlier row
+of the run already trained (the frontier's middle budgets are the recipe's;
+the sweep's m = 8 is the recipe's free-8) is that row again, marked
+``same_run_as``, not trained twice. The recipes' peak LRs are for batch 128
+and scale linearly with --batch-size. --quick scales every budget by
+--budget-scale.
 
 Evaluation: the PGD and CW attacks of --eval-steps (one start each), and
 PGD with restarts (--restart-steps, --restarts: Fast-AT's PGD-50 with 10
@@ -37,11 +42,14 @@ are decoded by their loader during the passes, as in a real run.
 Writes the JSON (every figure, with provenance) and beside it, under the same
 name, a markdown table (.md) and a plot (.png: robust accuracy against
 training time, a line per method; with a sweep, a second plot of accuracy
-against m). ``--quick``: a small CNN on a subset, a few minutes on two CPU
-cores, for CI.
+against m). ``--quick``: a small CNN on a subset with the dataset's quick
+budgets (CIFAR-10: 3/15 of each recipe's), for CI: with the sweep and the
+frontier about 5 minutes on two CPU cores. Models are channels_last on every
+device (1.5x faster for the small CNN on two CPU cores too).
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -54,12 +62,15 @@ from freeadv_fast.config import ConfigError, RunConfig, check
 from freeadv_fast.data import DATASETS
 from freeadv_fast.data.datasets import build_data
 from freeadv_fast.data.errors import DataError
+from freeadv_fast.data.tensors import TensorBatches
 from freeadv_fast.evaluate import attack_name, evaluate
 from freeadv_fast.methods import METHODS
 from freeadv_fast.run import build_trainer
 
 # "Fast is better than free"'s CIFAR-10 scripts (fast_adversarial, CIFAR10/): per method, its budget
-# (epochs-equivalent, or passes for free-m), peak LR and step; one-cycle LR, batch 128, SGD 0.9 / 5e-4
+# (epochs-equivalent, or passes for free-m), peak LR and step; one-cycle LR, batch 128, SGD 0.9 / 5e-4.
+# At another --batch-size the peak LR scales linearly with the batch (RECIPE_BATCH).
+RECIPE_BATCH = 128
 RECIPES = {
     "fast-at": {"natural": dict(epochs=15, lr=0.2),
                 "fast": dict(epochs=15, lr=0.2, step_size="10/255"),
@@ -73,6 +84,9 @@ FRONTIER = {"natural": [dict(epochs=5), dict(epochs=15)],
             "pgd": [dict(epochs=5), dict(epochs=10), dict(epochs=15)],
             "free": [dict(passes=4), dict(passes=10), dict(passes=20)]}
 
+# held-out images in memory are attacked in batches of at least this many (2 CPU cores: 1.3x the
+# throughput of batches of 25; every sample's attack is its own, so the batch changes only the random starts)
+EVAL_BATCH = 100
 # the datasets with comparison settings: (arch, epochs, batch, train subset, eval samples, eval steps) of a
 # full run and of --quick, each in its dataset's spec (DatasetSpec.compare)
 COMPARABLE = {name: spec for name, spec in DATASETS.items() if spec.compare}
@@ -112,7 +126,7 @@ def parse_args(argv):
     p.add_argument("--train-subset", type=int, help="train on this many images (0: all)")
     p.add_argument("--eval-samples", type=int, help="held-out images attacked (0: all)")
     p.add_argument("--eval-steps", help="PGD / CW steps of the one-start attacks, comma-separated")
-    p.add_argument("--restart-steps", type=int, help="steps of the PGD with restarts (default 50; --quick 10)")
+    p.add_argument("--restart-steps", type=int, help="steps of the PGD with restarts (default 50; --quick 5)")
     p.add_argument("--restarts", type=int, help="restarts of that PGD (default 10; --quick 2; 1: none)")
     p.add_argument("--eval-step-size", help="default epsilon / 4")
     p.add_argument("--loader", default="auto", help="image folders: dali, nvjpeg, torch or auto")
@@ -128,7 +142,7 @@ def parse_args(argv):
     args.train_subset = subset if args.train_subset is None else args.train_subset
     args.eval_samples = samples if args.eval_samples is None else args.eval_samples
     args.budget_scale = args.budget_scale or (epochs / 15 if args.quick else 1.0)
-    args.restart_steps = args.restart_steps or (10 if args.quick else 50)
+    args.restart_steps = args.restart_steps or (5 if args.quick else 50)
     args.restarts = args.restarts or (2 if args.quick else 10)
     try:
         args.eval_steps = [int(s) for s in (args.eval_steps or steps).split(",")]
@@ -165,8 +179,11 @@ def row_specs(args) -> list[dict]:
         spec = RECIPES["fast-at"][method]
         epochs = (math.ceil(budget["passes"] * args.budget_scale) * args.replays if "passes" in budget
                   else max(1.0, round(budget["epochs"] * args.budget_scale, 3)))
-        return dict(group=group, method=method, epochs=epochs, lr=spec["lr"], step_size=spec.get("step_size"),
+        return dict(group=group, method=method, epochs=epochs, lr=recipe_lr(spec), step_size=spec.get("step_size"),
                     pixel_mode=spec.get("pixel_mode", "clamp_input"), replays=args.replays)
+
+    def recipe_lr(spec):
+        return spec["lr"] * args.batch_size / RECIPE_BATCH  # meta's recipe_lr_scale
 
     rows = []
     for method in args.methods:
@@ -176,8 +193,8 @@ def row_specs(args) -> list[dict]:
         else:
             rows.append(fast_at_row(args.recipe, method, RECIPES[args.recipe][method]))
     free = RECIPES["fast-at"]["free"]
-    for m in args.sweep_replays:
-        rows.append(dict(group="sweep", method="free", epochs=args.sweep_epochs, lr=free["lr"],
+    for m in args.sweep_replays:  # whole passes, so that the row says what it trains (and can equal another)
+        rows.append(dict(group="sweep", method="free", epochs=math.ceil(args.sweep_epochs / m) * m, lr=recipe_lr(free),
                          pixel_mode=free["pixel_mode"], replays=m))
     if args.frontier:
         rows += [fast_at_row("frontier", method, b) for method in args.frontier_methods for b in FRONTIER[method]]
@@ -191,7 +208,7 @@ def config_for(args, method, *, epochs=None, lr=None, step_size=None, pixel_mode
                            replays=replays or args.replays, pgd_steps=args.pgd_steps, epsilon=args.epsilon,
                            step_size=step_size, pixel_mode=pixel_mode, epochs=epochs or args.epochs,
                            batch_size=args.batch_size, lr=lr or args.lr, schedule=args.schedule, momentum=0.9,
-                           weight_decay=5e-4, precision=args.precision, channels_last=args.device.type == "cuda",
+                           weight_decay=5e-4, precision=args.precision, channels_last=True,
                            loader=args.loader, train_subset=args.train_subset, seed=args.seed,
                            cuda_graph=args.cuda_graph, compile=args.compile,
                            eval_step_size=args.eval_step_size))
@@ -216,9 +233,12 @@ def run_row(args, spec, data, log):
     t0 = time.perf_counter()
     common = dict(mean=data.mean, std=data.std, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
                   limit=args.eval_samples, precision=cfg.precision, seed=args.seed)
-    result = evaluate(model, data.val, steps=tuple(args.eval_steps), losses=("ce", "cw"), **common)
+    val = data.val
+    if isinstance(val, TensorBatches) and val.batch_size < EVAL_BATCH:
+        val = val.rebatched(EVAL_BATCH)
+    result = evaluate(model, val, steps=tuple(args.eval_steps), losses=("ce", "cw"), **common)
     if args.restarts > 1:
-        restarted = evaluate(model, data.val, steps=(args.restart_steps,), restarts=args.restarts, **common)
+        restarted = evaluate(model, val, steps=(args.restart_steps,), restarts=args.restarts, **common)
         result.update({k: v for k, v in restarted.items() if k.startswith("pgd-")})
     robust = result[attack_name("ce", args.eval_steps[0])]
     log(f"   clean {result['clean_top1']:.1%}, {attack_name('ce', args.eval_steps[0]).upper()} {robust:.1%} "
@@ -246,7 +266,8 @@ def markdown(rows, keys):
         def cell(key):
             lo, hi = e[key + "_ci95"]
             return f"{e[key]:.1%} [{lo:.1%}, {hi:.1%}]"
-        lines.append(f"| {r['label']} | {r.get('group', '-')} | {r['passes']} | {r['train_seconds'] / 60:.1f} min | "
+        group = r.get("group", "-") + (f" (= {r['same_run_as']})" if "same_run_as" in r else "")
+        lines.append(f"| {r['label']} | {group} | {r['passes']} | {r['train_seconds'] / 60:.1f} min | "
                      f"{cell('clean_top1')} | " + " | ".join(cell(k) for k in keys) + " |")
     return "\n".join(lines)
 
@@ -278,7 +299,7 @@ def plot(rows, key, path, title):
     """Robust accuracy against training time, one line (by time) per method label."""
     by_label: dict = {}
     for r in rows:
-        if r.get("group") != "sweep":
+        if r.get("group") != "sweep" and "same_run_as" not in r:
             by_label.setdefault(r["label"], []).append(r)
 
     def draw(ax):
@@ -345,14 +366,22 @@ def main(argv=None) -> int:
     rows = []
     meta = {"quick": args.quick, "dataset": args.dataset, "data": data_name,
             "train_images": data.train.num_samples, "arch": args.arch, "recipe": args.recipe,
+            "recipe_lr_scale": args.batch_size / RECIPE_BATCH,
             "epochs_equivalent": args.epochs, "budget_scale": args.budget_scale,
             "batch_size": args.batch_size, "precision": args.precision, "lr": args.lr,
             "free_lr": args.free_lr or args.lr, "schedule": args.schedule, "cuda_graph": args.cuda_graph,
             "compile": args.compile, "epsilon": cfg.epsilon, "eval_step_size": cfg.eval_step_size,
             "eval_steps": args.eval_steps, "restart_steps": args.restart_steps, "restarts": args.restarts}
     title = f"{data_name}, {args.arch}, eps {args.epsilon} ({device_name(args.device)})"
+    trained: dict[str, dict] = {}  # a row's whole configuration -> the row that trained it
     for spec in specs:  # the JSON grows row by row: a run cut short by a time limit keeps what it measured
-        rows.append(run_row(args, spec, data, log))
+        key = json.dumps(config_for(args, **spec).to_dict(), sort_keys=True, default=str)
+        if key in trained:  # e.g. the frontier's 15 epochs of PGD-7 are the recipe's: trained once
+            first = trained[key]
+            log(f"== {first['label']} ({spec['group']}): the same run as its {first['group']} row, not trained again")
+            rows.append({**first, "group": spec["group"], "same_run_as": first["group"]})
+        else:
+            rows.append(trained.setdefault(key, run_row(args, spec, data, log)))
         meta["eval_samples"] = rows[0]["eval"]["samples"]
         table, summary = write_outputs(args.json, rows, meta, args.device, title)
     print(table)

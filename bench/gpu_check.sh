@@ -2,13 +2,14 @@
 # `make gpu-check`: every GPU check in one command, sized for one short run
 # (at most ~8 minutes on one H100 or H200), since GPU time here comes in
 # short runs. It builds the extension for this GPU, probes torch's clamp
-# gradient, runs the GPU tests, the kernel and the train-step benchmarks and
-# profiles free-m's extra cost at ResNet-50's stem (bench/stem_grad.py),
-# and writes bench/results/*-<gpu>.json (plus the logs under
+# gradient, runs the GPU tests (failures again alone), the kernel, train-step
+# and loader benchmarks, and writes bench/results/*-<gpu>.json (plus the logs under
 # bench/results/gpu-check-<gpu>/), from which `python bench/report.py`
 # regenerates the README tables. Each step has its own time limit, so one
 # slow or failing step still leaves the others' results. With $OUT set (the
-# device tool), everything written is packed there as it is made.
+# device tool), everything written is packed there as it is made. Named in
+# GPU_CHECK_ONLY only: kernel-variants (+ build-tuned), stem-grad (the
+# profile of free-m's extra cost at ResNet-50's stem) and the compare-* runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,18 +29,23 @@ publish() {  # results travel back even if a later step runs out of time: one ar
 }
 # the commit measured (a tree copied to the GPU machine may carry a stale .git): $FREEADV_GIT_COMMIT, or git's
 export FREEADV_GIT_COMMIT=${FREEADV_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
-only=${GPU_CHECK_ONLY:-}  # space-separated step names to run (a rerun of some steps); empty: all
+only=${GPU_CHECK_ONLY:-}  # space-separated step names to run (a rerun of some steps); empty: the default set
+opt_in="kernel-variants stem-grad"
 step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs it, records its status
     local name=$1 limit=$2; shift 2
     if [ -n "$only" ] && [[ " $only " != *" $name "* ]]; then echo "=== $name: not in GPU_CHECK_ONLY"; return; fi
-    # the method comparisons each take a GPU run of their own: only when named
-    if [[ $name == compare-* ]] && [[ " $only " != *" $name "* ]]; then echo "=== $name: name it in GPU_CHECK_ONLY"; return; fi
+    # the method comparisons each take a GPU run of their own, and kernel tuning and the stem profile are
+    # studies, not checks: only when named (the default set is sized for one run of at most ~8 minutes)
+    if [[ " $opt_in " == *" $name "* || $name == compare-* ]] && [[ " $only " != *" $name "* ]]; then
+        echo "=== $name: name it in GPU_CHECK_ONLY"; return
+    fi
+    local t0=$SECONDS
     echo "=== [$((SECONDS - start))s] $name (limit ${limit}s): $*"
     timeout --signal=INT --kill-after=10 "$limit" "$@" > "$logs/$name.log" 2>&1
     local rc=$?
     tail -n 25 "$logs/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - start))s"
-    echo "$name $rc" >> "$logs/status.txt"
+    echo "$name $rc $((SECONDS - t0))s" >> "$logs/status.txt"  # the seconds size the next run's step list
     [ $rc -eq 0 ] || status=1
     publish
 }
@@ -72,10 +78,11 @@ step build 240 env TORCH_CUDA_ARCH_LIST="$arch" $PY -m pip install --no-build-is
 step clamp-probe 60 $PY bench/clamp_probe.py --json "bench/results/clamp-probe-$gpu.json"
 # the CPU equality tests under this machine's torch: they state their clamp mask, so they hold on any torch
 step cpu-equality-tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_trainer.py -k "official_loop or clamp_mask"
-# the CUDA kernel's tuning knobs, one build per setting; if a setting beats the source's defaults, the
-# extension is rebuilt with it (FREEADV_KERNEL_FLAGS, recorded by the kernel benchmark) for what follows
+# the CUDA kernel's tuning knobs, one build per setting (opt-in); if a setting beats the source's defaults,
+# the extension is rebuilt with it (FREEADV_KERNEL_FLAGS, recorded by the kernel benchmark) for what follows
 step kernel-variants 120 bash bench/kernel_variants.sh "bench/results/kernel-variants-$gpu.jsonl"
-best=$($PY - "bench/results/kernel-variants-$gpu.jsonl" <<'PYEOF' 2>/dev/null
+best=
+[[ " $only " == *" kernel-variants "* ]] && best=$($PY - "bench/results/kernel-variants-$gpu.jsonl" <<'PYEOF' 2>/dev/null
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 rows = [r for r in rows if r["shape"].startswith("imagenet")]
@@ -91,6 +98,26 @@ fi
 step kernels 100 $PY bench/kernels.py --device cuda --json "bench/results/kernels-$gpu.json"
 step stem-grad 60 $PY bench/stem_grad.py --json "bench/results/stem-grad-$gpu.json"
 step tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider -n 6 --continue-on-collection-errors --junitxml "$logs/tests.xml"
+# each failed test again, alone and without xdist (does it fail without the tests run before it in its
+# worker?), under faulthandler, and under gdb for a native backtrace where the image has gdb
+failed=$($PY - "$logs/tests.xml" <<'PYEOF'
+import sys, xml.etree.ElementTree as ET
+try:
+    cases = ET.parse(sys.argv[1]).iter("testcase")
+except (OSError, ET.ParseError):
+    cases = []
+print(" ".join(c.get("classname").replace(".", "/") + ".py::" + c.get("name") for c in cases
+               if c.find("failure") is not None or c.find("error") is not None))
+PYEOF
+)
+if [ -n "$failed" ]; then
+    if command -v gdb > /dev/null; then
+        step tests-failed-alone 90 gdb -q -batch -ex run -ex bt --args $PY -X faulthandler -m pytest -x -q \
+            -p no:cacheprovider -m gpu $failed
+    else
+        step tests-failed-alone 90 $PY -X faulthandler -m pytest -q -p no:cacheprovider -m gpu $failed
+    fi
+fi
 step train-step-preact-b128 70 $PY bench/train_step.py --model preact_resnet18 --batch-size 128 --precision bf16 \
     --json "bench/results/train-step-preact_resnet18-b128-$gpu.json"
 step train-step-resnet50 120 $PY bench/train_step.py --model resnet50 --precision bf16 --steps 10 \

@@ -111,16 +111,22 @@ def compare_section() -> str:
         if "compare" not in data:
             continue
         meta = data["meta"]
+        if meta.get("recipe", "equal-steps") == "equal-steps":
+            budget = (f"{meta['epochs_equivalent']:g} epochs-equivalent, batch {meta['batch_size']}, "
+                      f"{meta['precision']}, peak LR {meta['lr']:g}"
+                      + (f" (free: {meta['free_lr']:g})" if meta.get("free_lr", meta["lr"]) != meta["lr"] else ""))
+        else:
+            budget = (f"recipe {meta['recipe']} with every budget x{meta['budget_scale']:.3g}, batch "
+                      f"{meta['batch_size']} (its peak LRs x{meta['recipe_lr_scale']:.3g}), {meta['precision']}")
         runs.append(f"`{path.name}`: {meta['data']}, {meta['train_images']:,} training images, {meta['arch']}, "
-                    f"{meta['epochs_equivalent']:g} epochs-equivalent, batch {meta['batch_size']}, "
-                    f"{meta['precision']}, peak LR {meta['lr']:g}"
-                    + (f" (free: {meta['free_lr']:g})" if meta.get("free_lr", meta["lr"]) != meta["lr"] else "")
-                    + f", eps {meta['epsilon'] * 255:.3g}/255, {meta['eval_samples']:,} test images "
+                    f"{budget}, eps {meta['epsilon'] * 255:.3g}/255, {meta['eval_samples']:,} test images "
                     f"attacked; {meta['device']}, {str(meta['date'])[:10]}"
                     + (" (`--quick`)" if meta.get("quick") else ""))
         steps = meta["eval_steps"][0]
         steps_seen.add(steps)
         for r in data["compare"]:
+            if "same_run_as" in r:  # the run of an earlier row (its recipe row), listed once
+                continue
             e = r["eval"]
 
             def cell(key):

@@ -62,15 +62,22 @@ def test_the_fast_at_recipe_the_m_sweep_and_the_frontier_rows(tmp_path):
                            "--budget-scale", "0.1", "--eval-steps", "1", "--eval-samples", 10)
     rows = result["compare"]
     recipe = {r["method"]: r for r in rows if r["group"] == "fast-at"}
-    assert recipe["free"]["passes"] == 1 and recipe["free"]["replays"] == 8 and recipe["free"]["lr"] == 0.04
+    # the recipes' peak LRs are for batch 128: at batch 20, 20/128 of them
+    assert recipe["free"]["passes"] == 1 and recipe["free"]["replays"] == 8
+    assert recipe["free"]["lr"] == pytest.approx(0.04 * 20 / 128)
     assert recipe["free"]["pixel_mode"] == "project" and recipe["natural"]["pixel_mode"] == "clamp_input"
     assert recipe["natural"]["epochs_equivalent"] == 1.5 and recipe["natural"]["passes"] == 2
-    assert abs(recipe["fast"]["step_size"] - 10 / 255) < 1e-9 and recipe["fast"]["lr"] == 0.2
+    assert abs(recipe["fast"]["step_size"] - 10 / 255) < 1e-9 and recipe["fast"]["lr"] == pytest.approx(0.2 * 20 / 128)
     sweep = [r for r in rows if r["group"] == "sweep"]  # 80 x 0.1 epochs-equivalent for every m
     assert [(r["replays"], r["passes"], r["label"]) for r in sweep] == [(2, 4, "free-2"), (4, 2, "free-4")]
     frontier = [(r["method"], r["epochs_equivalent"]) for r in rows if r["group"] == "frontier"]
     assert frontier == [("natural", 1.0), ("natural", 1.5), ("fast", 1.0), ("fast", 1.5), ("fast", 3.0),
                         ("pgd", 1.0), ("pgd", 1.0), ("pgd", 1.5), ("free", 8), ("free", 8), ("free", 16)]
+    # a row whose whole configuration another row already trained is that row again, said so, not retrained
+    same = [(r["group"], r["method"], r["same_run_as"]) for r in rows if "same_run_as" in r]
+    assert same == [("frontier", "natural", "fast-at"), ("frontier", "fast", "fast-at"), ("frontier", "pgd", "frontier"),
+                    ("frontier", "free", "fast-at"), ("frontier", "free", "fast-at")]
+    assert "frontier (= fast-at)" in out.with_suffix(".md").read_text()
     assert result["meta"]["recipe"] == "fast-at" and result["meta"]["budget_scale"] == 0.1
     assert out.with_name(out.stem + "-sweep.png").stat().st_size > 1000
 

@@ -166,7 +166,8 @@ for _name, _title, _preset in (("cifar10", "CIFAR-10", "cifar10-free8"), ("cifar
         data_help=f"the folder holding {LAYOUTS[_name][0]}/, or train/<class>/ and test/<class>/ image folders",
         check_layout=lambda cfg: find_root(cfg.data, cfg.dataset), eval_attack=([20, 100], 2 / 255),
         # (arch, epochs, batch, train subset, eval samples, eval steps) of bench/compare.py's full run and of
-        # --quick. Full: the Fast-AT budget (15 epochs; free-8 rounds up to 2 passes). Quick: 16 epochs, so
-        # free-8 makes whole passes, on a subset small enough for the 8x cost of PGD-7 on two CPU cores.
+        # --quick. Full: the Fast-AT budget (15 epochs). Quick (CI, 2 CPU cores, about 5 minutes for the
+        # recipe, the m-sweep and the frontier together): every budget at 3/15 of its recipe's, on 800
+        # images in batches of 25 (LR scaled with the batch), so each row makes ~100 optimizer steps or more.
         compare=dict(full=("preact_resnet18", 15, 128, 0, 0, "20,100"),
-                     quick=("small_cnn_bn", 16, 50, 1500, 250, "20")) if _name == "cifar10" else {}))
+                     quick=("small_cnn_bn", 3, 25, 800, 500, "10")) if _name == "cifar10" else {}))

@@ -65,6 +65,13 @@ class TensorBatches:
     def __iter__(self):
         return self.skip(0)
 
+    def rebatched(self, batch_size: int) -> "TensorBatches":
+        """The same images in batches of ``batch_size`` (an attack's batches need
+        not be the training's: bigger ones run faster on a CPU)."""
+        return TensorBatches(self.x, self.y, batch_size, shuffle=self.shuffle, seed=self.seed,
+                             drop_last=self.drop_last, rank=self.rank, world_size=self.world_size,
+                             augment=self.augment)
+
 
 class RandomCropFlip:
     """torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, for a
