@@ -25,7 +25,7 @@ $(VENV)/.deps: pyproject.toml
 	@touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(EXT_SOURCES)
-	@echo "== building freeadv_fast._C$(if $(CUDA_HOME), with CUDA from $(CUDA_HOME),) (about a minute on 2 cores)"
+	@echo "== building freeadv_fast._C$(if $(CUDA_HOME), with CUDA from $(CUDA_HOME),) (minutes on 2 cores: with CUDA, nvcc builds the kernels for every architecture it has)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dali]"
 	@touch $@
 

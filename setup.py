@@ -120,8 +120,19 @@ def extensions():
                             extra_compile_args={"cxx": cxx + defines,
                                                 "nvcc": ["-O3", "--threads", threads] + defines + tuning
                                                 + gencode})
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None
-                                                            or _has_ninja_module())}
+    base = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None or _has_ninja_module())
+
+    class BuildExt(base):
+        """Objects in one folder for every build: the editable install (which setuptools would compile
+        in a temporary folder) and a later `pip wheel .` share them, and ninja recompiles only what
+        changed, its command line included (CI's wheel no longer compiles the kernels again: 3 minutes
+        on 2 cores)."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", "ext")
+
+    return [ext], {"build_ext": BuildExt}
 
 
 def _has_ninja_module():

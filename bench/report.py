@@ -134,11 +134,16 @@ def compare_section() -> str:
                 return f"{e[key]:.1%} ({lo:.1%}-{hi:.1%})"
             label = r["label"] + (f" [{r['group']}]" if r.get("group") else "")
             rows.append((meta["data"], meta["device"], label, r["passes"], f"{r['train_seconds'] / 60:.1f} min",
-                         cell("clean_top1"), cell(f"pgd-{steps}"), cell(f"cw-{steps}"), f"`{path.name}`"))
+                         cell("clean_top1"), steps, cell(f"pgd-{steps}"), cell(f"cw-{steps}"), f"`{path.name}`"))
     if not rows:
         return "No comparison committed yet (run bench/compare.py).\n"
-    k = f"-{steps_seen.pop()}" if len(steps_seen) == 1 else " (steps: see the run)"
-    lines = table(("data", "device", "method", "passes", "training time", "clean", f"PGD{k}", f"CW{k}", "file"), rows)
+    head = ["data", "device", "method", "passes", "training time", "clean", "k", "PGD-k", "CW-k", "file"]
+    if len(steps_seen) == 1:  # one k for all: in the header
+        k = steps_seen.pop()
+        head[7:9] = [f"PGD-{k}", f"CW-{k}"]
+        del head[6]
+        rows = [r[:6] + r[7:] for r in rows]
+    lines = table(head, rows)
     return "\n".join(lines + ["", "Runs:", ""] + [f"- {r}" for r in runs]) + "\n"
 
 
