@@ -110,12 +110,13 @@ print(" ".join(c.get("classname").replace(".", "/") + ".py::" + c.get("name") fo
                if c.find("failure") is not None or c.find("error") is not None))
 PYEOF
 )
-if [ -n "$failed" ]; then
+read -ra failed_ids <<< "$failed"  # test ids hold [brackets]: no globbing
+if [ ${#failed_ids[@]} -gt 0 ]; then
     if command -v gdb > /dev/null; then
         step tests-failed-alone 90 gdb -q -batch -ex run -ex bt --args $PY -X faulthandler -m pytest -x -q \
-            -p no:cacheprovider -m gpu $failed
+            -p no:cacheprovider -m gpu "${failed_ids[@]}"
     else
-        step tests-failed-alone 90 $PY -X faulthandler -m pytest -q -p no:cacheprovider -m gpu $failed
+        step tests-failed-alone 90 $PY -X faulthandler -m pytest -q -p no:cacheprovider -m gpu "${failed_ids[@]}"
     fi
 fi
 step train-step-preact-b128 70 $PY bench/train_step.py --model preact_resnet18 --batch-size 128 --precision bf16 \
