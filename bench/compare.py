@@ -214,8 +214,7 @@ def config_for(args, method, *, epochs=None, lr=None, step_size=None, pixel_mode
                            eval_step_size=args.eval_step_size))
 
 
-def run_row(args, spec, data, log):
-    cfg = config_for(args, **spec)
+def run_row(args, spec, cfg, data, log):
     trainer, model, passes, replays = build_trainer(cfg, data, args.device)
     label = METHODS[cfg.method].title(cfg)
     log(f"== {label} ({spec['group']}): {passes} passes x {len(data.train)} batches x {replays} replay(s), "
@@ -375,13 +374,14 @@ def main(argv=None) -> int:
     title = f"{data_name}, {args.arch}, eps {args.epsilon} ({device_name(args.device)})"
     trained: dict[str, dict] = {}  # a row's whole configuration -> the row that trained it
     for spec in specs:  # the JSON grows row by row: a run cut short by a time limit keeps what it measured
-        key = json.dumps(config_for(args, **spec).to_dict(), sort_keys=True, default=str)
+        row_cfg = config_for(args, **spec)
+        key = json.dumps(row_cfg.to_dict(), sort_keys=True, default=str)
         if key in trained:  # e.g. the frontier's 15 epochs of PGD-7 are the recipe's: trained once
             first = trained[key]
             log(f"== {first['label']} ({spec['group']}): the same run as its {first['group']} row, not trained again")
             rows.append({**first, "group": spec["group"], "same_run_as": first["group"]})
         else:
-            rows.append(trained.setdefault(key, run_row(args, spec, data, log)))
+            rows.append(trained.setdefault(key, run_row(args, spec, row_cfg, data, log)))
         meta["eval_samples"] = rows[0]["eval"]["samples"]
         table, summary = write_outputs(args.json, rows, meta, args.device, title)
     print(table)
