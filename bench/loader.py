@@ -3,7 +3,7 @@ many GPUs of a kind each one can feed.
 
     python bench/loader.py --data ROOT [--loader dali|nvjpeg|torch ...] [--device cpu|cuda] [--json PATH]
                            [--split train] [--batch-size 256] [--image-size 128,224,288] [--batches N]
-                           [--workers W] [--train-step FILE ...]
+                           [--workers W] [--decode-processes P[,P...]] [--train-step FILE ...]
 
 ROOT is an ImageFolder dataset (ROOT/train/<class>/*.JPEG; bench/make_imagenet_like.py
 writes one with ImageNet-like files). Each loader (default: every one this
@@ -19,7 +19,9 @@ bench/train_step.py, one file per image size), each rate is set beside the
 best measured natural and free-4 step rates at its size: natural training
 needs a new image per image-step, free-m one per m image-replays, so a
 loader feeds rate / natural-rate GPUs of natural training and
-rate / (free-4 rate / 4) of free-4.
+rate / (free-4 rate / 4) of free-4. The nvjpeg loader runs once for each
+--decode-processes value (0: it decodes in this process; P: in P spawned
+processes, each with its own GPU decoder).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from common import best_step_rates, parse, parser, sync, wall_clock, write_json
 from freeadv_fast.cli import int_list
 from freeadv_fast.data.folder import ImageFolderLoader, dali_available, find_split, scan_image_folder
 from freeadv_fast.data.nvjpeg import nvjpeg_available
+from report import loader_label
 
 
 def loader_machine(device):
@@ -53,6 +56,8 @@ def main(argv=None):
     p.add_argument("--image-size", type=int_list(16), default=[224], metavar="S[,S...]")
     p.add_argument("--batches", type=int, default=0, help="batches of the timed pass (0: the whole pass)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--decode-processes", type=int_list(0), default=[0], metavar="P[,P...]",
+                   help="the nvjpeg loader's decoding processes, one run per value (0: this process)")
     p.add_argument("--train-step", action="append", default=[], metavar="FILE",
                    help="bench/train_step.py results to set the loader rates beside (repeatable)")
     args = parse(p, argv)
@@ -65,9 +70,11 @@ def main(argv=None):
         device = torch.device("cuda", device.index or 0)  # DALI wants the GPU's index
     print(f"{split}: {len(samples)} images, {len(classes)} classes; device {device}, {args.workers} workers")
     records = []
-    for name, size in ((n, s) for s in args.image_size for n in loaders):
-        data = ImageFolderLoader(split, train=True, batch_size=args.batch_size, image_size=size,
-                                 device=device, loader=name, workers=args.workers, samples=samples, classes=classes)
+    runs = [(n, k) for n in loaders for k in (args.decode_processes if n == "nvjpeg" else [0])]
+    for (name, procs), size in ((r, s) for s in args.image_size for r in runs):
+        data = ImageFolderLoader(split, train=True, batch_size=args.batch_size, image_size=size, device=device,
+                                 loader=name, workers=args.workers, samples=samples, classes=classes,
+                                 decode_processes=procs)
         if len(data) < 2:
             p.exit(2, f"bench/loader.py: {split} has too few images for two batches of {args.batch_size}\n")
 
@@ -85,8 +92,9 @@ def main(argv=None):
         images, seconds = wall_clock(lambda: one_pass(args.batches), device)
         rate = images / seconds
         record = {"loader": name, "images_per_s": rate, "images": images, "seconds": seconds,
-                  "batch_size": args.batch_size, "image_size": size, "workers": args.workers}
-        line = f"  {size:>4}px {name:<6} {rate:10.1f} images/s  ({images} images in {seconds:.1f} s)"
+                  "batch_size": args.batch_size, "image_size": size, "workers": args.workers,
+                  "decode_processes": procs}
+        line = f"  {size:>4}px {loader_label(record):<30} {rate:10.1f} images/s  ({images} images in {seconds:.1f} s)"
         for kind, per_image in (("natural", 1), ("free-4", 4)):
             if kind in steps.get(size, {}):
                 step, method = steps[size][kind]["images_per_s"], steps[size][kind]["method"]

@@ -70,6 +70,12 @@ def clamp_probe_section(path, data):
                          [(d, r["mask"], r["clamp(x, 0, 1)"]) for d, r in data["probe"].items()])
 
 
+def loader_label(record):
+    """The loader, and for nvjpeg in spawned processes how many decoded."""
+    procs = record.get("decode_processes", 0)
+    return f"{record['loader']} ({procs} decoding processes)" if procs else record["loader"]
+
+
 def loader_section(path, data):
     meta = data["meta"]
     lines = [f"**Data loaders** on {meta.get('images', '?')} images of `{Path(meta.get('data', '?')).name}`: "
@@ -78,7 +84,7 @@ def loader_section(path, data):
         return f"{r[f'gpus_fed_{kind}']:.2f} ({r[f'step_{kind}']['method']})" if f"gpus_fed_{kind}" in r else "-"
     return lines + table(("loader", "images/s", "batch", "image size", "workers", "GPUs fed, natural",
                           "GPUs fed, free-4"),
-                         [(r["loader"], f"{r['images_per_s']:,.0f}", r["batch_size"], r["image_size"], r["workers"],
+                         [(loader_label(r), f"{r['images_per_s']:,.0f}", r["batch_size"], r["image_size"], r["workers"],
                            fed(r, "natural"), fed(r, "free-4")) for r in data["records"]])
 
 

@@ -93,6 +93,9 @@ class RunConfig:
                                "else eager, said once)")
     loader: str = setting("auto", "image-folder loader", choices=lambda: LOADERS)
     workers: int | None = setting(None, "loader worker threads/processes per rank", min=0)
+    decode_processes: int = setting(0, "nvjpeg loader: processes per rank that each decode and augment whole "
+                                    "batches on the GPU with a decoder of their own (0: the training process "
+                                    "decodes)", min=0)
     image_size: int | None = setting(None, "training image size of image folders (default: the dataset's)", min=1)
     source_size: int | None = setting(None, "image folders: resize the shorter side to this before the "
                                       "random-resized crop (default: crop the full image)", min=1)

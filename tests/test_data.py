@@ -158,6 +158,36 @@ def test_bad_files_are_left_out_or_skipped_never_fatal(broken_folder, loader, ca
     assert "garbage.JPEG" in err or "skipped 1 image(s)" in err
 
 
+def test_nvjpeg_decoding_processes_give_the_in_process_batches(broken_folder, capsys):
+    """--decode-processes: batches decoded in spawned processes are the ones
+    the training process decodes itself (same seeds, same order), resuming
+    mid-pass included, and a file the decoder refuses is named and skipped."""
+    classes, samples, _ = scan_image_folder(broken_folder, check=False)  # the loader meets the bad files
+    kw = dict(train=True, batch_size=3, image_size=16, loader="nvjpeg", workers=0, seed=3, samples=samples,
+              classes=classes)
+    here = ImageFolderLoader(broken_folder, **kw)
+    spawned = ImageFolderLoader(broken_folder, decode_processes=2, **kw)
+    for epoch in (1, 2):
+        for data in (here, spawned):
+            data.set_epoch(epoch)
+        expected, got = list(here), list(spawned)
+        assert [len(y) for _, y in got] == [len(y) for _, y in expected] and sum(len(y) for _, y in got) == 8
+        for (x0, y0), (x1, y1) in zip(expected, got):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
+            assert x1.is_contiguous(memory_format=torch.channels_last)
+        if epoch == 1:
+            processes = spawned._decoding
+    assert spawned._decoding is processes  # started once, kept for every pass
+    assert spawned.bad_files == here.bad_files and len(here.bad_files) == 3
+    assert "cannot be decoded" in capsys.readouterr().err
+    (x0, _), (x1, _) = next(iter(here.skip(2))), next(iter(spawned.skip(2)))
+    assert torch.equal(x0, x1)
+    spawned.close()
+    assert spawned._decoding is None
+    with pytest.raises(DataError, match="decode processes must be 0 or more"):
+        ImageFolderLoader(broken_folder, decode_processes=-1, **kw)
+
+
 def test_data_check_lists_every_unreadable_file(broken_folder):
     result = subprocess.run([sys.executable, "-m", "freeadv_fast.data", "check", str(broken_folder.parent)],
                             capture_output=True, text=True, timeout=120)

@@ -174,6 +174,27 @@ def test_nvjpeg_loader_on_the_gpu_matches_the_cpu_path_and_skips_bad_files(tmp_p
     assert "truncated.JPEG" in capsys.readouterr().err
 
 
+def test_nvjpeg_decoding_processes_on_the_gpu_give_the_in_process_batches(tmp_path):
+    """--decode-processes on a GPU: batches decoded in spawned processes (each
+    with its own decoder, handed over by CUDA IPC and copied) equal the ones
+    the training process decodes, over two passes of the same processes."""
+    from test_data import write_folder
+
+    from freeadv_fast.data.folder import ImageFolderLoader
+    root = write_folder(tmp_path / "train", classes=("a", "b"), per_class=8)
+    kw = dict(train=True, batch_size=4, image_size=48, device="cuda:0", loader="nvjpeg", workers=1, seed=2)
+    here, spawned = ImageFolderLoader(root, **kw), ImageFolderLoader(root, decode_processes=2, **kw)
+    for epoch in (0, 1):
+        here.set_epoch(epoch)
+        spawned.set_epoch(epoch)
+        expected, got = list(here), list(spawned)
+        assert len(got) == len(expected) == 4
+        for (x0, y0), (x1, y1) in zip(expected, got):
+            assert x1.is_cuda and y1.is_cuda and x1.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    spawned.close()
+
+
 def test_the_padded_stem_gradient_on_the_gpu_is_autograds():
     """bf16 channels_last on the GPU (freeadv_fast/stem.py): the input gradient
     from the stem's output gradient against autograd's, and a trainer using it."""

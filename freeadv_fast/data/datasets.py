@@ -56,7 +56,7 @@ def image_folders(cfg, scan, *, train_dir, val_dir, image_size, rank, world_size
     samples = [samples[i] for i in subset_indices(len(samples), cfg.train_subset, cfg.seed).tolist()]
     common = dict(batch_size=cfg.batch_size // world_size, device=device, image_size=image_size, rank=rank,
                   world_size=world_size, seed=cfg.seed, loader=cfg.loader, workers=cfg.workers, classes=classes,
-                  source_size=cfg.source_size, **augment)
+                  source_size=cfg.source_size, decode_processes=cfg.decode_processes, **augment)
     return (ImageFolderLoader(train_dir, train=True, samples=samples, **common),
             ImageFolderLoader(val_dir, train=False, samples=val_samples, **common), classes)
 

@@ -6,8 +6,9 @@ with bad-file checks, and the two loaders that read them.
   same pipeline runs on DALI's CPU operators.
 * nvjpeg (data/nvjpeg.py): DataLoader workers read the files' bytes, and
   torchvision's ``decode_jpeg`` decodes each batch on the training device,
-  where the crop, resize and flip run too; the fallback when DALI is not
-  installed and a GPU is present (on CPU it decodes with libjpeg).
+  where the crop, resize and flip run too (in the training process, or with
+  ``decode_processes`` in that many spawned processes); the fallback when DALI
+  is not installed and a GPU is present (on CPU it decodes with libjpeg).
 * torch: torchvision transforms in DataLoader workers, the fallback on CPU
   when DALI is not installed.
 
@@ -305,7 +306,7 @@ class ImageFolderLoader:
     def __init__(self, split_dir, *, train: bool, batch_size: int, device="cpu", image_size: int = 224,
                  val_resize: int = 256, rank: int = 0, world_size: int = 1, seed: int = 0, loader: str = "auto",
                  workers: int | None = None, samples=None, classes=None, augment: str = "random-resized-crop",
-                 padding: int = 4, source_size: int | None = None):
+                 padding: int = 4, source_size: int | None = None, decode_processes: int = 0):
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
         if augment not in AUGMENTATIONS:
@@ -321,6 +322,11 @@ class ImageFolderLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.loader = resolve_loader(loader, device)
         self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+        if decode_processes < 0:
+            raise DataError(f"decode processes must be 0 or more, got {decode_processes}")
+        if decode_processes and self.loader != "nvjpeg":
+            say_once(f"--decode-processes applies to the nvjpeg loader only; the {self.loader} loader ignores it")
+        self.decode_processes = decode_processes
         if samples is None:
             classes, samples, _ = scan_image_folder(split_dir)
         self.classes, self.samples = classes, samples
@@ -328,7 +334,7 @@ class ImageFolderLoader:
             raise DataError(f"{split_dir}: {len(samples)} image(s) cannot be shared by {world_size} processes")
         self.epoch = 0
         self.bad_files: dict[str, str] = {}  # found while decoding: path -> why
-        self._torch_loader = None
+        self._torch_loader = self._decoding = None  # worker processes kept from pass to pass
 
     @property
     def num_samples(self) -> int:
@@ -373,8 +379,8 @@ class ImageFolderLoader:
         return self.skip(0)
 
     def close(self):
-        """Lets the torch loader's worker processes go (a phase that is over)."""
-        self._torch_loader = None
+        """Lets the worker processes go (a phase that is over)."""
+        self._torch_loader = self._decoding = None
 
     # -- DALI ---------------------------------------------------------------
     def _dali_batches(self, indices, start):

@@ -3,6 +3,16 @@
 and the crop, resize and flip run there too. It delivers what the DALI and
 torch loaders do: uint8 batches in NHWC storage seen as NCHW.
 
+torchvision serves a process with one GPU decoder behind one lock, and
+nvJPEG's batched decode does its Huffman stage on the calling CPU thread, so
+one process decodes at most what one core can feed it. With
+``decode_processes`` > 0, that many spawned processes each read, decode and
+augment whole batches on the device, each with its own decoder (and CUDA
+context); the training process receives the finished batches (CUDA tensors
+through CUDA IPC, copied at once into its own memory so that none outlives
+the process that made it). Batch b is drawn from the same seed either way, so
+both ways give the same batches.
+
 Bad files behave as in the other loaders: a file whose signature, end
 marker or claimed size is wrong (``folder.read_checked``) is skipped and
 named once, a file the decoder refuses is found by decoding the batch's
@@ -13,6 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -141,20 +152,95 @@ class NvjpegDecoder:
         return x, y, bad
 
 
+def batch_seed(loader, batch: int) -> int:
+    """The seed of the augmentation of batch ``batch`` of the loader's pass."""
+    return stream_seed(loader.seed, loader.epoch, loader.rank, batch=batch)
+
+
+def decoder_args(loader, device) -> dict:
+    """What an NvjpegDecoder for ``loader`` is made of."""
+    return dict(device=device, transform=loader.transform, image_size=loader.image_size,
+                val_resize=loader.val_resize, source_size=loader.source_size)
+
+
+class DecodedBatches(torch.utils.data.Dataset):
+    """Item (seed, sample indices): that batch, read, decoded and augmented
+    whole in the worker process that takes it, as ``NvjpegDecoder.batch``
+    gives it."""
+
+    def __init__(self, samples, decoder_args: dict):
+        self.samples, self.decoder_args = samples, decoder_args
+        self._decoder = self._pool = None
+
+    def __getitem__(self, job):
+        if self._decoder is None:  # made in the worker: its own decoder, CUDA context and reading threads
+            self._decoder = NvjpegDecoder(**self.decoder_args)
+            self._pool = ThreadPoolExecutor(8)
+        seed, indices = job
+        items = list(self._pool.map(FileBytes([self.samples[i] for i in indices]).__getitem__, range(len(indices))))
+        return self._decoder.batch(items, torch.Generator().manual_seed(seed))
+
+
+def _use_device(device: torch.device, worker_id: int):
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+class DecodingProcesses:
+    """``loader.decode_processes`` spawned processes (a forked child cannot
+    use CUDA once its parent has) that decode whole batches. They stay for
+    every pass of the loader, as the torch loader's workers do: each one's
+    start (importing torch, a CUDA context) costs seconds."""
+
+    def __init__(self, loader):
+        import functools
+
+        from torch.utils.data import DataLoader
+
+        from .folder import _ListSampler
+        device = loader.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.jobs = _ListSampler()
+        self.reader = DataLoader(DecodedBatches(loader.samples, decoder_args(loader, device)), batch_size=None,
+                                 sampler=self.jobs, num_workers=loader.decode_processes, collate_fn=collate_lists,
+                                 multiprocessing_context="spawn", prefetch_factor=2, persistent_workers=True,
+                                 worker_init_fn=functools.partial(_use_device, device))
+
+    def batches(self, loader, indices, start):
+        """(x, y, bad) of each batch of ``indices``, the first being batch ``start`` of the pass."""
+        size = loader.batch_size
+        self.jobs.indices = [(batch_seed(loader, start + b), indices[i:i + size])
+                             for b, i in enumerate(range(0, len(indices), size))]
+        for x, y, bad in self.reader:
+            if x is not None and x.is_cuda:  # our own copy: the worker's memory goes back to it now
+                x, y = x.clone(memory_format=torch.channels_last), y.clone()
+            yield x, y, bad
+
+
 def nvjpeg_batches(loader, indices, start):
     """The batches of ``indices`` for an ImageFolderLoader with loader="nvjpeg"."""
-    from torch.utils.data import DataLoader
-    decoder = NvjpegDecoder(loader.device, transform=loader.transform, image_size=loader.image_size,
-                            val_resize=loader.val_resize, source_size=loader.source_size)
-    reader = DataLoader(FileBytes([loader.samples[i] for i in indices]), batch_size=loader.batch_size,
-                        num_workers=loader.workers, collate_fn=collate_lists,
-                        prefetch_factor=4 if loader.workers > 0 else None)
-    for b, items in enumerate(reader):
-        gen = torch.Generator().manual_seed(stream_seed(loader.seed, loader.epoch, loader.rank, batch=start + b))
-        x, y, bad = decoder.batch(items, gen)
+    if loader.decode_processes > 0:
+        if loader._decoding is None:
+            loader._decoding = DecodingProcesses(loader)
+        batches = loader._decoding.batches(loader, indices, start)
+    else:
+        batches = decoded_here(loader, indices, start)
+    for x, y, bad in batches:
         if bad:
             loader.bad_files.update(bad)
             path, why = next(iter(bad.items()))
             say_once(f"{loader.split_dir}: skipping {len(bad)} file(s) that cannot be decoded, e.g. {path}: {why}")
         if x is not None:
             yield x, y
+
+
+def decoded_here(loader, indices, start):
+    """(x, y, bad) of each batch: bytes read by DataLoader workers, decoded in this process."""
+    from torch.utils.data import DataLoader
+    decoder = NvjpegDecoder(**decoder_args(loader, loader.device))
+    reader = DataLoader(FileBytes([loader.samples[i] for i in indices]), batch_size=loader.batch_size,
+                        num_workers=loader.workers, collate_fn=collate_lists,
+                        prefetch_factor=4 if loader.workers > 0 else None)
+    for b, items in enumerate(reader):
+        yield decoder.batch(items, torch.Generator().manual_seed(batch_seed(loader, start + b)))
