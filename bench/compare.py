@@ -84,9 +84,11 @@ FRONTIER = {"natural": [dict(epochs=5), dict(epochs=15)],
             "pgd": [dict(epochs=5), dict(epochs=10), dict(epochs=15)],
             "free": [dict(passes=4), dict(passes=10), dict(passes=20)]}
 
-# held-out images in memory are attacked in batches of at least this many (2 CPU cores: 1.3x the
-# throughput of batches of 25; every sample's attack is its own, so the batch changes only the random starts)
-EVAL_BATCH = 100
+# held-out images in memory are attacked in batches of at least this many (small_cnn_bn's forward and
+# input-gradient backward on our 2 CPU cores: 100 gave 1.3x the images/s of 25, and 250 was as fast as 100
+# or faster in 4 of 5 timings, which vary by 20% from run to run; every sample's attack is its own, so the
+# batch changes only the random starts)
+EVAL_BATCH = 250
 # the datasets with comparison settings: (arch, epochs, batch, train subset, eval samples, eval steps) of a
 # full run and of --quick, each in its dataset's spec (DatasetSpec.compare)
 COMPARABLE = {name: spec for name, spec in DATASETS.items() if spec.compare}

@@ -10,7 +10,7 @@ from PIL import Image
 
 from freeadv_fast.config import ConfigError, build_config
 from freeadv_fast.data import cifar, fashion_mnist, tiny_imagenet
-from freeadv_fast.data.datasets import build_data
+from freeadv_fast.data.datasets import build_data, subset_indices
 from freeadv_fast.data.errors import DataError
 from freeadv_fast.data.folder import dali_available
 
@@ -206,6 +206,16 @@ def test_train_subset_is_fixed_by_the_seed_and_checked(tmp_path):
     assert a.train.num_samples == 20 and torch.equal(a.train.x, b.train.x)
     other = build_data(build_config(dataset="cifar10", flags={**flags, "seed": 1}))
     assert not torch.equal(a.train.x, other.train.x)
+    # the images of the subset of the whole split, and image files outside it are never decoded
+    x, y, _ = cifar.load_cifar(tmp_path, "cifar10", train=True)
+    keep = subset_indices(len(y), 20, 0)
+    assert torch.equal(a.train.x, x[keep]) and torch.equal(a.train.y, y[keep])
+    files = sorted((tmp_path / "train").rglob("*.png"))  # the scan's order: classes, then files, by name
+    outside = files[min(set(range(len(files))) - set(keep.tolist()))]
+    outside.write_bytes(b"not an image")
+    assert torch.equal(build_data(build_config(dataset="cifar10", flags=flags)).train.x, a.train.x)
+    with pytest.raises(DataError, match=outside.name):
+        cifar.load_cifar(tmp_path, "cifar10", train=True)
     with pytest.raises(ConfigError, match="train-subset"):
         build_config(dataset="cifar10", flags={**flags, "train_subset": -1})
 

@@ -73,7 +73,7 @@ def test_free_training_on_real_cifar10_beats_natural_under_attack(cifar10_jpeg, 
     """A short real-data run of bench/compare.py: free-8 against natural training
     at --quick's fast-at recipe (800 CIFAR-10 images, ~100 optimizer steps of
     natural training, 2 passes of free-8 at Fast-AT's LR scaled to the batch),
-    PGD-10 on 500 held-out images. The same rows as CI's whole --quick run, so
+    PGD-10 on 400 held-out images. The same rows as CI's whole --quick run, so
     the README's test command checks the claim on real data by itself."""
     out = tmp_path / "cmp"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--data", str(cifar10_jpeg),

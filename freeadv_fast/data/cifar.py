@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..messages import say_once
-from .datasets import in_memory
+from .datasets import in_memory, subset_indices
 from .errors import DataError
 from .folder import decode_image_folder
 from .registry import DatasetSpec, register_dataset
@@ -111,11 +111,13 @@ def _class_names(path: Path, names_key: bytes, classes: int):
     return [n.decode() if isinstance(n, bytes) else n for n in names]
 
 
-def load_cifar(data_dir, name: str, train: bool):
-    """(x uint8 N x 3 x 32 x 32, y int64, class names)."""
+def load_cifar(data_dir, name: str, train: bool, subset=None):
+    """(x uint8 N x 3 x 32 x 32, y int64, class names). ``subset``: a function
+    from the split's size to the indices of the images to keep (image files
+    outside it are not decoded)."""
     layout, root = find_root(data_dir, name)
     if layout == "folder":
-        return _load_folder(root, name, train)
+        return _load_folder(root, name, train, subset)
     _, train_files, test_files, label_key, meta_file, names_key = LAYOUTS[name]
     classes = NUM_CLASSES[name]
     xs, ys = [], []
@@ -141,19 +143,25 @@ def load_cifar(data_dir, name: str, train: bool):
         ys.append(labels.astype(np.int64))
     meta_path = root / meta_file
     names = _class_names(meta_path, names_key, classes) if meta_path.exists() else None
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), names
+    x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    if subset is not None:
+        keep = subset(len(y))
+        x, y = x[keep], y[keep]
+    return x, y, names
 
 
-def _load_folder(root: Path, name: str, train: bool):
+def _load_folder(root: Path, name: str, train: bool, subset=None):
     classes = sorted(e.name for e in (root / "train").iterdir() if e.is_dir() and not e.name.startswith("."))
     if len(classes) != NUM_CLASSES[name]:
         raise DataError(f"{root / 'train'}: {len(classes)} class folders, but {name} has {NUM_CLASSES[name]}")
     split = root / "train" if train else next(root / s for s in FOLDER_TEST_SPLITS if (root / s).is_dir())
-    return decode_image_folder(split, size=32, classes=classes)
+    return decode_image_folder(split, size=32, classes=classes, subset=subset)
 
 
 def build(cfg, rank, world_size, device):
-    train = load_cifar(cfg.data, cfg.dataset, train=True)[:2]
+    # --train-subset taken as the images are read: a folder's other files are never decoded
+    train = load_cifar(cfg.data, cfg.dataset, train=True,
+                       subset=lambda total: subset_indices(total, cfg.train_subset, cfg.seed))[:2]
     val = load_cifar(cfg.data, cfg.dataset, train=False)[:2]
     train, val = in_memory(cfg, train, val, rank=rank, world_size=world_size, device=device,
                            augment=RandomCropFlip(padding=4), drop_last=True)
@@ -170,4 +178,4 @@ for _name, _title, _preset in (("cifar10", "CIFAR-10", "cifar10-free8"), ("cifar
         # recipe, the m-sweep and the frontier together): every budget at 3/15 of its recipe's, on 800
         # images in batches of 25 (LR scaled with the batch), so each row makes ~100 optimizer steps or more.
         compare=dict(full=("preact_resnet18", 15, 128, 0, 0, "20,100"),
-                     quick=("small_cnn_bn", 3, 25, 800, 500, "10")) if _name == "cifar10" else {}))
+                     quick=("small_cnn_bn", 3, 25, 800, 400, "10")) if _name == "cifar10" else {}))

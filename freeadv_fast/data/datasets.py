@@ -26,7 +26,10 @@ def build_data(cfg, rank=0, world_size=1, device="cpu") -> Data:
 
 def in_memory(cfg, train, val, *, rank, world_size, device, augment=None, drop_last=False):
     """(train, val) batches of a dataset uploaded whole, once: ``train`` and
-    ``val`` are (uint8 images, labels); batches are cut (and augmented) on the device."""
+    ``val`` are (uint8 images, labels); batches are cut (and augmented) on the
+    device. ``--train-subset N`` is taken here; a split its loader already cut
+    to those N images (CIFAR's does, to decode no more) is kept whole, since
+    N of N images are all of them."""
     (x, y), (xt, yt) = train, val
     keep = subset_indices(len(y), cfg.train_subset, cfg.seed)
     order = held_out_order(len(yt))

@@ -195,16 +195,20 @@ def scan_image_folder(split_dir, *, check: bool = True, threads: int = 16):
     return classes, samples, bad
 
 
-def decode_image_folder(split_dir, *, size: int, channels: int = 3, classes=None):
+def decode_image_folder(split_dir, *, size: int, channels: int = 3, classes=None, subset=None):
     """A whole small-image folder decoded into memory: (x uint8 N x C x size x
     size, y int64, class names). For datasets that fit in (GPU) memory, such
     as CIFAR stored as image files: decoded once, then batched on the device.
-    ``classes``: the class names the labels must follow (the train split's)."""
+    ``classes``: the class names the labels must follow (the train split's);
+    ``subset``: a function from the number of files to the indices of those to
+    decode (the others are not read)."""
     import warnings
     found, samples, _ = scan_image_folder(split_dir, check=False)  # each file is checked as it is decoded
     if classes is not None and found != list(classes):
         raise DataError(f"{split_dir}: its class folders ({len(found)}) differ from the training split's "
                         f"({len(classes)})")
+    if subset is not None:
+        samples = [samples[i] for i in subset(len(samples)).tolist()]
     to_tensor = _bytes_decoder(channels)
     x = torch.empty(len(samples), channels, size, size, dtype=torch.uint8)
 
@@ -433,7 +437,7 @@ class ImageFolderLoader:
     def _torch_batches(self, indices):
         from torch.utils.data import DataLoader
         if self._torch_loader is None:
-            self._sampler = _ListSampler()
+            self._sampler = ListSampler()
             self._torch_loader = DataLoader(
                 _FolderDataset(self.samples, self.transform, self.image_size, self.val_resize, self.source_size),
                 batch_size=self.batch_size,
@@ -495,9 +499,12 @@ def dali_pipeline(files, labels, *, transform, batch_size, image_size, val_resiz
     return p
 
 
-class _ListSampler(torch.utils.data.Sampler):
+class ListSampler(torch.utils.data.Sampler):
+    """Yields whatever list it holds now: a DataLoader with persistent workers
+    gets each pass's order (or jobs) from it without restarting them."""
+
     def __init__(self):
-        self.indices: list[int] = []
+        self.indices: list = []
 
     def __iter__(self):
         return iter(self.indices)

@@ -197,11 +197,11 @@ class DecodingProcesses:
 
         from torch.utils.data import DataLoader
 
-        from .folder import _ListSampler
+        from .folder import ListSampler
         device = loader.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        self.jobs = _ListSampler()
+        self.jobs = ListSampler()
         self.reader = DataLoader(DecodedBatches(loader.samples, decoder_args(loader, device)), batch_size=None,
                                  sampler=self.jobs, num_workers=loader.decode_processes, collate_fn=collate_lists,
                                  multiprocessing_context="spawn", prefetch_factor=2, persistent_workers=True,
