@@ -12,6 +12,7 @@ reads at log intervals.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -40,6 +41,19 @@ class RunningMetrics:
         self.sums = torch.zeros(2, dtype=dtype, device=self.device)  # loss * n, correct
         self.samples = 0
         self._started = time.perf_counter()
+        self._paused_at = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluations, checkpoints) is not training time:
+        the clock of samples/s stops, so the first rate after a held-out
+        evaluation is the training rate, not one diluted by the evaluation."""
+        self._paused_at = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._started += time.perf_counter() - self._paused_at
+            self._paused_at = None
 
     def accumulate(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor):
         """Adds a batch's loss and correct count on the device (capturable: no
@@ -48,10 +62,10 @@ class RunningMetrics:
         self.sums[1] += (logits.detach().argmax(1) == y).sum()
 
     def compute(self, reset: bool = True) -> dict:
-        """Mean loss, accuracy and samples/s over every rank since the last reset."""
+        """Mean loss, accuracy and samples/s over every rank since the last reset (paused time left out)."""
         local = torch.cat([self.sums, self.sums.new_tensor([self.samples])])
         loss_sum, correct, n = distributed.all_reduce_sum(local).tolist()
-        elapsed = time.perf_counter() - self._started
+        elapsed = (self._paused_at or time.perf_counter()) - self._started
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         out = {"loss": loss_sum / n if n else math.nan, "acc": correct / n if n else math.nan, "samples": int(n),
                "samples_per_s": n / elapsed if elapsed > 0 else math.nan, "world_size": world}
@@ -358,7 +372,8 @@ class Trainer:
         ``should_stop()`` turns true, which ends training early: the return
         value says whether all passes completed. ``on_batch(batch_size)``
         follows every batch, ``on_pass_end(passes_done)`` every pass (before
-        its checkpoint); ``config`` is stored in the checkpoints."""
+        its checkpoint); ``config`` is stored in the checkpoints. The logged
+        samples/s leave out the time of ``on_pass_end`` and of checkpoints."""
         from .checkpoint import save_checkpoint
 
         def checkpoint():
@@ -389,12 +404,14 @@ class Trainer:
                     checkpoint()
                     return False
                 if checkpoint_every and batches_done % checkpoint_every == 0:
-                    checkpoint()
+                    with self.metrics.paused():
+                        checkpoint()
             self.epoch += 1
             self.batch_in_epoch = 0
-            if on_pass_end is not None:
-                on_pass_end(self.epoch)
-            checkpoint()
+            with self.metrics.paused():
+                if on_pass_end is not None:
+                    on_pass_end(self.epoch)
+                checkpoint()
         return True
 
     def log_record(self) -> dict:

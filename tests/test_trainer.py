@@ -240,6 +240,21 @@ def test_natural_trainer_is_plain_training():
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
+def test_logged_images_per_second_leave_out_evaluation_and_checkpoints(tmp_path):
+    """A pass-end hook (a held-out evaluation) that takes 1 s must not show in
+    the next pass's first logged rate: that rate is training time alone."""
+    import time
+    x, y = toy_data(n=16)
+    model = small_cnn()
+    trainer = NaturalTrainer(model, sgd(model), mean=MEAN, std=STD)
+    records = []
+    trainer.fit(list(batches(x, y, [8, 8])), 2, log_every=2, on_log=records.append,
+                on_pass_end=lambda _: time.sleep(1.0), checkpoint_path=tmp_path / "ck.pt")
+    assert [r["epoch"] for r in records] == [0, 1] and len(records) == 2
+    seconds = [r["samples"] / r["samples_per_s"] for r in records]
+    assert seconds[1] < 0.5, seconds  # the pass's own two batches, not the second of sleep before them
+
+
 def test_the_scheduler_counts_replay_steps_and_the_epoch_convention():
     assert passes_for(90, 4) == 23 and passes_for(90, 1) == 90 and passes_for(10, 8) == 2
     x, y = toy_data(n=16)
