@@ -44,13 +44,17 @@ def out_of_memory(exc: Exception, cfg: RunConfig, now: RunConfig, phase: int, ph
     batch per GPU, the memory asked for against what is free."""
     asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(exc))
     where = f"phase {phase + 1}/{phases}: " if cfg.phases else ""
+    decoder = "in DataLoader worker" in str(exc)  # the nvjpeg loader's decoding processes use the GPU too
     text = (f"out of GPU memory ({where}{now.image_size or 'default'} px images, batch {now.batch_size // world} "
-            f"per GPU): a step asked for {asked.group(1) if asked else 'more memory'}")
+            f"per GPU): {'a decoding process' if decoder else 'a step'} asked for "
+            f"{asked.group(1) if asked else 'more memory'}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
         text += f" with {free / 2**30:.2f} GiB of {total / 2**30:.1f} GiB free"
     lower = "that phase's batch in --phases" if cfg.phases else "--batch-size"
+    if decoder:
+        lower = f"--decode-processes (each holds a CUDA context and its batches), {lower}"
     return OutOfMemory(f"{text}. Lower {lower} (the LR follows a phase's batch) or the image size, or use more "
                        f"GPUs; {_kept(cfg)}")
 

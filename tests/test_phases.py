@@ -150,3 +150,17 @@ def test_running_out_of_gpu_memory_is_one_line_naming_the_phase_and_batch(tmp_pa
     assert "phase 2/3: 24 px images, batch 8 per GPU): a step asked for 2.50 GiB" in lines[0]
     assert "Lower that phase's batch in --phases" in lines[0] and "checkpoint-last.pt, is kept" in lines[0]
     assert read_checkpoint(out / "checkpoint-last.pt")["step"] >= 6  # the last checkpoint survives
+
+
+def test_a_decoding_process_out_of_gpu_memory_is_named_as_such(tmp_path):
+    """The nvjpeg loader's decoding processes hold GPU memory too: their OOM,
+    re-raised by the DataLoader, points at --decode-processes, not the step."""
+    from freeadv_fast.config import build_config
+    from freeadv_fast.run import out_of_memory
+    cfg = build_config(dataset="imagenet", flags={"batch_size": 64, "image_size": 128, "out": str(tmp_path)})
+    exc = torch.OutOfMemoryError("Caught OutOfMemoryError in DataLoader worker process 1.\nOriginal Traceback "
+                                 "(most recent call last):\n  ...\ntorch.OutOfMemoryError: CUDA out of memory. "
+                                 "Tried to allocate 96.00 MiB.")
+    text = str(out_of_memory(exc, cfg, cfg, 0, 1, 1, torch.device("cpu")))
+    assert "128 px images, batch 64 per GPU): a decoding process asked for 96.00 MiB" in text
+    assert "Lower --decode-processes" in text and "\n" not in text
