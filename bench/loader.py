@@ -103,6 +103,7 @@ def main(argv=None):
                 line += f"; feeds {rate / (step / per_image):.2f} GPUs of {method} ({step:.0f}/s)"
         print(line, flush=True)
         records.append(record)
+        data.close()  # its worker processes (decoders with CUDA contexts) go now, not when collected
         del data
     if args.json:
         write_json(args.json, device, {"device": loader_machine(device), "data": str(args.data),
