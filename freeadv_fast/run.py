@@ -417,8 +417,11 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
                                     on_pass_end=periodic_eval)
         except torch.OutOfMemoryError as exc:
             raise out_of_memory(exc, cfg, phase_cfgs[phase], phase, len(ends), d.world_size, d.device) from None
-        if hasattr(data.train, "close") and trainer.epoch >= ends[phase]:
-            data.train.close()  # the phase is over: its loader's workers can go
+        if trainer.epoch >= ends[phase]:  # the phase is over: its loaders' workers can go (the last phase's
+            # held-out loader serves the final evaluation)
+            for loader in (data.train, data.val) if phase + 1 < len(ends) else (data.train,):
+                if hasattr(loader, "close"):
+                    loader.close()
     if bar is not None:
         bar.close()
     if not completed:

@@ -72,7 +72,7 @@ class RunningMetrics:
         if reset:
             self.sums.zero_()
             self.samples = 0
-            self._started = time.perf_counter()
+            self._started = self._paused_at or time.perf_counter()  # read while paused: counts from the pause's end
         return out
 
 

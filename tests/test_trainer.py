@@ -247,12 +247,20 @@ def test_logged_images_per_second_leave_out_evaluation_and_checkpoints(tmp_path)
     x, y = toy_data(n=16)
     model = small_cnn()
     trainer = NaturalTrainer(model, sgd(model), mean=MEAN, std=STD)
-    records = []
-    trainer.fit(list(batches(x, y, [8, 8])), 2, log_every=2, on_log=records.append,
-                on_pass_end=lambda _: time.sleep(1.0), checkpoint_path=tmp_path / "ck.pt")
-    assert [r["epoch"] for r in records] == [0, 1] and len(records) == 2
-    seconds = [r["samples"] / r["samples_per_s"] for r in records]
-    assert seconds[1] < 0.5, seconds  # the pass's own two batches, not the second of sleep before them
+    for read_after in (False, True):  # the metrics read (reset) before the evaluation, as run.py does, or after
+        trainer.epoch = 0
+        records = []
+
+        def evaluation(_):
+            time.sleep(1.0)
+            if read_after:
+                records.append(trainer.log_record())
+        trainer.fit(list(batches(x, y, [8, 8])), 2, log_every=2, on_log=records.append, on_pass_end=evaluation,
+                    checkpoint_path=tmp_path / "ck.pt")
+        train = [r for r in records if r["samples"]]
+        assert [r["epoch"] for r in train] == [0, 1], records
+        seconds = [r["samples"] / r["samples_per_s"] for r in train]
+        assert 0 < seconds[1] < 0.5, seconds  # the pass's own two batches, not the second of sleep before them
 
 
 def test_the_scheduler_counts_replay_steps_and_the_epoch_convention():
