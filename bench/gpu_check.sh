@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# `make gpu-check`: every GPU check in one command, sized for one short run
-# (at most ~8 minutes on one H100 or H200), since GPU time here comes in
-# short runs. It builds the extension for this GPU, probes torch's clamp
+# `make gpu-check`: every GPU check in one command, kept to one short run
+# (GPU_CHECK_BUDGET, below), since GPU time here comes in short runs. It builds the extension for this GPU, probes torch's clamp
 # gradient, runs the GPU tests (failures again alone), the kernel, train-step
 # and loader benchmarks, and writes bench/results/*-<gpu>.json (plus the logs under
 # bench/results/gpu-check-<gpu>/), from which `python bench/report.py`
@@ -10,6 +9,10 @@
 # device tool), everything written is packed there as it is made. Named in
 # GPU_CHECK_ONLY only: kernel-variants (+ build-tuned), stem-grad (the
 # profile of free-m's extra cost at ResNet-50's stem) and the compare-* runs.
+# The whole run keeps to GPU_CHECK_BUDGET seconds (default 480 for the default
+# set, 590 when GPU_CHECK_ONLY names steps, under one device call's 600; 0: no
+# budget): a step gets at most what is left, and steps that find it spent are
+# listed as not run, to be named in the next run's GPU_CHECK_ONLY.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,6 +33,7 @@ publish() {  # results travel back even if a later step runs out of time: one ar
 # the commit measured (a tree copied to the GPU machine may carry a stale .git): $FREEADV_GIT_COMMIT, or git's
 export FREEADV_GIT_COMMIT=${FREEADV_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 only=${GPU_CHECK_ONLY:-}  # space-separated step names to run (a rerun of some steps); empty: the default set
+budget=${GPU_CHECK_BUDGET:-$([ -n "$only" ] && echo 590 || echo 480)}
 opt_in="kernel-variants stem-grad"
 step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs it, records its status
     local name=$1 limit=$2; shift 2
@@ -38,6 +42,15 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs it, reco
     # studies, not checks: only when named (the default set is sized for one run of at most ~8 minutes)
     if [[ " $opt_in " == *" $name "* || $name == compare-* ]] && [[ " $only " != *" $name "* ]]; then
         echo "=== $name: name it in GPU_CHECK_ONLY"; return
+    fi
+    if [ "$budget" -gt 0 ]; then
+        local left=$((budget - (SECONDS - start)))
+        if [ $left -lt 20 ]; then
+            echo "=== $name: not run, the ${budget}s budget is spent"
+            echo "$name not-run-budget 0s" >> "$logs/status.txt"
+            return
+        fi
+        [ "$limit" -gt $left ] && limit=$left
     fi
     local t0=$SECONDS
     echo "=== [$((SECONDS - start))s] $name (limit ${limit}s): $*"
@@ -174,5 +187,7 @@ if [ -f .gpu-data/cifar10-jpeg.tar.gz ] && [[ " $only " == *" compare-"* ]]; the
 fi
 echo "gpu-check: done in $((SECONDS - start))s; step statuses in $logs/status.txt"
 cat "$logs/status.txt"
+skipped=$(awk '$2 == "not-run-budget" && $1 != "deps" && $1 != "build" {printf "%s ", $1}' "$logs/status.txt")
+[ -z "$skipped" ] || echo "gpu-check: not run within the ${budget}s budget: ${skipped}(on a fresh machine: GPU_CHECK_ONLY=\"deps build ${skipped% }\")"
 publish
 exit $status
