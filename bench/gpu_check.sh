@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make gpu-check`: every GPU check in one command, kept to one short run
-# (GPU_CHECK_BUDGET, below), since GPU time here comes in short runs. It builds the extension for this GPU, probes torch's clamp
-# gradient, runs the GPU tests (failures again alone), the kernel, train-step
+# (GPU_CHECK_BUDGET, below), since GPU time here comes in short runs. It
+# builds the extension for this GPU, probes torch's clamp gradient, runs the
+# GPU tests (failures again alone), the kernel, train-step
 # and loader benchmarks, and writes bench/results/*-<gpu>.json (plus the logs under
 # bench/results/gpu-check-<gpu>/), from which `python bench/report.py`
 # regenerates the README tables. Each step has its own time limit, so one
