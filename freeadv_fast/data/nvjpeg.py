@@ -21,7 +21,10 @@ images one by one and skipped the same way, and a non-JPEG image (a PNG named
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -181,6 +184,23 @@ class DecodedBatches(torch.utils.data.Dataset):
         return self._decoder.batch(items, torch.Generator().manual_seed(seed))
 
 
+@contextlib.contextmanager
+def children_ignore_ctrl_c():
+    """Processes started inside ignore SIGINT: Ctrl-C reaches the whole process
+    group, and the training process, which finishes its batch and writes a
+    checkpoint, decides when its decoders stop (killed mid-batch, they would
+    fail the run with a traceback). A spawned child inherits the ignored
+    signal through exec, and Python then installs no handler of its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _use_device(device: torch.device, worker_id: int):
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -212,7 +232,9 @@ class DecodingProcesses:
         size = loader.batch_size
         self.jobs.indices = [(batch_seed(loader, start + b), indices[i:i + size])
                              for b, i in enumerate(range(0, len(indices), size))]
-        for x, y, bad in self.reader:
+        with children_ignore_ctrl_c():  # the first pass's iterator starts the processes
+            batches = iter(self.reader)
+        for x, y, bad in batches:
             if x is not None and x.is_cuda:  # our own copy: the worker's memory goes back to it now
                 x, y = x.clone(memory_format=torch.channels_last), y.clone()
             yield x, y, bad
