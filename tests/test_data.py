@@ -188,29 +188,32 @@ def test_nvjpeg_decoding_processes_give_the_in_process_batches(broken_folder, ca
         ImageFolderLoader(broken_folder, decode_processes=-1, **kw)
 
 
-def test_ctrl_c_with_decoding_processes_stops_the_run_cleanly(tmp_path):
-    """Ctrl-C reaches the whole process group, the decoding processes too:
-    they ignore it, and the run stops as without them (batch finished,
-    checkpoint written, status 130), not on a dead worker's traceback."""
+@pytest.mark.parametrize("loader,signame", [(["nvjpeg", "--decode-processes", "2"], "SIGINT"),
+                                            (["torch", "--workers", "2"], "SIGTERM")])
+def test_a_stop_signal_to_the_process_group_stops_the_run_cleanly(tmp_path, loader, signame):
+    """Ctrl-C (or SLURM's scancel, SIGTERM) reaches the whole process group,
+    the loaders' worker processes too: they ignore it, and the run stops as
+    without them (batch finished, checkpoint written, status 128 + signal),
+    not on a dead worker's traceback."""
     import signal
+    sig = getattr(signal, signame)
     write_folder(tmp_path / "data" / "train", per_class=6)
     write_folder(tmp_path / "data" / "val", per_class=2, seed=1)
     proc = subprocess.Popen(
         [sys.executable, "-m", "freeadv_fast.train", "imagenet", "--cpu", "--data", str(tmp_path / "data"),
-         "--loader", "nvjpeg", "--decode-processes", "2", "--arch", "small_cnn_bn", "--image-size", "32",
-         "--batch-size", "6", "--epochs", "400", "--replays", "2", "--eval-samples", "6", "--out",
-         str(tmp_path / "run")], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        start_new_session=True)
+         "--loader", *loader, "--arch", "small_cnn_bn", "--image-size", "32", "--batch-size", "6", "--epochs", "400",
+         "--replays", "2", "--eval-samples", "6", "--out", str(tmp_path / "run")],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
-        for line in proc.stderr:  # a pass done and evaluated: both loaders' processes are running
+        for line in proc.stderr:  # a pass done and evaluated: both loaders' workers are running
             if "eval on 6 held-out images" in line:
                 break
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
         rest = proc.stderr.read()
         code = proc.wait(timeout=120)
     finally:
         proc.kill()
-    assert code == 130 and "stopped by SIGINT" in rest and "Traceback" not in rest, (code, rest[-2000:])
+    assert code == 128 + sig and f"stopped by {signame}" in rest and "Traceback" not in rest, (code, rest[-2000:])
     assert (tmp_path / "run" / "checkpoint-last.pt").exists()
 
 

@@ -25,6 +25,7 @@ batches, ranks are disjoint, and a resumed run sees the same batches.
 from __future__ import annotations
 
 import os
+import signal
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -443,7 +444,7 @@ class ImageFolderLoader:
                 batch_size=self.batch_size,
                 sampler=self._sampler, num_workers=self.workers, collate_fn=_collate_skipping_bad,
                 pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
-                prefetch_factor=4 if self.workers > 0 else None)
+                prefetch_factor=4 if self.workers > 0 else None, worker_init_fn=ignore_stop_signals)
         self._sampler.indices = indices
         skipped = 0
         for x, y, bad in self._torch_loader:
@@ -497,6 +498,18 @@ def dali_pipeline(files, labels, *, transform, batch_size, image_size, val_resiz
     p = pipe()
     p.build()
     return p
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def ignore_stop_signals(worker_id: int | None = None):
+    """A DataLoader worker's init: Ctrl-C and SIGTERM sent to the whole process
+    group (a terminal, SLURM's scancel) are the training process's to answer
+    (it finishes its batch, writes a checkpoint and stops the workers);
+    killed first, a worker would fail the run with a traceback instead."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class ListSampler(torch.utils.data.Sampler):

@@ -32,7 +32,7 @@ import torch
 
 from ..common import stream_seed
 from ..messages import say_once
-from .folder import read_checked
+from .folder import STOP_SIGNALS, ignore_stop_signals, read_checked
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -185,23 +185,25 @@ class DecodedBatches(torch.utils.data.Dataset):
 
 
 @contextlib.contextmanager
-def children_ignore_ctrl_c():
-    """Processes started inside ignore SIGINT: Ctrl-C reaches the whole process
-    group, and the training process, which finishes its batch and writes a
-    checkpoint, decides when its decoders stop (killed mid-batch, they would
-    fail the run with a traceback). A spawned child inherits the ignored
-    signal through exec, and Python then installs no handler of its own."""
+def children_ignore_stop_signals():
+    """Processes started inside begin with Ctrl-C and SIGTERM ignored (a
+    spawned child inherits that through exec, and Python then installs no
+    handler of its own), so a signal sent to the process group while they
+    import torch cannot kill them; ``ignore_stop_signals`` keeps it so once
+    the DataLoader has set its own handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = [signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS]
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in zip(STOP_SIGNALS, previous):
+            signal.signal(sig, handler)
 
 
-def _use_device(device: torch.device, worker_id: int):
+def _start_worker(device: torch.device, worker_id: int):
+    ignore_stop_signals()
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
@@ -225,14 +227,14 @@ class DecodingProcesses:
         self.reader = DataLoader(DecodedBatches(loader.samples, decoder_args(loader, device)), batch_size=None,
                                  sampler=self.jobs, num_workers=loader.decode_processes, collate_fn=collate_lists,
                                  multiprocessing_context="spawn", prefetch_factor=2, persistent_workers=True,
-                                 worker_init_fn=functools.partial(_use_device, device))
+                                 worker_init_fn=functools.partial(_start_worker, device))
 
     def batches(self, loader, indices, start):
         """(x, y, bad) of each batch of ``indices``, the first being batch ``start`` of the pass."""
         size = loader.batch_size
         self.jobs.indices = [(batch_seed(loader, start + b), indices[i:i + size])
                              for b, i in enumerate(range(0, len(indices), size))]
-        with children_ignore_ctrl_c():  # the first pass's iterator starts the processes
+        with children_ignore_stop_signals():  # the first pass's iterator starts the processes
             batches = iter(self.reader)
         for x, y, bad in batches:
             if x is not None and x.is_cuda:  # our own copy: the worker's memory goes back to it now
@@ -263,6 +265,6 @@ def decoded_here(loader, indices, start):
     decoder = NvjpegDecoder(**decoder_args(loader, loader.device))
     reader = DataLoader(FileBytes([loader.samples[i] for i in indices]), batch_size=loader.batch_size,
                         num_workers=loader.workers, collate_fn=collate_lists,
-                        prefetch_factor=4 if loader.workers > 0 else None)
+                        prefetch_factor=4 if loader.workers > 0 else None, worker_init_fn=ignore_stop_signals)
     for b, items in enumerate(reader):
         yield decoder.batch(items, torch.Generator().manual_seed(batch_seed(loader, start + b)))
