@@ -2,7 +2,9 @@
 results one way (``python bench/x.py`` puts bench/ on the path: ``import common``):
 ``parser``/``parse`` (--device, --quick, --precision, --json), the timers
 ``wall_clock``, ``elapsed_s``, ``median_ms`` and ``in_graph_ms``, and
-``provenance``/``write_json`` (every results file's "meta").
+``provenance``/``write_json`` (every results file's "meta"), ``read_json``,
+and ``guarded``: a main whose bad input (``InputError``, a configuration or
+data error) ends in one line and status 2, as argparse's own errors do.
 
 Kernels are timed by median_ms, not triton.testing.do_bench (it flushes L2
 before each call and picks its repetitions by time) or torch.utils.benchmark
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
+import math
 import os
 import platform
 import re
@@ -25,6 +29,40 @@ from pathlib import Path
 import torch
 
 from freeadv_fast.common import PRECISIONS
+from freeadv_fast.config import ConfigError
+from freeadv_fast.data.errors import DataError
+
+
+class InputError(Exception):
+    """Bad input a script names in one line: a results file it cannot use,
+    a value its flags let through."""
+
+
+def guarded(main):
+    """``main(argv)`` with every InputError, ConfigError and DataError said in
+    one line on stderr (status 2) instead of a traceback."""
+    @functools.wraps(main)
+    def run(argv=None) -> int:
+        try:
+            return main(argv)
+        except (InputError, ConfigError, DataError) as exc:
+            print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+    return run
+
+
+def positive(kind=float, zero=False):
+    """An argparse type: a finite number > 0 (>= 0 with ``zero``)."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else 'positive'}, got {text}")
+        return value
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
 
 
 def _device(text: str) -> torch.device:
@@ -65,7 +103,25 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if getattr(args, "device", None) is not None and args.device.type == "cuda" and not torch.cuda.is_available():
         p.exit(2, f"{p.prog}: --device {args.device} asked for, but torch sees no GPU\n")
+    if getattr(args, "json", None) is not None:
+        problem = unwritable(args.json)
+        if problem:  # said now, not after the minutes of measuring that would go to it
+            p.error(f"--json {args.json}: {problem}")
     return args
+
+
+def unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at ``path`` (its folders made as needed), or None."""
+    if path.is_dir():
+        return "is a directory"
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable"
+    return None
 
 
 def sync(device: torch.device):
@@ -162,8 +218,41 @@ def write_json(path: Path, device: torch.device, meta: dict | None = None, **bod
     """Writes ``{"meta": provenance(device) | meta, **body}`` to ``path`` (a
     key of ``meta`` overrides provenance's in place) and returns it."""
     doc = {"meta": {**provenance(device), **(meta or {})}, **body}
+    write_text(path, json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def write_text(path: Path, text: str):
+    """Writes ``path`` whole or not at all (a file beside it, then renamed):
+    a failed write never leaves half a results file in place of the old one."""
+    problem = unwritable(path)
+    if problem:
+        raise InputError(f"{path}: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    part = path.with_name(f".{path.name}.part")
+    part.write_text(text)
+    os.replace(part, path)
+
+
+def read_json(path, what: str, keys=()) -> dict:
+    """A results file as a dict with a "meta" dict and ``keys``; anything else
+    (missing, unreadable, not JSON, another kind of result) is an InputError
+    naming the file and ``what`` it should have been."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not {what}") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not JSON ({exc}); expected {what}") from None
+    missing = ["meta"] if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict) else \
+        [k for k in keys if k not in doc]
+    if missing:
+        raise InputError(f"{path}: not {what} (no {', '.join(repr(k) for k in missing)})")
     return doc
 
 
@@ -173,8 +262,12 @@ def best_step_rates(files, kinds) -> dict:
     bench/train_step.py results, per image size."""
     best: dict = {}
     for f in files:
-        doc = json.loads(Path(f).read_text())
-        size, batch = doc["meta"]["image_size"], doc["meta"]["batch_size"]
+        doc = read_json(f, "a bench/train_step.py result", ("records",))
+        size, batch = doc["meta"].get("image_size"), doc["meta"].get("batch_size")
+        if not isinstance(size, int) or not isinstance(batch, int) or not isinstance(doc["records"], list) or \
+                not all(isinstance(r, dict) and isinstance(r.get("method"), str) for r in doc["records"]):
+            raise InputError(f"{f}: not a bench/train_step.py result (its meta names no image_size and batch_size, "
+                             "or its records no methods)")
         for r in doc["records"]:
             kind = r["method"].split(" ")[0]
             if kind in kinds and "images_per_s" in r:

@@ -57,11 +57,10 @@ from pathlib import Path
 
 import torch
 
-from common import device_name, parse, parser, wall_clock, write_json
-from freeadv_fast.config import ConfigError, RunConfig, check
+from common import InputError, device_name, guarded, parse, parser, positive, wall_clock, write_json, write_text
+from freeadv_fast.config import RunConfig, check
 from freeadv_fast.data import DATASETS
 from freeadv_fast.data.datasets import build_data
-from freeadv_fast.data.errors import DataError
 from freeadv_fast.data.tensors import TensorBatches
 from freeadv_fast.evaluate import attack_name, evaluate
 from freeadv_fast.methods import METHODS
@@ -107,29 +106,29 @@ def parse_args(argv):
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
                    + " for the recipe rows ('' for none)")
     p.add_argument("--sweep-replays", help="also free-m at each m (comma-separated) on --sweep-epochs")
-    p.add_argument("--sweep-epochs", type=float, help="epochs-equivalent of every m of the sweep (default: the "
+    p.add_argument("--sweep-epochs", type=positive(), help="epochs-equivalent of every m of the sweep (default: the "
                                                       "fast-at free-8's 80, times --budget-scale)")
     p.add_argument("--frontier", action="store_true", help="also each method at three budgets (FRONTIER)")
     p.add_argument("--frontier-methods", default=",".join(FRONTIER),
                    help="the methods of the frontier (comma-separated; one GPU run may not hold all four)")
-    p.add_argument("--budget-scale", type=float, help="multiplies every recipe, sweep and frontier budget (passes "
+    p.add_argument("--budget-scale", type=positive(), help="multiplies every recipe, sweep and frontier budget (passes "
                                                       "round up; default 1, --quick the dataset's quick epochs / 15)")
     p.add_argument("--arch")
-    p.add_argument("--epochs", type=float, help="equal-steps: epochs-equivalent budget of every method")
+    p.add_argument("--epochs", type=positive(), help="equal-steps: epochs-equivalent budget of every method")
     p.add_argument("--replays", type=int, default=8, help="m of free-m")
     p.add_argument("--pgd-steps", type=int, default=7, help="k of PGD-k training")
     p.add_argument("--epsilon", help="L-inf budget (default 8/255; fashion-mnist 0.1)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, default=0.2, help="equal-steps: peak LR of every method (Fast-AT's 0.2)")
-    p.add_argument("--free-lr", type=float, help="equal-steps: peak LR of free-m only (default: --lr); free-m "
+    p.add_argument("--batch-size", type=positive(int))
+    p.add_argument("--lr", type=positive(), default=0.2, help="equal-steps: peak LR of every method (Fast-AT's 0.2)")
+    p.add_argument("--free-lr", type=positive(), help="equal-steps: peak LR of free-m only (default: --lr); free-m "
                                                  "takes m steps in a row on each batch and can diverge where the "
                                                  "others do not")
     p.add_argument("--schedule", default="onecycle")
-    p.add_argument("--train-subset", type=int, help="train on this many images (0: all)")
-    p.add_argument("--eval-samples", type=int, help="held-out images attacked (0: all)")
+    p.add_argument("--train-subset", type=positive(int, zero=True), help="train on this many images (0: all)")
+    p.add_argument("--eval-samples", type=positive(int, zero=True), help="held-out images attacked (0: all)")
     p.add_argument("--eval-steps", help="PGD / CW steps of the one-start attacks, comma-separated")
-    p.add_argument("--restart-steps", type=int, help="steps of the PGD with restarts (default 50; --quick 5)")
-    p.add_argument("--restarts", type=int, help="restarts of that PGD (default 10; --quick 2; 1: none)")
+    p.add_argument("--restart-steps", type=positive(int), help="steps of the PGD with restarts (default 50; --quick 5)")
+    p.add_argument("--restarts", type=positive(int), help="restarts of that PGD (default 10; --quick 2; 1: none)")
     p.add_argument("--eval-step-size", help="default epsilon / 4")
     p.add_argument("--loader", default="auto", help="image folders: dali, nvjpeg, torch or auto")
     p.add_argument("--cuda-graph", action="store_true", help="capture every method's training step as a CUDA graph")
@@ -137,17 +136,16 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     args = parse(p, argv)
     arch, epochs, batch, subset, samples, steps = COMPARABLE[args.dataset].compare["quick" if args.quick else "full"]
-    args.arch = args.arch or arch
-    args.epsilon = args.epsilon or COMPARABLE[args.dataset].epsilon
-    args.epochs = args.epochs or epochs
-    args.batch_size = args.batch_size or batch
-    args.train_subset = subset if args.train_subset is None else args.train_subset
-    args.eval_samples = samples if args.eval_samples is None else args.eval_samples
-    args.budget_scale = args.budget_scale or (epochs / 15 if args.quick else 1.0)
-    args.restart_steps = args.restart_steps or (5 if args.quick else 50)
-    args.restarts = args.restarts or (2 if args.quick else 10)
+    defaults = dict(arch=arch, epsilon=COMPARABLE[args.dataset].epsilon, epochs=epochs, batch_size=batch,
+                    train_subset=subset, eval_samples=samples, budget_scale=epochs / 15 if args.quick else 1.0,
+                    restart_steps=5 if args.quick else 50, restarts=2 if args.quick else 10)
+    for name, value in defaults.items():  # a flag given as 0 is refused by its type, never replaced
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     try:
         args.eval_steps = [int(s) for s in (args.eval_steps or steps).split(",")]
+        if any(s < 1 for s in args.eval_steps):
+            raise ValueError(f"--eval-steps: each must be >= 1, got {','.join(map(str, args.eval_steps))}")
         args.methods = [m for m in args.methods.split(",") if m]
         bad = [m for m in args.methods if m not in METHODS]
         if bad:
@@ -159,13 +157,12 @@ def parse_args(argv):
         args.sweep_replays = [int(m) for m in args.sweep_replays.split(",")] if args.sweep_replays else []
         if any(m < 1 for m in args.sweep_replays):
             raise ValueError("--sweep-replays: each m must be >= 1")
-        if not (args.methods or args.sweep_replays or args.frontier):
-            raise ValueError("nothing to run: no --methods, --sweep-replays or --frontier")
-        if args.budget_scale <= 0:
-            raise ValueError("--budget-scale must be positive")
+        if not (args.methods or args.sweep_replays or args.frontier and args.frontier_methods):
+            raise ValueError("nothing to run: no --methods, --sweep-replays or --frontier (with --frontier-methods)")
     except ValueError as exc:
         p.error(str(exc))
-    args.sweep_epochs = args.sweep_epochs or 80 * args.budget_scale
+    if args.sweep_epochs is None:
+        args.sweep_epochs = 80 * args.budget_scale
     args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
     args.json = args.json or Path("runs") / f"compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}" / "compare.json"
     return args
@@ -190,7 +187,7 @@ def row_specs(args) -> list[dict]:
     rows = []
     for method in args.methods:
         if args.recipe == "equal-steps":
-            lr = args.free_lr if method == "free" and args.free_lr else args.lr
+            lr = args.free_lr if method == "free" and args.free_lr is not None else args.lr
             rows.append(dict(group="equal-steps", method=method, epochs=args.epochs, lr=lr, replays=args.replays))
         else:
             rows.append(fast_at_row(args.recipe, method, RECIPES[args.recipe][method]))
@@ -208,8 +205,8 @@ def config_for(args, method, *, epochs=None, lr=None, step_size=None, pixel_mode
     """One row's settings: everything but the method and what its row sets is shared."""
     return check(RunConfig(dataset=args.dataset, data=args.data, arch=args.arch, method=method,
                            replays=replays or args.replays, pgd_steps=args.pgd_steps, epsilon=args.epsilon,
-                           step_size=step_size, pixel_mode=pixel_mode, epochs=epochs or args.epochs,
-                           batch_size=args.batch_size, lr=lr or args.lr, schedule=args.schedule, momentum=0.9,
+                           step_size=step_size, pixel_mode=pixel_mode, epochs=args.epochs if epochs is None else epochs,
+                           batch_size=args.batch_size, lr=args.lr if lr is None else lr, schedule=args.schedule, momentum=0.9,
                            weight_decay=5e-4, precision=args.precision, channels_last=True,
                            loader=args.loader, train_subset=args.train_subset, seed=args.seed,
                            cuda_graph=args.cuda_graph, compile=args.compile,
@@ -253,8 +250,14 @@ def run_row(args, spec, cfg, data, log):
 
 
 def attack_keys(rows) -> list[str]:
-    """The attacks every row was evaluated with, one-start PGD and CW first."""
+    """The attacks every row was evaluated with, one-start PGD and CW first
+    (rows that were not all evaluated alike cannot share a table)."""
     keys = [k for k in rows[0]["eval"] if (k.startswith("pgd-") or k.startswith("cw-")) and not k.endswith("_ci95")]
+    for r in rows:
+        missing = [k for k in ["clean_top1", *keys] if k not in r["eval"] or k + "_ci95" not in r["eval"]]
+        if missing:
+            raise InputError(f"row {r['label']!r} has no {', '.join(missing)}: rows evaluated differently cannot "
+                             "share a table")
     return sorted(keys, key=lambda k: ("x" in k, k.split("-")[0] != "pgd", int(k.split("-")[1].split("x")[0])))
 
 
@@ -337,15 +340,16 @@ def write_outputs(path: Path, rows, meta, device, title):
     keys = attack_keys(rows)
     main_key = next((k for k in keys if "x" in k), keys[0])  # the restarted PGD when there is one
     summary = summarize(rows, main_key)
-    write_json(path, device, meta, compare=rows, summary=summary)
     table = markdown(rows, keys)
-    path.with_suffix(".md").write_text(table + "\n")
+    write_json(path, device, meta, compare=rows, summary=summary)
+    write_text(path.with_suffix(".md"), table + "\n")
     plot(rows, main_key, path.with_suffix(".png"), title)
     if any(r.get("group") == "sweep" for r in rows):
         plot_sweep(rows, main_key, path.with_name(path.stem + "-sweep.png"), title)
     return table, summary
 
 
+@guarded
 def main(argv=None) -> int:
     args = parse_args(argv)
 
@@ -353,15 +357,12 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     torch.manual_seed(args.seed)
-    try:
-        cfg = config_for(args, "natural")
-        t0 = time.perf_counter()
-        data = build_data(cfg, device=args.device)
-    except (ConfigError, DataError) as exc:
-        log(f"compare.py: error: {exc}")
-        return 2
-    data_name = args.data_name or COMPARABLE[args.dataset].title
+    cfg = config_for(args, "natural")
     specs = row_specs(args)
+    configs = [config_for(args, **spec) for spec in specs]  # every row's settings checked before any trains
+    t0 = time.perf_counter()
+    data = build_data(cfg, device=args.device)
+    data_name = args.data_name or COMPARABLE[args.dataset].title
     log(f"{data_name}: {data.train.num_samples} training images ({time.perf_counter() - t0:.1f} s to load), "
         f"{args.arch}, batch {args.batch_size}, {args.precision}, on {args.device}; {len(specs)} runs")
     rows = []
@@ -370,13 +371,12 @@ def main(argv=None) -> int:
             "recipe_lr_scale": args.batch_size / RECIPE_BATCH,
             "epochs_equivalent": args.epochs, "budget_scale": args.budget_scale,
             "batch_size": args.batch_size, "precision": args.precision, "lr": args.lr,
-            "free_lr": args.free_lr or args.lr, "schedule": args.schedule, "cuda_graph": args.cuda_graph,
+            "free_lr": args.lr if args.free_lr is None else args.free_lr, "schedule": args.schedule, "cuda_graph": args.cuda_graph,
             "compile": args.compile, "epsilon": cfg.epsilon, "eval_step_size": cfg.eval_step_size,
             "eval_steps": args.eval_steps, "restart_steps": args.restart_steps, "restarts": args.restarts}
     title = f"{data_name}, {args.arch}, eps {args.epsilon} ({device_name(args.device)})"
     trained: dict[str, dict] = {}  # a row's whole configuration -> the row that trained it
-    for spec in specs:  # the JSON grows row by row: a run cut short by a time limit keeps what it measured
-        row_cfg = config_for(args, **spec)
+    for spec, row_cfg in zip(specs, configs):  # the JSON grows row by row: a run cut short keeps what it measured
         key = json.dumps(row_cfg.to_dict(), sort_keys=True, default=str)
         if key in trained:  # e.g. the frontier's 15 epochs of PGD-7 are the recipe's: trained once
             first = trained[key]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from common import best_step_rates, parse, parser, sync, wall_clock, write_json
+from common import best_step_rates, guarded, parse, parser, positive, sync, wall_clock, write_json
 from freeadv_fast.cli import int_list
 from freeadv_fast.data.folder import ImageFolderLoader, dali_available, find_split, scan_image_folder
 from freeadv_fast.data.nvjpeg import nvjpeg_available
@@ -47,15 +47,16 @@ def loader_machine(device):
     return f"{platform.processor() or platform.machine()} CPU, {cores}"
 
 
+@guarded
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--loader", choices=["dali", "nvjpeg", "torch"], action="append")
     p.add_argument("--split", default="train")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive(int), default=256)
     p.add_argument("--image-size", type=int_list(16), default=[224], metavar="S[,S...]")
-    p.add_argument("--batches", type=int, default=0, help="batches of the timed pass (0: the whole pass)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batches", type=positive(int, zero=True), default=0, help="batches of the timed pass (0: the whole pass)")
+    p.add_argument("--workers", type=positive(int, zero=True), default=os.cpu_count() or 1)
     p.add_argument("--decode-processes", type=int_list(0), default=[0], metavar="P[,P...]",
                    help="the nvjpeg loader's decoding processes, one run per value (0: this process)")
     p.add_argument("--train-step", action="append", default=[], metavar="FILE",

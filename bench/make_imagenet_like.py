@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import tarfile
 import tempfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from common import positive
 from freeadv_fast.data import tiny_imagenet
 from freeadv_fast.data.errors import DataError
 from freeadv_fast.data.folder import scan_image_folder
@@ -47,8 +50,12 @@ def splits_of(root: Path):
     return {"train": [(p, classes[c]) for p, c in train], "val": [(p, classes[c]) for p, c in val]}
 
 
-def convert(src, dst: Path, size, quality: int, grain: float, seed: int) -> int:
-    image = Image.open(src).convert("RGB").resize(size, Image.BICUBIC)
+def convert(src, dst: Path, size, quality: int, grain: float, seed: int) -> int | str:
+    """Writes the converted image; returns its bytes, or why the source could not be read."""
+    try:
+        image = Image.open(src).convert("RGB").resize(size, Image.BICUBIC)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # passed the quick check, failed to decode
+        return f"{type(exc).__name__}: {exc}"
     if grain:
         pixels = np.asarray(image, dtype=np.float32)
         pixels += np.random.default_rng(seed).normal(0.0, grain, pixels.shape)
@@ -75,16 +82,25 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--size", type=size_arg, default=(400, 350), help="WIDTHxHEIGHT (default 400x350)")
     p.add_argument("--quality", type=int, default=90, choices=range(1, 96), metavar="Q", help="JPEG quality (90)")
-    p.add_argument("--grain", type=float, default=0.0, help="noise sigma in 8-bit levels (default 0: none)")
-    p.add_argument("--limit", type=int, default=0, help="images per split (0: all)")
+    p.add_argument("--grain", type=positive(zero=True), default=0.0, help="noise sigma in 8-bit levels (default 0: none)")
+    p.add_argument("--limit", type=positive(int, zero=True), default=0, help="images per split (0: all)")
     args = p.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"{args.out} is not a directory")
     if args.out.exists() and any(args.out.iterdir()):
         p.error(f"{args.out} is not empty")
+    above = next(d for d in args.out.absolute().parents if d.exists())
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        p.error(f"{args.out}: cannot be made in {above}")
     with tempfile.TemporaryDirectory() as tmp:
         root = args.source
         if root.is_file():
-            with tarfile.open(root) as tar:
-                tar.extractall(tmp, filter="data")
+            try:
+                with tarfile.open(root) as tar:
+                    tar.extractall(tmp, filter="data")
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+                why = (str(exc).splitlines() or [""])[0].rstrip(":")  # tarfile's may list every method it tried
+                p.error(f"{root}: not a readable tar archive ({type(exc).__name__}: {why})")
             found = [d for d in Path(tmp).rglob("train") if d.is_dir()]
             if not found:
                 p.error(f"{root}: no train/ folder inside")
@@ -103,9 +119,14 @@ def main(argv=None) -> int:
                 folder.mkdir(parents=True, exist_ok=True)
                 jobs.append((src, folder / f"{Path(src).stem}.JPEG", args.size, args.quality, args.grain, i))
             with ThreadPoolExecutor() as pool:
-                sizes = list(pool.map(lambda job: convert(*job), jobs))
+                results = list(pool.map(lambda job: convert(*job), jobs))
+            sizes = [r for r in results if isinstance(r, int)]
+            failed = [(job[0], r) for job, r in zip(jobs, results) if isinstance(r, str)]
             total, count = total + sum(sizes), count + len(sizes)
             print(f"{split}: {len(sizes)} images, {len({c for _, c in samples})} classes", flush=True)
+            if failed:
+                print(f"{split}: skipped {len(failed)} source image(s) that could not be decoded, e.g. "
+                      f"{failed[0][0]}: {failed[0][1]}", file=sys.stderr, flush=True)
     mean_kb = total / max(count, 1) / 1024
     print(f"wrote {count} JPEGs to {args.out}: {args.size[0]}x{args.size[1]}, q{args.quality}, grain "
           f"{args.grain:g}, {mean_kb:.1f} KB a file on average (ImageNet's: about {IMAGENET_MEAN_KB} KB); "

@@ -197,6 +197,7 @@ def render() -> str:
 
 # what rows of bench/compare.py runs must share to stand in one table: the data, model, precision, device
 # and the same attacks on the same test images
+ROW_KEYS = ("label", "method", "passes", "replays", "train_seconds", "eval")
 MERGE_KEYS = ("data", "dataset", "arch", "precision", "device", "epsilon", "eval_step_size", "eval_steps",
               "restart_steps", "restarts", "eval_samples", "batch_size")
 
@@ -206,21 +207,34 @@ def merge(paths: list[Path], out: Path) -> int:
     sessions) in one JSON, table and plot, refusing results that differ in
     what MERGE_KEYS names."""
     sys.path.insert(0, str(ROOT / "bench"))
+    from common import InputError, read_json
     from compare import write_outputs
-    docs = [json.loads(p.read_text()) for p in paths]
-    if any("compare" not in d for d in docs):
-        print(f"report.py --merge: {next(p for p, d in zip(paths, docs) if 'compare' not in d)} is not a "
-              "bench/compare.py result", file=sys.stderr)
-        return 2
+    twice = [p for i, p in enumerate(paths) if p.resolve() in {q.resolve() for q in paths[:i]}]
+    if twice:
+        raise InputError(f"{twice[0]} is named twice: its rows would stand in the table twice")
+    docs = [read_json(p, "a bench/compare.py result", ("compare",)) for p in paths]
+    for path, doc in zip(paths, docs):
+        rows = doc["compare"]
+        if not isinstance(rows, list) or not rows or not all(
+                isinstance(r, dict) and isinstance(r.get("eval"), dict) and all(k in r for k in ROW_KEYS)
+                for r in rows):
+            raise InputError(f"{path}: its \"compare\" is not a list of bench/compare.py rows (each with "
+                             f"{', '.join(ROW_KEYS)})")
     base = docs[0]["meta"]
     for path, doc in zip(paths[1:], docs[1:]):
         diff = [f"{k} ({doc['meta'].get(k)!r}, not {base.get(k)!r})" for k in MERGE_KEYS
                 if doc["meta"].get(k) != base.get(k)]
         if diff:
-            print(f"report.py --merge: {path} differs from {paths[0]} in {', '.join(diff)}; not merged",
-                  file=sys.stderr)
-            return 2
-    rows = [r for d in docs for r in d["compare"]]
+            raise InputError(f"{path} differs from {paths[0]} in {', '.join(diff)}; not merged")
+    rows, seen = [], {}
+    for path, doc in zip(paths, docs):
+        for r in doc["compare"]:
+            key = json.dumps(r, sort_keys=True)
+            if key in seen:  # a copy of a result file under another name
+                raise InputError(f"{path}: its row {r['label']!r} ({r.get('group', '-')}) is also in {seen[key]}; "
+                                 "not merged")
+            seen[key] = path
+            rows.append(r)
     meta = {**base, "merged_from": [p.name for p in paths], "quick": any(d["meta"].get("quick") for d in docs)}
     import torch
     table, _ = write_outputs(out, rows, meta, torch.device("cpu"),
@@ -238,11 +252,23 @@ def main(argv=None) -> int:
                    help="bench/compare.py results of the same data, model and precision to merge into --out")
     p.add_argument("--out", type=Path, help="with --merge: the merged results file (JSON; .md and .png beside it)")
     args = p.parse_args(argv)
+    if bool(args.merge) != bool(args.out):
+        p.error("--merge and --out go together")
     if args.merge:
-        if not args.out:
-            p.error("--merge needs --out")
-        return merge(args.merge, args.out)
-    text = args.readme.read_text()
+        sys.path.insert(0, str(ROOT / "bench"))
+        from common import InputError, unwritable
+        problem = unwritable(args.out)
+        if problem:
+            p.error(f"--out {args.out}: {problem}")
+        try:
+            return merge(args.merge, args.out)
+        except InputError as exc:
+            print(f"report.py --merge: {exc}", file=sys.stderr)
+            return 2
+    try:
+        text = args.readme.read_text()
+    except OSError as exc:
+        p.error(f"--readme {args.readme}: {exc.strerror}")
     new = text
     for name, body in zip(SECTIONS, (compare_section(), render())):
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

@@ -35,7 +35,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import best_step_rates, device_name, elapsed_s, parse, parser, wall_clock, write_json
+from common import (InputError, best_step_rates, device_name, elapsed_s, guarded, parse, parser, positive, read_json,
+                    wall_clock, write_json)
 from freeadv_fast import FastTrainer, FreeAdversarialTrainer, NaturalTrainer, PGDTrainer
 from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.models import create_model
@@ -75,6 +76,7 @@ def official_free_step(model, optimizer, x, y, noise, mean, std, replays, step, 
 # other ImageNet runs the projection of a phased preset is set beside (as the issue tracker quotes them)
 OTHER_IMAGENET_RUNS = ("the paper's free-4, 90 epochs: 2 days on 4 P100s", "Fast-AT's free run: 52 h",
                        "Fast-AT's FGSM run: 12 h")
+METHOD_NAMES = ("natural", "free-4", "free-8", "pgd-7", "fgsm-rs", "official")
 PROJECTED_METHOD = {"free": "free-{replays}", "fast": "fgsm-rs", "natural": "natural", "pgd": "pgd-7"}
 
 
@@ -86,6 +88,13 @@ def project(preset: str, files) -> dict:
     from freeadv_fast.config import build_config
     from freeadv_fast.phases import parse as parse_phases
     cfg = build_config(preset=preset)
+    if cfg.dataset != "imagenet":
+        raise InputError(f"--project {preset}: not an ImageNet preset (it trains {cfg.dataset}); the projection "
+                         "counts ImageNet's images")
+    for f in files:
+        model = read_json(f, "a bench/train_step.py result")["meta"].get("model")
+        if model != cfg.arch:
+            raise InputError(f"--project {preset} trains {cfg.arch}, but {f} measured {model}")
     phases = parse_phases(cfg.phases or [f"{cfg.epochs}:{cfg.image_size or 224}"], epochs=cfg.epochs,
                           batch_size=cfg.batch_size)
     kind = PROJECTED_METHOD[cfg.method].format(replays=cfg.replays)
@@ -93,7 +102,7 @@ def project(preset: str, files) -> dict:
     rows, total, start = [], 0.0, 0.0
     for p in phases:
         if kind not in measured.get(p.image_size, {}):
-            raise SystemExit(f"bench/train_step.py --project: no {kind} rate at {p.image_size} px in the results given")
+            raise InputError(f"--project: no {kind} rate at {p.image_size} px in the results given")
         m = measured[p.image_size][kind]
         hours = (p.until - start) * IMAGENET_TRAIN / m["images_per_s"] / 3600
         rows.append({"until": p.until, "image_size": p.image_size, "batch_size": p.batch_size,
@@ -113,6 +122,7 @@ def print_projection(doc):
           + "; ".join(doc["others"]))
 
 
+@guarded
 def main(argv=None):
     p = parser(__doc__, quick="few steps, small batch (the CPU run in CI)", several=True,
                precision="comma-separated: fp32,bf16 (default both on GPU, fp32 on CPU)")
@@ -121,15 +131,15 @@ def main(argv=None):
     p.add_argument("--results", nargs="+", default=[], metavar="FILE", help="with --project: results of this "
                    "script, one per image size of the preset's phases")
     p.add_argument("--model", default=None, choices=["resnet50", "preact_resnet18", "wide_resnet32_10"])
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch-size", type=positive(int))
+    p.add_argument("--image-size", type=positive(int))
     p.add_argument("--variants", help="comma-separated subset of eager,graph,compile,compile+graph (default: "
                                       "eager,graph on a GPU, eager on CPU; compiling costs minutes)")
     p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the compile variants and of the compiled official loop")
-    p.add_argument("--steps", type=int, help="timed calls per variant (default 20; --quick 2)")
-    p.add_argument("--methods", default="natural,free-4,free-8,pgd-7,fgsm-rs,official",
-                   help="comma-separated subset of natural,free-4,free-8,pgd-7,fgsm-rs,official")
+    p.add_argument("--steps", type=positive(int), help="timed calls per variant (default 20; --quick 2)")
+    p.add_argument("--methods", default=",".join(METHOD_NAMES),
+                   help="comma-separated subset of " + ",".join(METHOD_NAMES))
     args = parse(p, argv)
     if args.project:
         doc = project(args.project, args.results)
@@ -144,6 +154,9 @@ def main(argv=None):
     batch = args.batch_size or (8 if args.quick else (256 if model_name == "resnet50" else 128))
     precisions = args.precision or (["fp32", "bf16"] if gpu else ["fp32"])
     methods = set(args.methods.split(","))
+    unknown = sorted(methods - set(METHOD_NAMES))
+    if unknown:
+        p.error(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHOD_NAMES)})")
     known = {"eager": ("", {}), "graph": (" graph", dict(cuda_graph=True)),
              "compile": (" compile", dict(compile=args.compile_mode)),
              "compile+graph": (" compile+graph", dict(compile=args.compile_mode, cuda_graph=True))}
@@ -154,7 +167,7 @@ def main(argv=None):
     variants = [known[v] for v in chosen]
     compiling = any("compile" in v for v in chosen)
     # a captured step needs 3 eager warm-up steps and the capture: 5 calls reach the steady state
-    warmup, steps = (1, 2) if args.quick else (5, args.steps or 20)
+    warmup, steps = (1 if args.quick else 5), args.steps or (2 if args.quick else 20)
     if gpu:
         torch.backends.cudnn.benchmark = True
     classes = 1000 if model_name == "resnet50" else 10

@@ -3,6 +3,8 @@ precisions and their autocast, compile modes, the per-stream seed formula,
 per-channel constants and the pixel-range check."""
 from __future__ import annotations
 
+import math
+import numbers
 from contextlib import nullcontext
 
 import torch
@@ -48,6 +50,9 @@ def register(table: dict, name: str, item, what: str):
 
 
 def check_pixel_range(pixel_range) -> tuple[float, float]:
+    if not (isinstance(pixel_range, (tuple, list)) and len(pixel_range) == 2
+            and all(isinstance(v, numbers.Real) and math.isfinite(v) for v in pixel_range)):
+        raise ValueError(f"pixel_range must be two finite numbers (lo, hi), got {pixel_range!r:.80}")
     lo, hi = (float(v) for v in pixel_range)
     if not lo < hi:
         raise ValueError(f"pixel_range must be (lo, hi) with lo < hi, got {tuple(pixel_range)}")

@@ -55,7 +55,7 @@ def test_train_step_projects_a_phased_preset_from_results_at_each_size(tmp_path)
     files = []
     for size, batch, rate in ((128, 256, 3600.0), (224, 256, 1200.0), (288, 128, 720.0)):
         f = tmp_path / f"{size}.json"
-        f.write_text(json.dumps({"meta": {"image_size": size, "batch_size": batch}, "records": [
+        f.write_text(json.dumps({"meta": {"model": "resnet50", "image_size": size, "batch_size": batch}, "records": [
             {"method": "free-4 bf16 graph", "images_per_s": rate}, {"method": "free-4 bf16", "images_per_s": 1.0},
             {"method": "natural bf16 graph", "images_per_s": 10 * rate}]}))
         files.append(f)

@@ -1,6 +1,7 @@
 """Every backend of the perturbation ops against the reference (the spec)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import backend_params
@@ -226,10 +227,26 @@ def test_bad_arguments_are_named(device, backend):
         ops.update_delta_(delta, grad, x, mode="clip", **kw)
     with pytest.raises(ValueError, match="delta shape"):
         ops.update_delta_(delta[:1], grad, x, **kw)
-    with pytest.raises(ValueError, match="epsilon must be non-negative"):
+    with pytest.raises(ValueError, match="epsilon must be finite and non-negative, got -1.0"):
         ops.update_delta_(delta, grad, x, step_size=STEP, epsilon=-1.0, backend=backend)
-    with pytest.raises(ValueError, match="std must be positive"):
+    with pytest.raises(ValueError, match="step_size must be finite and non-negative, got inf"):
+        ops.update_delta_(delta, grad, x, step_size=math.inf, epsilon=EPS, backend=backend)
+    with pytest.raises(ValueError, match="std must be finite and positive"):
         ops.make_input(x, delta, mean=MEAN, std=(0.2, 0.0, 0.2), backend=backend)
+    with pytest.raises(ValueError, match="mean must be finite"):
+        ops.make_input(x, delta, mean=(0.5, math.inf, 0.5), std=STD, backend=backend)
+    for mean in ("0.5", None, np.array(MEAN)):  # a string is not parsed; an array is not one number
+        with pytest.raises(TypeError, match="mean must be a number, a sequence of numbers or a tensor"):
+            ops.make_input(x, delta, mean=mean, std=STD, backend=backend)
+    with pytest.raises(TypeError, match="x must be a tensor, got list"):
+        ops.make_input(x.tolist(), delta, mean=MEAN, std=STD, backend=backend)
+    with pytest.raises(TypeError, match="update_delta_ needs grad"):
+        ops.update_delta_(delta, None, x, **kw)
+    with pytest.raises(ValueError, match="delta requires grad"):  # every backend alike, not only torch's
+        ops.update_delta_(delta.clone().requires_grad_(True), grad, x, **kw)
+    for pixel_range in ((0, 0.5, 1), "01", (0, math.nan)):
+        with pytest.raises(ValueError, match="pixel_range must be two finite numbers"):
+            ops.update_delta_(delta, grad, x, pixel_range=pixel_range, **kw)
     with pytest.raises(ValueError, match="expected 1 or 3"):
         ops.make_input(x, delta, mean=(0.5, 0.5), std=STD, backend=backend)
     with pytest.raises(TypeError, match="grad must be"):

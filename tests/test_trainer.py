@@ -336,7 +336,7 @@ def test_bad_arguments_are_named():
     model = small_cnn()
     with pytest.raises(ValueError, match="replays"):
         FreeAdversarialTrainer(model, sgd(model), replays=0, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
-    with pytest.raises(ValueError, match="epsilon must be non-negative"):
+    with pytest.raises(ValueError, match="epsilon must be finite and non-negative"):
         FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=-1, step_size=STEP, mean=MEAN, std=STD)
     with pytest.raises(ValueError, match="precision"):
         FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,

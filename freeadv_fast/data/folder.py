@@ -335,6 +335,9 @@ class ImageFolderLoader:
         if samples is None:
             classes, samples, _ = scan_image_folder(split_dir)
         self.classes, self.samples = classes, samples
+        if not samples:
+            raise DataError(f"{split_dir}: no readable image: every image file in it is bad (see above, or run "
+                            "python -m freeadv_fast.data check)")
         if len(samples) < world_size:
             raise DataError(f"{split_dir}: {len(samples)} image(s) cannot be shared by {world_size} processes")
         self.epoch = 0
@@ -402,7 +405,8 @@ class ImageFolderLoader:
         while pos < len(files):
             pipe = dali_pipeline(files[pos:], labels[pos:], transform=self.transform, batch_size=self.batch_size,
                                  image_size=self.image_size, val_resize=self.val_resize, source_size=self.source_size,
-                                 device_id=self.device.index if on_gpu else None, num_threads=self.workers,
+                                 device_id=self.device.index if on_gpu else None,
+                                 num_threads=max(1, self.workers),  # 0 workers: DALI still needs a thread
                                  seed=stream_seed(self.seed, self.epoch, self.rank, batch=start + pos))
             it = DALIGenericIterator([pipe], ["x", "y"], reader_name="Reader",
                                      last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)

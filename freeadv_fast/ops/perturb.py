@@ -7,6 +7,9 @@ copied into it first and outputs copied back: slower, never wrong.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
@@ -31,6 +34,12 @@ def check_mode(mode):
 
 
 def _check_pair(x, delta, grad=None):
+    for name, t in (("x", x), ("delta", delta), ("grad", grad)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if delta.requires_grad and torch.is_grad_enabled():
+        raise ValueError("delta requires grad: it is updated in place from the input gradient, never "
+                         "differentiated through (pass delta.detach(), or a buffer made without requires_grad)")
     if x.dim() < 2:
         raise ValueError(f"x must have a channel dimension (dim 1), got shape {tuple(x.shape)}")
     if x.dtype not in _X_DTYPES:
@@ -60,8 +69,10 @@ def _check_out_dtype(dtype):
 def channel_param(value, name: str, channels: int, device, *, positive=False) -> torch.Tensor:
     """A scalar, sequence or tensor as a contiguous float32 tensor of one value
     per channel on ``device`` -- the form the kernels take. Python numbers are
-    checked and cached, so a training loop makes each constant once; a
-    tensor already in that form is returned as it is."""
+    checked (finite; non-negative, or positive with ``positive``) and cached,
+    so a training loop makes each constant once. A tensor is taken as it is,
+    its values unchecked: reading them would synchronise the device on every
+    call (the trainer passes tensors it made here from checked numbers)."""
     if isinstance(value, torch.Tensor):
         if (value.dtype == torch.float32 and value.dim() == 1 and value.shape[0] == channels
                 and value.device == device and not value.requires_grad and value.is_contiguous()):
@@ -77,12 +88,15 @@ def channel_param(value, name: str, channels: int, device, *, positive=False) ->
         hit = _checked.get(fast_key)
         if hit is not None:  # these very numbers were checked and made before
             return hit
-    values = tuple(float(v) for v in (value if isinstance(value, (tuple, list)) else (value,)))
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    if not all(isinstance(v, numbers.Real) or isinstance(v, torch.Tensor) and v.numel() == 1 for v in items):
+        raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got {value!r:.80}")
+    values = tuple(float(v) for v in items)
     if len(values) not in (1, channels):
         raise ValueError(f"{name} has {len(values)} values; expected 1 or {channels} (one per channel)")
-    bad = [v for v in values if not (v > 0 if positive else v >= 0) or v != v]
+    bad = [v for v in values if not (v > 0 if positive else v >= 0) or not math.isfinite(v)]
     if bad:
-        raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'}, got {bad[0]}")
+        raise ValueError(f"{name} must be finite and {'positive' if positive else 'non-negative'}, got {bad[0]}")
     values = values * channels if len(values) == 1 else values
     device = torch.device(device)
     if tracing:
@@ -173,6 +187,8 @@ def update_delta_(delta, grad, x, *, step_size, epsilon, pixel_range=(0.0, 1.0),
     (see reference.update_delta_ for both modes); returns delta."""
     check_mode(mode)
     lo, hi = check_pixel_range(pixel_range)
+    if grad is None:
+        raise TypeError("update_delta_ needs grad, the input gradient")
     _check_pair(x, delta, grad)
     p = _params(x, step_size=step_size, epsilon=epsilon)
     _, op = backend_op(backend, x.device)
