@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from freeadv_fast.checkpoint import write_result
 from freeadv_fast.common import PRECISIONS
 from freeadv_fast.config import ConfigError
 from freeadv_fast.data.errors import DataError
@@ -223,15 +224,12 @@ def write_json(path: Path, device: torch.device, meta: dict | None = None, **bod
 
 
 def write_text(path: Path, text: str):
-    """Writes ``path`` whole or not at all (a file beside it, then renamed):
-    a failed write never leaves half a results file in place of the old one."""
+    """Writes ``path`` whole or not at all (checkpoint.write_result): a failed
+    write never leaves half a results file in place of the old one."""
     problem = unwritable(path)
     if problem:
         raise InputError(f"{path}: {problem}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f".{path.name}.part")
-    part.write_text(text)
-    os.replace(part, path)
+    write_result(path, text)
 
 
 def read_json(path, what: str, keys=()) -> dict:

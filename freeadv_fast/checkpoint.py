@@ -18,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,18 @@ def atomic_write(data: bytes, path, *, keep_previous: bool = True) -> Path:
     return path
 
 
+def write_result(path, text: str) -> Path:
+    """Writes a results file (JSON, a table) whole or not at all. A path that
+    exists and is not a regular file (/dev/stdout, a pipe) is written
+    through, never replaced; a symbolic link's target is what is replaced."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+    return atomic_write(text.encode(), path.resolve(), keep_previous=False)
+
+
 def atomic_save(obj, path, *, keep_previous: bool = True) -> Path:
     """torch.save of ``obj`` wrapped with its SHA-256, written atomically."""
     buffer = io.BytesIO()
@@ -114,20 +128,33 @@ def read_checkpoint(path) -> dict:
     """The checkpoint's contents, after checking its SHA-256, refusing anything
     but plain tensors and containers."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give a checkpoint file in it "
+                              f"(e.g. {path / 'checkpoint-last.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # every torch.save since torch 1.6 is a zip archive
+        raise CheckpointError(f"{path} is not a freeadv_fast checkpoint (not a file torch.save wrote)")
     try:
         outer = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncation, zip errors, refused globals
+    except pickle.UnpicklingError as exc:  # torch's advice (weights_only=False) would run the file's code
+        raise CheckpointError(f"{path} is not a freeadv_fast checkpoint: it holds objects other than tensors "
+                              "and containers, which are not loaded (that could run code from the file)") from exc
+    except Exception as exc:  # truncation, zip errors
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
     if not isinstance(outer, dict) or outer.get("format") != FORMAT or not isinstance(outer.get("payload"), bytes):
         raise CheckpointError(f"{path} is not a freeadv_fast checkpoint")
     if hashlib.sha256(outer["payload"]).hexdigest() != outer.get("sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupted (SHA-256 mismatch)")
     try:
-        return torch.load(io.BytesIO(outer["payload"]), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(outer["payload"]), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+    if not (isinstance(state, dict) and isinstance(state.get("model"), dict)
+            and isinstance(state.get("config", {}), dict) and isinstance(state.get("ranks", []), list)):
+        raise CheckpointError(f"{path} is not a freeadv_fast checkpoint (no model state, or a config or ranks "
+                              "of the wrong kind)")
+    return state
 
 
 def find_resumable(path) -> tuple[Path | None, dict | None, list[str]]:
@@ -153,7 +180,9 @@ def load_checkpoint(path, trainer, *, rank: int | None = None, world_size: int |
         dist_on = torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if dist_on else 0
         world_size = torch.distributed.get_world_size() if dist_on else 1
-    ranks = state["ranks"]
+    ranks = state.get("ranks")
+    if not ranks:
+        raise CheckpointError(f"checkpoint {path} holds no process states (delta, random generators) to resume")
     if len(ranks) != world_size:
         raise CheckpointError(f"checkpoint {path} was written by {len(ranks)} process(es) but this run has "
                               f"{world_size}: each process resumes its own perturbation buffer")

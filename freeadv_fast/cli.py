@@ -129,6 +129,10 @@ def check_writable_dir(path, what: str):
     path = _usable(path, what)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what} {path} is a file, not a directory")
+    for part in (path, *path.absolute().parents):
+        if part.is_symlink() and not part.exists():
+            raise ConfigError(f"{what} {path} cannot be made: {part} is a symbolic link to nothing (dangling, or a "
+                              "loop)")
     base = _nearest_existing(path)
     if not base.is_dir():
         raise ConfigError(f"{what} {path} cannot be made: {base} is a file")

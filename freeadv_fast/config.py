@@ -53,11 +53,12 @@ def pixel_value(text) -> float:
     return value
 
 
-def setting(default=None, help="", *, choices=None, noun=None, min=None, pixel=False, factory=None, strings=False):
+def setting(default=None, help="", *, choices=None, noun=None, min=None, max=None, pixel=False, factory=None,
+            strings=False):
     """A RunConfig field: its default and the metadata its flag and its check
     are made from (``choices``: a callable giving the allowed names; ``noun``:
     what messages call one of them; ``strings``: a list flag of strings, not integers)."""
-    meta = dict(help=help, choices=choices, noun=noun, min=min, pixel=pixel, strings=strings)
+    meta = dict(help=help, choices=choices, noun=noun, min=min, max=max, pixel=pixel, strings=strings)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -117,7 +118,8 @@ class RunConfig:
     max_bad_steps: int = setting(10, "consecutive non-finite losses that stop a run", min=1)
     tensorboard: bool = setting(False, "also write the metrics to TensorBoard, in <out>/tensorboard (pip install "
                                 "'freeadv_fast[tensorboard]')")
-    seed: int = setting(0, "random seed", min=0)
+    # every random stream's seed (common.stream_seed) stays within torch's 64 bits
+    seed: int = setting(0, "random seed", min=0, max=2**32 - 1)
     train_subset: int = setting(0, "train on N images of the training split (a fixed random subset; 0: all)", min=0)
     synthetic_classes: int = setting(1000, "synthetic data: classes", min=1)
     synthetic_batches: int = setting(50, "synthetic data: batches per pass", min=1)
@@ -240,7 +242,7 @@ def flag_name(name: str) -> str:
 
 
 def _check_field(f, value):
-    """One value against its field's declared type, choices and lower bound;
+    """One value against its field's declared type, choices and bounds;
     the message names the setting, the value and what is allowed."""
     kinds = [k.strip() for k in str(f.type).split("|")]
     if value is None and "None" in kinds:
@@ -259,6 +261,9 @@ def _check_field(f, value):
             what = "positive" if low == 1 else "non-negative" if low == 0 else f">= {low}"
             what = f"{what} integers" if isinstance(value, list) else f"a {what} integer"
             raise ConfigError(f"{flag_name(f.name)} must be {what}, got {value!r}")
+    high = f.metadata.get("max")
+    if high is not None and any(v > high for v in (value if isinstance(value, list) else [value])):
+        raise ConfigError(f"{flag_name(f.name)} must be at most {high}, got {value!r}")
 
 
 def check(cfg: RunConfig, names: dict | None = None) -> RunConfig:
@@ -310,9 +315,16 @@ def check(cfg: RunConfig, names: dict | None = None) -> RunConfig:
                           "(pip install 'freeadv_fast[tensorboard]')")
     if cfg.schedule == "multistep" and not cfg.milestones:
         raise ConfigError("the multistep schedule needs milestones (optimizer steps)")
+    if (cfg.image_size is not None or cfg.source_size is not None) and not DATASETS[cfg.dataset].resizable:
+        raise ConfigError(f"image-size and source-size apply to datasets whose loader resizes ({_resizable()}); "
+                          f"{cfg.dataset} is held at one size")
     if cfg.phases:
         _check_phases(cfg)
     return cfg
+
+
+def _resizable() -> str:
+    return ", ".join(n for n, spec in DATASETS.items() if spec.resizable)
 
 
 def _check_phases(cfg: RunConfig):
@@ -324,9 +336,8 @@ def _check_phases(cfg: RunConfig):
     except PhaseError as exc:
         raise ConfigError(f"phases: {exc}") from None
     if not DATASETS[cfg.dataset].resizable:
-        resizable = ", ".join(n for n, spec in DATASETS.items() if spec.resizable)
         raise ConfigError(f"phases: {cfg.dataset} is held at one image size; phases need a dataset whose loader "
-                          f"resizes ({resizable})")
+                          f"resizes ({_resizable()})")
     if cfg.schedule == "step":
         raise ConfigError("phases: the step schedule counts passes of one length; use onecycle, cosine, multistep "
                           "or constant with phases")

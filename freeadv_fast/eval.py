@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, messages
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import CheckpointError, read_checkpoint, write_result
 from .cli import ArgumentParser, add_config_flags, check_writable_file, config_flags, int_at_least, use_log_level
 from .config import ConfigError, RunConfig, check
 from .data import DATASETS
@@ -76,6 +76,10 @@ def settings(args) -> dict:
         step = cfg.epsilon / 4
     if args.json is not None:  # before the evaluation, not after it
         check_writable_file(args.json, "--json")
+        if args.json.exists() and args.json.resolve() == args.checkpoint.resolve():
+            raise ConfigError(f"--json {args.json} is the checkpoint being evaluated; not overwriting it")
+        if args.json.is_file() and args.json.read_bytes()[:64].lstrip()[:1] not in (b"{", b"[", b""):
+            raise ConfigError(f"--json {args.json} exists and is not a JSON file; not overwriting it")
     return {"config": cfg, "epsilon": cfg.epsilon, "step_size": step,
             "steps": given.get("final_eval_steps", steps), "attacks": args.attack or ["pgd"],
             "restarts": cfg.eval_restarts, "limit": cfg.final_eval_samples, "seed": cfg.seed,
@@ -126,8 +130,11 @@ def _evaluate(job, d) -> int:
         result["checkpoint"], result["dataset"], result["arch"] = job["checkpoint"], cfg.dataset, cfg.arch
         print(format_table(result, f"{cfg.arch} on {cfg.dataset}"), flush=True)
         if job["json"]:
-            Path(job["json"]).parent.mkdir(parents=True, exist_ok=True)
-            Path(job["json"]).write_text(json.dumps(result, indent=1) + "\n")
+            try:
+                write_result(job["json"], json.dumps(result, indent=1) + "\n")
+            except OSError as exc:  # the table above holds the figures
+                raise ConfigError(f"--json {job['json']} could not be written ({exc.strerror}); the results are "
+                                  "the table above") from None
     return 0
 
 
@@ -167,6 +174,8 @@ def main(argv=None) -> int:
     try:
         nproc, cpu = plan_processes(args)
         job = settings(args)
+        if job["config"].batch_size % nproc:  # said once here, not by every worker
+            raise ConfigError(f"batch size {job['config'].batch_size} is not divisible by the {nproc} processes")
         if "autoattack" in job["attacks"]:
             try:
                 import torchattacks  # noqa: F401

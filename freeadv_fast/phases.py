@@ -73,7 +73,7 @@ def parse(items, *, epochs: float, batch_size: int) -> list[Phase]:
         if isinstance(until, bool) or not isinstance(until, (int, float)) or not until > 0 or not math.isfinite(until):
             raise PhaseError(f"phase {i + 1}: until must be a positive number of epochs, got {until!r}")
         size = _int(item.get("image_size"), "image_size", i, 8)
-        batch = _int(item.get("batch_size") or batch_size, "batch_size", i, 1)
+        batch = _int(batch_size if item.get("batch_size") is None else item["batch_size"], "batch_size", i, 1)
         source = item.get("source_size")
         if source is not None and _int(source, "source_size", i, 1) < size:
             raise PhaseError(f"phase {i + 1}: source_size {source} is smaller than its image_size {size}")

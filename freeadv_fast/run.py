@@ -59,6 +59,16 @@ def out_of_memory(exc: Exception, cfg: RunConfig, now: RunConfig, phase: int, ph
                        f"GPUs; {_kept(cfg)}")
 
 
+def host_out_of_memory(exc: Exception) -> str | None:
+    """The one-line refusal for a failed host-memory allocation (torch's CPU
+    allocator raises a plain RuntimeError), or None for any other error."""
+    found = re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", str(exc))
+    if not isinstance(exc, RuntimeError) or not found:
+        return None
+    return (f"out of host memory: a tensor of {int(found.group(1)) / 2**30:.1f} GiB was asked for; lower "
+            "--batch-size or the image size")
+
+
 class StopRequest:
     """SIGTERM / SIGINT set a flag; the loop finishes the current batch's
     replays, writes a checkpoint and stops."""
@@ -72,7 +82,7 @@ class StopRequest:
         self.signum = signum
 
 
-def resolve_resume(cfg: RunConfig, resume) -> Path | None:
+def resolve_resume(cfg: RunConfig, resume, world: int = 1) -> Path | None:
     """The checkpoint to resume from: PATH as given, or for ``auto`` the run
     directory's newest readable one (falling back to the previous checkpoint
     when the last is truncated or corrupted), or None to start afresh. Reads
@@ -97,6 +107,10 @@ def resolve_resume(cfg: RunConfig, resume) -> Path | None:
         if key in saved and saved[key] != getattr(cfg, key):
             raise CheckpointError(f"checkpoint {path} is from a {key} {saved[key]!r} run, not {getattr(cfg, key)!r}")
     check_same_run(saved, cfg, path)
+    ranks = state.get("ranks") or []
+    if len(ranks) != world:  # said once here, not by every worker
+        raise CheckpointError(f"checkpoint {path} was written by {len(ranks)} process(es) but this run has {world}: "
+                              "each process resumes its own perturbation buffer")
     return path
 
 
@@ -158,11 +172,15 @@ def train_worker(cfg: RunConfig, resume: str | None, cpu: bool):
             f"{exc.strerror or exc}; {_kept(cfg)}")
         status = 2
     except Exception as exc:
-        if not (d.distributed and distributed.is_peer_failure(exc)):
+        if host_out_of_memory(exc):
+            messages.error(f"freeadv_fast.train: error: rank {d.rank}: {host_out_of_memory(exc)}; {_kept(cfg)}")
+            status = 2
+        elif d.distributed and distributed.is_peer_failure(exc):
+            first = str(exc).strip().splitlines()[0]
+            messages.error(f"freeadv_fast.train: rank {d.rank}: another process failed, stopping ({first})")
+            status = 1
+        else:
             raise
-        first = str(exc).strip().splitlines()[0]
-        messages.error(f"freeadv_fast.train: rank {d.rank}: another process failed, stopping ({first})")
-        status = 1
     finally:
         try:
             distributed.teardown()
@@ -227,12 +245,27 @@ def phase_configs(cfg: RunConfig) -> list[RunConfig]:
             for p in parse_phases(cfg.phases, epochs=cfg.epochs, batch_size=cfg.batch_size)]
 
 
+def check_image_size(arch: str, size: int, data):
+    """Refuses images the architecture's downsampling would shrink to nothing,
+    before training (a forward pass of the model on the meta device: no memory,
+    no arithmetic, a fraction of a second for ResNet-50)."""
+    with torch.device("meta"):
+        probe = create_model(arch, data.num_classes, data.in_channels).eval()
+        try:
+            probe(torch.empty(1, data.in_channels, size, size))
+        except RuntimeError as exc:
+            raise ConfigError(f"{size} px images are too small for {arch} ({str(exc).splitlines()[0]}); "
+                              "use larger images (--image-size) or another --arch") from None
+
+
 def build_trainer(cfg: RunConfig, data, device, dist=None, phase_data=None):
     """(trainer, model, passes, replays) for ``cfg`` on ``data``: the model on
     ``device`` (wrapped in DDP when ``dist`` is distributed), SGD, the LR
     schedule over the whole run and the method's trainer. With phases,
     ``phase_data`` holds each phase's Data: the schedule spans their passes,
     each phase's steps at the LR scaled by its batch size."""
+    for size in sorted({d.image_size for d in phase_data or [data]} - {None}):
+        check_image_size(cfg.arch, size, data)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, data.num_classes, data.in_channels).to(device)
     if cfg.channels_last:

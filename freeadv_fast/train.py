@@ -70,17 +70,31 @@ def plan_processes(args) -> tuple[int, bool]:
     return 1, available == 0
 
 
+# what a run (or the demo) leaves in its directory: any of them there means another run would be overwritten
+RUN_FILES = ("config.yaml", "comparison.json", "final.json", "metrics.jsonl", "checkpoint-last.pt",
+             "checkpoint-last.pt.prev", "checkpoint-best.pt")
+
+
 def check_out_dir(out: Path, resume):
+    """Refuses an --out that holds a run this command would not continue:
+    without --resume, or resuming a checkpoint from elsewhere into it."""
     check_writable_dir(out, "--out")
-    if resume is None and out.exists() and any((out / f).exists() for f in ("config.yaml", "comparison.json")):
+    if resume == "auto" or not (out.is_dir() and any((out / f).exists() for f in RUN_FILES)):
+        return
+    if resume is None:
         raise ConfigError(f"{out} holds another run; continue it with --resume auto or choose another --out")
+    if Path(resume).absolute().parent != out.absolute():
+        raise ConfigError(f"{out} holds another run, which resuming {resume} there would overwrite; choose another "
+                          "--out (or --resume auto to continue that run)")
 
 
 def run_training(cfg, resume, nproc, cpu) -> int:
     world = int(os.environ.get("WORLD_SIZE", 1)) if distributed.under_torchrun() else nproc
     if cfg.batch_size % world:
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {world} worker processes")
-    path = resolve_resume(cfg, resume)
+    if cfg.sync_batchnorm and cpu and world > 1:
+        raise ConfigError("--sync-batchnorm needs GPUs: torch's SyncBatchNorm runs on CUDA only")
+    path = resolve_resume(cfg, resume, world)
     DATASETS[cfg.dataset].check(cfg)  # the data's layout, before any worker starts
     try:
         return distributed.launch(train_worker, nproc, cfg, str(path) if path else None, cpu)

@@ -176,16 +176,16 @@ def test_make_imagenet_like_refuses_bad_sources_and_outputs(tmp_path, capsys):
 
 
 def test_a_json_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
+    import os
+
     import common
     path = tmp_path / "r.json"
     path.write_text(KEEP)
 
-    def broken(self, text):  # the disk fills halfway through the write
-        with open(self, "w") as f:
-            f.write(text[:5])
-        raise OSError("disk full")
-    monkeypatch.setattr(Path, "write_text", broken)
+    def disk_full(fd):  # the new text is written, then the disk cannot hold it
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError):
         common.write_json(path, __import__("torch").device("cpu"), records=[math.pi])
     monkeypatch.undo()
-    assert path.read_text() == KEEP
+    assert path.read_text() == KEEP and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -52,6 +53,10 @@ def test_any_yaml_config_is_accepted_or_refused_by_name(tmp_path, values):
     ("synthetic_classes: 0", "synthetic-classes must be a positive integer"),
     ("synthetic_batches: 0", "synthetic-batches must be a positive integer"),
     ('out: ""', "out must not be empty"),
+    ("seed: 18446744073709551616", "seed must be at most 4294967295"),  # stream seeds must fit torch's 64 bits
+    ("dataset: digits\nimage_size: 64", "image-size and source-size apply to datasets whose loader resizes"),
+    ("dataset: cifar10\nsource_size: 40", "cifar10 is held at one size"),
+    ("dataset: imagenet\nepochs: 1\nphases: ['1:16:0']", "batch_size must be an integer >= 1, got 0"),
 ])
 def test_the_reported_config_mistakes_are_named(tmp_path, text, expected):
     path = tmp_path / "c.yaml"
@@ -112,6 +117,12 @@ def assert_one_line_refusal(result, expected):
 @pytest.mark.parametrize("args,expected", [
     (["--out", "{file}"], "is a file, not a directory"),
     (["--out", "{file}/run"], "cannot be made"),
+    (["--out", "{dangling}"], "is a symbolic link to nothing"),
+    (["--out", "{loop}/run"], "loop is a symbolic link to nothing"),
+    (["--out", "{checkpoints}"], "holds another run"),  # a checkpoint and nothing else is a run too
+    (["--nproc", "2", "--sync-batchnorm"], "--sync-batchnorm needs GPUs"),
+    (["--resume", "{tmp}"], "is a directory; give a checkpoint file in it"),
+    (["--resume", "{file}"], "not a file torch.save wrote"),
     (["--out", ""], "out must not be empty"),
     (["--epsilon", "1e400"], "too large for a float"),
     (["--epsilon", "1e-400"], "rounds to 0"),
@@ -119,8 +130,42 @@ def assert_one_line_refusal(result, expected):
 def test_train_refuses_in_one_line(tmp_path, args, expected):
     file = tmp_path / "a-file"
     file.write_text("x")
-    args = [a.format(file=file) for a in args]
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint-last.pt").write_bytes(b"saved weights")
+    args = [a.format(file=file, tmp=tmp_path, dangling=tmp_path / "dangling", loop=tmp_path / "loop",
+                     checkpoints=tmp_path / "checkpoints") for a in args]
     assert_one_line_refusal(run_cli("--cpu", "digits", "--eval-every", "0", *args), expected)
+    assert (tmp_path / "checkpoints" / "checkpoint-last.pt").read_bytes() == b"saved weights"
+
+
+def test_images_too_small_for_the_architecture_are_refused_before_training():
+    assert_one_line_refusal(run_cli("--cpu", "synthetic", "--arch", "small_cnn_bn", "--image-size", "4",
+                                    "--synthetic-batches", "1", "--eval-every", "0"),
+                            "4 px images are too small for small_cnn_bn")
+
+
+def test_a_failed_host_allocation_is_named_as_out_of_memory():
+    from freeadv_fast.run import host_out_of_memory
+    exc = RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 60000000000 bytes. Error code 12 (Cannot allocate memory)")
+    assert host_out_of_memory(exc) == ("out of host memory: a tensor of 55.9 GiB was asked for; lower --batch-size "
+                                       "or the image size")
+    assert host_out_of_memory(RuntimeError("CUDA error")) is None
+
+
+def test_checkpoints_that_are_not_ours_are_named(tmp_path):
+    from freeadv_fast.checkpoint import CheckpointError, atomic_save, read_checkpoint
+    for name, payload in [("list", [1, 2]), ("no-model", {"config": {}, "ranks": []}),
+                          ("config-text", {"model": {}, "config": "lr: 0.1"})]:
+        atomic_save(payload, tmp_path / f"{name}.pt")  # the real wrapper and checksum around a foreign payload
+        with pytest.raises(CheckpointError, match="is not a freeadv_fast checkpoint"):
+            read_checkpoint(tmp_path / f"{name}.pt")
+    torch.save({"x": torch.nn.Linear(1, 1)}, tmp_path / "module.pt")  # a pickled object, not plain tensors
+    with pytest.raises(CheckpointError, match="holds objects other than tensors") as info:
+        read_checkpoint(tmp_path / "module.pt")
+    assert "weights_only=False" not in str(info.value)  # torch's advice would run the file's code
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +183,34 @@ def checkpoint(tmp_path_factory):
     (["--epsilon", "1e400"], "too large for a float"),
     (["--json", "{dir}"], "is a directory, not a file"),
     (["--json", "{file}/x.json"], "is a file, not a directory"),
+    (["--json", "{checkpoint}"], "is the checkpoint being evaluated; not overwriting it"),
+    (["--json", "{file}"], "exists and is not a JSON file; not overwriting it"),
+    (["--nproc", "3"], "batch size 64 is not divisible by the 3 processes"),  # said once, not by each worker
+    (["--seed", "99999999999999999999"], "seed must be at most"),
 ])
 def test_eval_refuses_before_it_evaluates(checkpoint, tmp_path, args, expected):
     file = tmp_path / "a-file"
     file.write_text("x")
-    args = [a.format(dir=tmp_path, file=file) for a in args]
+    before = checkpoint.read_bytes()
+    args = [a.format(dir=tmp_path, file=file, checkpoint=checkpoint) for a in args]
     assert_one_line_refusal(run_cli(checkpoint, "--cpu", *args, module="freeadv_fast.eval"), expected)
+    assert checkpoint.read_bytes() == before and file.read_text() == "x"
+
+
+def test_resuming_into_another_runs_directory_is_refused(checkpoint, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("lr: 0.01\n")
+    r = run_cli("--cpu", "--preset", "digits-demo", "--method", "natural", "--epochs", "1", "--eval-every", "0",
+                "--resume", checkpoint, "--out", other)
+    assert_one_line_refusal(r, "holds another run, which resuming")
+    assert (other / "config.yaml").read_text() == "lr: 0.01\n"
+
+
+def test_resuming_with_another_process_count_is_said_once(checkpoint):
+    r = run_cli("--cpu", "--nproc", "2", "--preset", "digits-demo", "--method", "natural", "--epochs", "1",
+                "--eval-every", "0", "--out", checkpoint.parent, "--resume", "auto")
+    assert_one_line_refusal(r, "was written by 1 process(es) but this run has 2")
 
 
 def test_eval_writes_json_into_a_folder_it_makes(checkpoint, tmp_path):
