@@ -229,6 +229,91 @@ def test_data_check_lists_every_unreadable_file(broken_folder):
     assert missing.returncode == 2 and "no such directory" in missing.stderr and "Traceback" not in missing.stderr
 
 
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_dali_skips_an_undecodable_file_in_the_first_batch_of_a_pass(tmp_path, capsys):
+    """DALI decodes the first batches as its iterator is made: a bad file
+    there is replaced as one met later in the pass is."""
+    root = write_folder(tmp_path / "train", classes=("a", "b"), per_class=4)
+    garbage = root / "a" / "0garbage.JPEG"  # sorted first: the first file of the evaluation pass
+    garbage.write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(2000) + b"\xff\xd9")  # passes the scan
+    data = ImageFolderLoader(root, train=False, batch_size=3, image_size=16, val_resize=16, loader="dali", workers=1)
+    assert data.samples[0][0] == str(garbage)
+    assert sum(len(y) for _, y in data) == 9  # replaced by another image of its window
+    assert list(data.bad_files) == [str(garbage)] and "0garbage.JPEG" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_16_bit_greyscale_png_is_scaled_to_8_bits_by_every_loader(tmp_path, loader):
+    """PIL's convert("RGB") clips mode I;16 at 255, and torchvision decodes it
+    to uint16, which the nvjpeg loader could not stack with 8-bit images."""
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(np.full((16, 16), 17038, np.uint16)).save(tmp_path / c / "grey16.png")
+        Image.fromarray(np.full((16, 16, 3), 66, np.uint8)).save(tmp_path / c / "rgb8.png")
+    assert Image.open(tmp_path / "a" / "grey16.png").mode == "I;16"
+    data = ImageFolderLoader(tmp_path, train=False, batch_size=4, image_size=16, val_resize=16, loader=loader,
+                             workers=0)
+    (x, _), = list(data)
+    assert x.shape == (4, 3, 16, 16) and x.unique().tolist() == [round(17038 * 255 / 65535)]  # 66
+
+
+def jpeg_with_exif(tmp_path, exif_bytes: int, claimed=None):
+    """A real 8x8 JPEG with an APP1 (Exif) segment of ``exif_bytes`` right after
+    SOI, as camera JPEGs have; ``claimed``: (width, height) patched into its
+    frame header."""
+    import io
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    app1 = b"\xff\xe1" + (exif_bytes + 2).to_bytes(2, "big") + b"Exif\0\0" + bytes(exif_bytes - 6)
+    data = bytearray(data[:2] + app1 + data[2:])
+    if claimed:
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5:sof + 9] = claimed[1].to_bytes(2, "big") + claimed[0].to_bytes(2, "big")
+    path = tmp_path / f"exif{exif_bytes}-{claimed}.JPEG"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_large_exif_block_hides_no_oversized_frame_header(tmp_path):
+    """The frame header comes after 6 KB of Exif: found by walking the
+    segments, not by looking in a fixed prefix."""
+    from freeadv_fast.data.folder import full_check, quick_check, read_checked
+    bomb = jpeg_with_exif(tmp_path, 6000, claimed=(30000, 30000))
+    assert bomb.read_bytes().index(b"\xff\xc0") > 6000
+    assert "claims 30000x30000 pixels" in quick_check(str(bomb))
+    assert "claims 30000x30000 pixels" in read_checked(bomb)[1]
+    sound = jpeg_with_exif(tmp_path, 6000)
+    assert quick_check(str(sound)) is None and full_check(str(sound)) is None and read_checked(sound)[1] is None
+
+
+@pytest.mark.parametrize("fmt,ext", [("BMP", "bmp"), ("TIFF", "tiff"), ("PPM", "ppm"), ("PPM", "pgm")])
+def test_formats_torchvision_cannot_decode_are_refused_by_the_checker_and_the_scan(tmp_path, fmt, ext):
+    """The nvjpeg loader and CIFAR folders decode with torchvision, which reads
+    JPEG, PNG and WebP only: every loader and the checker refuse the others
+    alike, by name."""
+    write_folder(tmp_path / "train", classes=("a", "b"), per_class=2)
+    odd = tmp_path / "train" / "a" / f"x.{ext}"
+    Image.new("L" if ext == "pgm" else "RGB", (8, 8)).save(odd, format=fmt)
+    _, samples, bad = scan_image_folder(tmp_path / "train")
+    assert [p for p, _ in bad] == [str(odd)] and "unsupported format" in bad[0][1] and len(samples) == 4
+    result = subprocess.run([sys.executable, "-m", "freeadv_fast.data", "check", str(tmp_path), "--workers", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and f"BAD {odd}: unsupported format" in result.stdout, result.stdout
+
+
+def test_data_check_refuses_a_worker_count_below_1_and_a_file_for_a_folder(tmp_path, capsys):
+    from freeadv_fast.data.__main__ import main
+    for workers in ("0", "-3"):
+        with pytest.raises(SystemExit) as stop:
+            main(["check", str(tmp_path), "--workers", workers])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"--workers: must be >= 1, got {workers}" in err and err.count("\n") == 1
+    (tmp_path / "x.JPEG").write_bytes(b"x")
+    assert main(["check", str(tmp_path / "x.JPEG")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'x.JPEG'}: a file, not a directory\n"
+
+
 def write_cifar(root, name="cifar10", n_train=50, n_test=20, protocol=2):
     folder, train_files, test_files, label_key, meta, names_key = cifar.LAYOUTS[name]
     d = root / folder

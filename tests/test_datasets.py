@@ -72,6 +72,19 @@ def test_cifar_image_folder_mistakes_are_named(tmp_path):
         cifar.load_cifar(tmp_path, "cifar10", train=False)
 
 
+def test_cifar_image_folders_scale_16_bit_greyscale_and_name_formats_torchvision_cannot_read(tmp_path):
+    """Scaled as the image-folder loaders scale it (test_data.py); a BMP is
+    refused by name as the data checker refuses it, not by the decoder."""
+    write_cifar_folders(tmp_path)
+    grey16 = tmp_path / "train" / "dog" / "0000.png"
+    Image.fromarray(np.full((32, 32), 17038, np.uint16)).save(grey16)
+    x, _, _ = cifar.load_cifar(tmp_path, "cifar10", train=True)
+    assert x[5 * 3].unique().tolist() == [66]  # dog is class 5: round(17038 * 255 / 65535)
+    Image.new("RGB", (32, 32)).save(tmp_path / "train" / "dog" / "x.bmp")
+    with pytest.raises(DataError, match=r"x.bmp: unsupported format \(BMP; convert it to PNG or JPEG\)"):
+        cifar.load_cifar(tmp_path, "cifar10", train=True)
+
+
 def write_tiny(root, official: bool, wnids=("n03", "n01", "n02"), per_class=4, val_per_class=2, extra_val_class=None):
     """Tiny-ImageNet-like 64x64 JPEGs, in the ImageFolder or the official layout."""
     rng = np.random.default_rng(1)

@@ -8,7 +8,6 @@ reason. Exit status: 0 all good, 1 bad files found, 2 the layout is unusable.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -52,11 +51,12 @@ def check(root: Path, workers: int) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m freeadv_fast.data", description=__doc__.split("\n\n")[0])
+    from ..cli import ArgumentParser, int_at_least
+    parser = ArgumentParser(prog="python -m freeadv_fast.data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="list every unreadable file of a dataset")
     c.add_argument("root", type=Path)
-    c.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    c.add_argument("--workers", type=int_at_least(1), default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     try:
         return check(args.root, args.workers)

@@ -19,7 +19,7 @@ import torch
 from ..messages import say_once
 from .datasets import in_memory, subset_indices
 from .errors import DataError
-from .folder import decode_image_folder
+from .folder import decode_image_folder, not_a_directory
 from .registry import DatasetSpec, register_dataset
 from .tensors import RandomCropFlip
 
@@ -67,7 +67,7 @@ def find_root(data_dir, name: str) -> tuple[str, Path]:
     data_dir = Path(data_dir)
     try:
         if not data_dir.is_dir():
-            raise DataError(f"{data_dir}: no such directory")
+            raise not_a_directory(data_dir)
     except (OSError, ValueError) as exc:  # a NUL byte, a name over the limit
         raise DataError(f"{str(data_dir)[:80]!r} cannot be used as a path ({getattr(exc, 'strerror', None) or exc})"
                         ) from None

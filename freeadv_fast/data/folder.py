@@ -24,6 +24,7 @@ batches, ranks are disjoint, and a resumed run sees the same batches.
 """
 from __future__ import annotations
 
+import io
 import os
 import signal
 import zlib
@@ -37,7 +38,11 @@ from ..messages import say_once
 from .errors import DataError
 from .tensors import RandomCropFlip
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# The files looked at. Only JPEG, PNG and WebP are read (torchvision's decode_image, which the nvjpeg loader
+# and CIFAR folders use, reads no others); the rest are named as unsupported by ``_signature_check``, so that
+# the checker and every loader refuse the same files.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".ppm", ".pgm", ".bmp", ".tif", ".tiff")
+UNSUPPORTED_SIGNATURES = {b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"P5": "PGM", b"P6": "PPM"}
 LOADERS = ("auto", "dali", "nvjpeg", "torch")
 AUGMENTATIONS = ("random-resized-crop", "pad-crop")
 
@@ -45,7 +50,8 @@ AUGMENTATIONS = ("random-resized-crop", "pad-crop")
 # No decoder is asked for more pixels than this (PIL's own refusal threshold):
 # a header claiming 65,000 x 65,000 would otherwise take 12 GB, or kill DALI.
 MAX_IMAGE_PIXELS = 178_956_970
-_HEAD = 4096  # bytes read from the start: the signature, and the size in PNG/JPEG headers
+_HEAD = 16  # bytes read from the start for the signature
+_MAX_JPEG_STEPS = 1024  # a bound on the reads whatever the file; camera JPEGs have about ten segments
 
 
 def quick_check(path: str) -> str | None:
@@ -56,27 +62,44 @@ def quick_check(path: str) -> str | None:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(_HEAD)
+            dims = header_size(f)
             f.seek(max(0, size - 1024))
             tail = f.read()
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
-    return _signature_check(head, tail, size)
+    return _signature_check(head, tail, size, dims)
 
 
-def header_size(head: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's IHDR or a JPEG's frame header within
-    ``head``; None when not found there."""
+def header_size(f) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR or a JPEG's frame header, read from
+    the binary file ``f``; None when not found. A JPEG's segments are stepped
+    over by their lengths: an Exif block of any size may come before the
+    frame header, and a fixed-size prefix would let such a file past the
+    pixel limit."""
+    f.seek(0)
+    head = f.read(24)
     if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
         return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    if head[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 <= len(head):
-            if head[i] != 0xFF:
-                return None
-            marker = head[i + 1]
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
-                return int.from_bytes(head[i + 7:i + 9], "big"), int.from_bytes(head[i + 5:i + 7], "big")
-            i += 2 + int.from_bytes(head[i + 2:i + 4], "big")
+    if head[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    for _ in range(_MAX_JPEG_STEPS):
+        f.seek(pos)
+        segment = f.read(9)
+        if len(segment) < 4 or segment[0] != 0xFF:
+            return None
+        marker = segment[1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+            return (int.from_bytes(segment[7:9], "big"), int.from_bytes(segment[5:7], "big")) \
+                if len(segment) == 9 else None
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header comes
+            return None
+        if marker == 0xFF:  # a fill byte before the marker
+            pos += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(segment[2:4], "big")
     return None
 
 
@@ -117,10 +140,9 @@ def png_problem(data: bytes) -> str | None:
     return None
 
 
-def _signature_check(head: bytes, tail: bytes, size: int) -> str | None:
+def _signature_check(head: bytes, tail: bytes, size: int, dims: tuple[int, int] | None) -> str | None:
     if size == 0:
         return "empty file"
-    dims = header_size(head)
     if dims and dims[0] * dims[1] > MAX_IMAGE_PIXELS:
         return (f"its header claims {dims[0]}x{dims[1]} pixels, more than the {MAX_IMAGE_PIXELS:,} any loader here "
                 "decodes")
@@ -128,9 +150,11 @@ def _signature_check(head: bytes, tail: bytes, size: int) -> str | None:
         return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
     if head[:8] == b"\x89PNG\r\n\x1a\n":
         return None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
-    if head[:2] == b"BM" or head[:4] in (b"II*\x00", b"MM\x00*") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP") \
-            or head[:2] in (b"P5", b"P6"):
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return None
+    kind = UNSUPPORTED_SIGNATURES.get(head[:2]) or UNSUPPORTED_SIGNATURES.get(head[:4])
+    if kind:
+        return f"unsupported format ({kind}; convert it to PNG or JPEG)"
     return "not an image (unknown file signature)"
 
 
@@ -142,10 +166,29 @@ def read_checked(path) -> tuple[bytes | None, str | None]:
         data = Path(path).read_bytes()
     except OSError as exc:
         return None, f"unreadable ({exc.strerror or exc})"
-    why = _signature_check(data[:_HEAD], data[-1024:], len(data))
+    why = _signature_check(data[:_HEAD], data[-1024:], len(data), header_size(io.BytesIO(data)))
     if why is None and data[:8] == b"\x89PNG\r\n\x1a\n":
         why = png_problem(data)
     return (None, why) if why else (data, None)
+
+
+def to_8_bits(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as they are; 16-bit ones (a 16-bit PNG) scaled to 8 bits,
+    as DALI's decoder scales them: never cut to their low byte, nor clipped
+    at 255 as PIL's convert does."""
+    if pixels.dtype == torch.uint8:
+        return pixels
+    return (pixels.to(torch.float32) * (255 / 65535)).round().to(torch.uint8)
+
+
+def pil_8_bits(im):
+    """A PIL image whose ``convert("RGB")`` gives its pixels: 16-bit
+    greyscale (mode I;16) scaled to 8 bits first, which convert would clip."""
+    if not im.mode.startswith("I"):
+        return im
+    import numpy as np
+    from PIL import Image
+    return Image.fromarray(to_8_bits(torch.from_numpy(np.asarray(im, dtype=np.int32))).numpy())
 
 
 def full_check(path: str) -> str | None:
@@ -162,6 +205,11 @@ def full_check(path: str) -> str | None:
     return None
 
 
+def not_a_directory(path) -> DataError:
+    """The error for a data folder that is not one: a file given for it is said to be one."""
+    return DataError(f"{path}: {'a file, not a directory' if Path(path).exists() else 'no such directory'}")
+
+
 def scan_image_folder(split_dir, *, check: bool = True, threads: int = 16):
     """(class names, [(path, label)], [(path, why)]) for ``split_dir/<class>/<image>``.
 
@@ -171,7 +219,7 @@ def scan_image_folder(split_dir, *, check: bool = True, threads: int = 16):
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
-        raise DataError(f"{split_dir}: no such directory")
+        raise not_a_directory(split_dir)
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         loose = [e.name for e in os.scandir(split_dir) if e.name.lower().endswith(IMAGE_EXTENSIONS)]
@@ -224,10 +272,9 @@ def decode_image_folder(split_dir, *, size: int, channels: int = 3, classes=None
             return f"{path}: cannot decode ({str(exc).strip().splitlines()[0]})"
         if image.shape[1:] != (size, size):
             return f"{path}: {image.shape[2]}x{image.shape[1]} pixels, expected {size}x{size}"
-        if image.dtype != torch.uint8:  # 16-bit PNG: scaled to 8 bits, never cut to its low byte
+        if image.dtype != torch.uint8:
             say_once(f"{split_dir}: {image.dtype} images (16-bit PNG) scaled to 8 bits, e.g. {path}")
-            image = (image.to(torch.float32) * (255 / 65535)).round().to(torch.uint8)
-        x[i] = image
+        x[i] = to_8_bits(image)
         return None
 
     # one thread: torchvision's decoder holds the GIL, so threads only slow these tiny images down
@@ -251,12 +298,10 @@ def _bytes_decoder(channels: int):
         return lambda data: decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
 
     def with_pil(data):
-        import io
-
         import numpy as np
         from PIL import Image
         with Image.open(io.BytesIO(data)) as im:
-            a = np.asarray(im.convert("RGB" if channels == 3 else "L"))
+            a = np.asarray(pil_8_bits(im).convert("RGB" if channels == 3 else "L"))
         return torch.from_numpy(a.copy()).reshape(a.shape[0], a.shape[1], -1).permute(2, 0, 1)
     return with_pil
 
@@ -264,7 +309,7 @@ def _bytes_decoder(channels: int):
 def find_split(root, split: str) -> Path:
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: no such directory")
+        raise not_a_directory(root)
     if not (root / split).is_dir():
         raise DataError(f"{root}: no {split}/ folder (expected {root}/{split}/<class>/<image>)")
     return root / split
@@ -408,9 +453,10 @@ class ImageFolderLoader:
                                  device_id=self.device.index if on_gpu else None,
                                  num_threads=max(1, self.workers),  # 0 workers: DALI still needs a thread
                                  seed=stream_seed(self.seed, self.epoch, self.rank, batch=start + pos))
-            it = DALIGenericIterator([pipe], ["x", "y"], reader_name="Reader",
-                                     last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
             try:
+                # inside the try: the iterator decodes the first batches as it is made
+                it = DALIGenericIterator([pipe], ["x", "y"], reader_name="Reader",
+                                         last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
                 for batch in it:
                     x, y = batch[0]["x"], batch[0]["y"]
                     pos += len(y)
@@ -549,7 +595,7 @@ class _FolderDataset(torch.utils.data.Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
-                return self.transform(im.convert("RGB")), label
+                return self.transform(pil_8_bits(im).convert("RGB")), label
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's errors for broken files
             return None
 

@@ -32,7 +32,7 @@ import torch
 
 from ..common import stream_seed
 from ..messages import say_once
-from .folder import STOP_SIGNALS, ignore_stop_signals, read_checked
+from .folder import STOP_SIGNALS, ignore_stop_signals, read_checked, to_8_bits
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -110,8 +110,9 @@ class NvjpegDecoder:
         jpeg = [i for i, e in enumerate(encoded) if bytes(e[:3].tolist()) == JPEG_MAGIC]
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs (for torchcodec) on every call
             warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                decoded = self._decode_jpeg([encoded[i] for i in jpeg], mode=self._rgb, device=self.device)
+            try:  # torchvision refuses an empty list: a batch of PNGs only
+                decoded = self._decode_jpeg([encoded[i] for i in jpeg], mode=self._rgb, device=self.device) \
+                    if jpeg else []
             except RuntimeError:  # one bad image fails the batch: find it
                 decoded = []
                 for i in jpeg:
@@ -124,7 +125,8 @@ class NvjpegDecoder:
                 images[i] = image
             for i in set(range(len(encoded))) - set(jpeg):  # not JPEG: the CPU decoder, as PIL would
                 try:
-                    images[i] = self._decode_image(encoded[i], mode=self._rgb).to(self.device, non_blocking=True)
+                    images[i] = to_8_bits(self._decode_image(encoded[i], mode=self._rgb)).to(self.device,
+                                                                                            non_blocking=True)
                 except RuntimeError as exc:
                     bad[paths[i]] = f"cannot decode ({str(exc).strip().splitlines()[0]})"
         return images, bad

@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import DataError
 from ..messages import say_once
 from .datasets import image_folders
-from .folder import quick_check, scan_image_folder
+from .folder import not_a_directory, quick_check, scan_image_folder
 from .registry import DatasetSpec, register_dataset
 
 MEAN, STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
@@ -29,7 +29,7 @@ ANNOTATIONS = "val_annotations.txt"
 def find_root(data_dir) -> Path:
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"{root}: no such directory")
+        raise not_a_directory(root)
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise DataError(f"{root}: no {split}/ folder (expected Tiny-ImageNet's train/<wnid>/ and val/, "
