@@ -15,13 +15,13 @@ shard, so each rank resumes with its own).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
 import pickle
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ import torch
 from . import distributed
 
 FORMAT = "freeadv_fast.checkpoint/2"
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 class CheckpointError(ValueError):
@@ -63,8 +64,13 @@ def previous_of(path) -> Path:
 
 def atomic_write(data: bytes, path, *, keep_previous: bool = True) -> Path:
     """Writes ``data`` to ``path`` so that readers see a complete old or new
-    file; the replaced file survives as ``<path>.prev``."""
+    file; the replaced file survives as ``<path>.prev``. A symbolic link's
+    target is what is replaced; a directory never is."""
     path = Path(path)
+    if path.is_dir() or not path.name or str(path).endswith(os.sep):
+        raise ValueError(f"{str(path)!r} is a directory, not a file name: name a file (e.g. {path / 'checkpoint.pt'})")
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -111,12 +117,26 @@ def atomic_save(obj, path, *, keep_previous: bool = True) -> Path:
 def save_checkpoint(path, trainer, *, config=None) -> Path | None:
     """Collective: every rank calls it; rank 0 writes one file holding every
     rank's delta and RNG states. Returns the path on rank 0, else None."""
+    if config is not None and not _plain(config, top=True):
+        raise ValueError("config must be a dict of plain values (str, numbers, bools, None, lists, dicts): a "
+                         f"checkpoint holding anything else could not be read back safely; got {config!r:.80}")
     rank_state = {**trainer.rank_state(), "rng": rng_states(trainer.device)}
     ranks = distributed.all_gather_object(rank_state)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
     state = {**trainer.state_dict(), "ranks": ranks, "config": config or {}}
     return atomic_save(state, path)
+
+
+def _plain(value, top=False) -> bool:
+    """Whether ``value`` is made of what a weights_only load reads back (a dict at the top)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if top:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def _first_line(exc: Exception) -> str:
@@ -133,11 +153,15 @@ def read_checkpoint(path) -> dict:
                               f"(e.g. {path / 'checkpoint-last.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if not zipfile.is_zipfile(path):  # every torch.save since torch 1.6 is a zip archive
-        raise CheckpointError(f"{path} is not a freeadv_fast checkpoint (not a file torch.save wrote)")
+    with open(path, "rb") as f:
+        if f.read(4) != ZIP_MAGIC:  # every torch.save since torch 1.6 writes a zip archive
+            raise CheckpointError(f"{path} is not a freeadv_fast checkpoint (not a file torch.save wrote)")
     try:
         outer = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # torch's advice (weights_only=False) would run the file's code
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+        # said in our words: torch's advice (weights_only=False) would run the file's code
         raise CheckpointError(f"{path} is not a freeadv_fast checkpoint: it holds objects other than tensors "
                               "and containers, which are not loaded (that could run code from the file)") from exc
     except Exception as exc:  # truncation, zip errors
@@ -180,16 +204,22 @@ def load_checkpoint(path, trainer, *, rank: int | None = None, world_size: int |
         dist_on = torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if dist_on else 0
         world_size = torch.distributed.get_world_size() if dist_on else 1
+    if not 0 <= rank < (world_size or 0):
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     ranks = state.get("ranks")
     if not ranks:
         raise CheckpointError(f"checkpoint {path} holds no process states (delta, random generators) to resume")
     if len(ranks) != world_size:
         raise CheckpointError(f"checkpoint {path} was written by {len(ranks)} process(es) but this run has "
                               f"{world_size}: each process resumes its own perturbation buffer")
+    backup = copy.deepcopy(trainer.state_dict())  # a load that fails half-way is undone: all or nothing
     try:
         trainer.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {_first_line(exc)}") from exc
+        trainer.load_state_dict(backup)
+        why = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) else _first_line(exc)
+        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer ({type(trainer.optimizer).__name__}"
+                              f"): {why}") from exc
     trainer.load_rank_state(ranks[rank])
     set_rng_states(ranks[rank]["rng"], trainer.device)
     return state.get("config", {})

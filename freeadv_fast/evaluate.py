@@ -23,7 +23,15 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
     are fractions. ``limit`` caps the samples per rank (0: all). The model is put in eval mode and back.
     ``should_stop()`` is asked between batches; when true, EvaluationStopped is raised (a stop request is
     answered within one batch's attacks, not at the end of a long evaluation)."""
+    if not isinstance(steps, (tuple, list)) or not isinstance(losses, (tuple, list)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
+        raise ValueError(f"steps must be integers >= 0 and losses a sequence of names, got {steps!r} and "
+                         f"{losses!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be an integer >= 0 (0: all), got {limit!r}")
     net = distributed.unwrap(model)
+    if next(net.parameters(), None) is None:
+        raise ValueError("model has no parameters: nothing to evaluate")
     was_training = net.training
     net.eval()
     names = [(attack_name(loss, s, restarts), loss, s) for loss in losses for s in steps]
@@ -48,6 +56,8 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
         net.train(was_training)
     totals = distributed.all_reduce_sum(counts).tolist()
     n = int(totals[0])
+    if n == 0:
+        raise ValueError("the held-out batches held no image: nothing was evaluated")
     result = {"samples": n, "epsilon": epsilon, "step_size": step_size, "restarts": restarts}
     for key, hits in zip(["clean_top1", "clean_top5"] + [name for name, _, _ in names], totals[1:]):
         result[key] = hits / n if n else float("nan")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed, ops
+from .data.errors import DataError
 from .common import COMPILE_MODES, autocast, check_pixel_range, check_precision
 from .graphs import Static, StepGraph
 from .messages import say_once
@@ -76,11 +77,17 @@ class RunningMetrics:
         return out
 
 
-def check_pixel_value(name, value):
-    """Fails now, not at the first batch, on a negative or NaN epsilon/step size."""
+def check_pixel_value(name, value, **rule):
+    """Fails now, not at the first batch, on a negative or NaN epsilon/step
+    size (``rule``: channel_param's, for a mean or std)."""
     if not isinstance(value, torch.Tensor):
         values = value if isinstance(value, (tuple, list)) else (value,)
-        ops.channel_param(value, name, len(values), "cpu")
+        ops.channel_param(value, name, len(values), "cpu", **rule)
+
+
+def _whole_number(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 class Trainer:
@@ -103,8 +110,14 @@ class Trainer:
                  max_bad_steps=10, stem_input_grad="autograd"):
         self.amp_dtype = check_precision(precision)
         self.lo, self.hi = check_pixel_range(pixel_range)
+        self._check_parts(model, optimizer, scheduler)
+        check_pixel_value("mean", mean, signed=True)
+        check_pixel_value("std", std, positive=True)
+        _whole_number("max_bad_steps", max_bad_steps, 1)
+        _whole_number("seed", seed, 0)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.device = next(model.parameters()).device
+        self._range_checked = False  # the first floating-point batch is checked to lie in the pixel range
         self.backend = ops.resolve_backend(backend, self.device)
         self.precision = precision
         # the model sees its input in the autocast dtype anyway; writing it so halves the traffic
@@ -136,6 +149,23 @@ class Trainer:
         self._graph_key = None
         self._graph_lrs: list | None = None  # the LR tensors the graphs read
         self._static: Static | None = None
+
+    @staticmethod
+    def _check_parts(model, optimizer, scheduler):
+        """The model, an optimizer that steps some of its parameters, and a
+        scheduler, each checked now rather than found wrong at the first step."""
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        params = list(model.parameters())
+        if not params:
+            raise ValueError("model has no parameters to train")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in stepped for p in params):
+            raise ValueError("optimizer holds none of the model's parameters (was it built for another model?)")
+        if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+            raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
 
     def _graphs_apply(self) -> bool:
         """Whether steps can be captured here; says once why not."""
@@ -189,14 +219,38 @@ class Trainer:
     # -- pieces of a step ---------------------------------------------------
     def _param(self, name, value, channels, positive=False):
         """A per-channel float32 tensor on the device (ops.channel_param makes each once)."""
-        return ops.channel_param(value, name, channels, self.device, positive=positive)
+        return ops.channel_param(value, name, channels, self.device, positive=positive, signed=name == "mean")
 
     def _prepare(self, x, y):
+        self._check_batch(x, y)
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if x.dim() == 4 and not x.is_contiguous(memory_format=self.memory_format):
             x = x.contiguous(memory_format=self.memory_format)  # once per batch, reused by every replay
         return x, y
+
+    def _check_batch(self, x, y):
+        """A batch the step would misread is refused before any state changes
+        (host-side checks of shapes and dtypes; the first floating-point batch
+        costs one sync to check its pixel range: 0..255 floats train silently
+        on constant inputs otherwise)."""
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"a batch is (x, y) tensors, got ({type(x).__name__}, {type(y).__name__})")
+        if x.dim() < 2 or len(x) == 0:
+            raise ValueError(f"x must be a non-empty batch of images (N, C, ...), got shape {tuple(x.shape)}")
+        if y.dim() != 1 or len(y) != len(x) or y.dtype not in (torch.int64, torch.uint8):
+            raise ValueError(f"y must be one class index per image (int64, shape ({len(x)},)), got {y.dtype} of "
+                             f"shape {tuple(y.shape)}")
+        channels = len(self.mean) if isinstance(self.mean, (tuple, list)) else 1
+        if channels > 1 and x.shape[1] != channels:
+            raise ValueError(f"x has {x.shape[1]} channels (dim 1 of {tuple(x.shape)}) but mean has {channels} "
+                             "values; images are N, C, H, W (for N, H, W, C storage use x.permute(0, 3, 1, 2))")
+        if x.is_floating_point() and not self._range_checked:
+            lo, hi = x.aminmax()
+            if lo < self.lo or hi > self.hi:
+                raise ValueError(f"x holds values in [{lo:g}, {hi:g}], outside the pixel range [{self.lo:g}, "
+                                 f"{self.hi:g}] (uint8 images, or floats scaled to the range)")
+            self._range_checked = True
 
     def _norm(self, x):
         C = x.shape[1]
@@ -381,6 +435,9 @@ class Trainer:
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, self, config=config)
 
+        _whole_number("passes", passes, 0)
+        _whole_number("log_every", log_every, 0)
+        _whole_number("checkpoint_every", checkpoint_every, 0)
         batches_done = 0
         while self.epoch < passes:
             if hasattr(loader, "set_epoch"):
@@ -390,7 +447,9 @@ class Trainer:
                 batches = loader.skip(start)
             else:
                 batches = (b for i, b in enumerate(loader) if i >= start)
+            trained = False
             for x, y in batches:
+                trained = True
                 self.train_batch(x, y)
                 self.batch_in_epoch += 1
                 batches_done += 1
@@ -406,6 +465,9 @@ class Trainer:
                 if checkpoint_every and batches_done % checkpoint_every == 0:
                     with self.metrics.paused():
                         checkpoint()
+            if not trained and not start:
+                raise DataError(f"the loader gave no batch in pass {self.epoch + 1}: nothing to train on (an empty "
+                                "loader, or every image in it could not be decoded)")
             self.epoch += 1
             self.batch_in_epoch = 0
             with self.metrics.paused():

@@ -88,3 +88,24 @@ def test_confidence_interval():
     lo, hi = attacks.wilson_interval(50, 100)
     assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)
     assert attacks.wilson_interval(0, 10)[0] == 0.0
+
+
+def test_attack_and_evaluation_arguments_are_named(digits_model):
+    from freeadv_fast.evaluate import evaluate
+    digits_model, x, y = digits_model
+    x, y = x[:8], y[:8]
+    kw = dict(epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    for bx, by, message in [(x.float(), y, "outside the pixel range"),  # 0..255 floats, not pixels in [0, 1]
+                            (x, y[:7], "one class index per image")]:
+        with pytest.raises(ValueError, match=message):
+            attacks.pgd(digits_model, bx, by, steps=2, **kw)
+    with pytest.raises(ValueError, match="steps must be an integer >= 0"):
+        attacks.pgd(digits_model, x, y, steps=2.5, **kw)
+    with pytest.raises(ValueError, match="epsilon must be finite and non-negative"):
+        attacks.fgsm(digits_model, x, y, epsilon=-1, mean=MEAN, std=STD)
+    for extra, message in [(dict(losses="ce"), "losses a sequence of names"), (dict(steps=2), "steps must be"),
+                           (dict(limit=-1), "limit must be an integer >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            evaluate(digits_model, [(x, y)], **{**kw, **extra})
+    with pytest.raises(ValueError, match="held no image"):
+        evaluate(digits_model, [], **kw)

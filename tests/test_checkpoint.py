@@ -83,7 +83,7 @@ def test_hostile_truncated_and_foreign_checkpoints_are_refused(tmp_path, capsys)
     trainer = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
     hostile = tmp_path / "hostile.pt"
     torch.save({"format": FORMAT, "payload": Payload()}, hostile)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="holds objects other than tensors and containers"):
         load_checkpoint(hostile, trainer)
     assert "code from a checkpoint ran" not in capsys.readouterr().out
 
@@ -109,3 +109,27 @@ def test_hostile_truncated_and_foreign_checkpoints_are_refused(tmp_path, capsys)
         load_checkpoint(good, make_pgd())
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt", trainer)
+
+
+def test_saving_never_replaces_a_folder_or_a_link_and_a_failed_load_changes_nothing(tmp_path):
+    model = small_cnn()
+    trainer = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    trainer.train_batch(*toy_data(n=8))
+    folder = tmp_path / "runs"
+    (folder / "keep").mkdir(parents=True)
+    with pytest.raises(ValueError, match="is a directory, not a file name"):
+        save_checkpoint(folder, trainer)
+    assert (folder / "keep").is_dir() and not (tmp_path / "runs.prev").exists()
+    with pytest.raises(ValueError, match="config must be a dict of plain values"):
+        save_checkpoint(tmp_path / "c.pt", trainer, config={"when": object()})
+    target = tmp_path / "real.pt"
+    (tmp_path / "link.pt").symlink_to(target)
+    save_checkpoint(tmp_path / "link.pt", trainer)  # the link's target is written; the link stays a link
+    assert (tmp_path / "link.pt").is_symlink() and read_checkpoint(target)["step"] == trainer.step
+    other = small_cnn()
+    adam = FreeAdversarialTrainer(other, torch.optim.Adam(other.parameters()), replays=2, epsilon=EPS,
+                                  step_size=STEP, mean=MEAN, std=STD)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"does not fit this model/optimizer \(Adam\)"):
+        load_checkpoint(target, adam)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items()) and adam.step == 0

@@ -344,3 +344,41 @@ def test_bad_arguments_are_named():
     with pytest.raises(ops.BackendUnavailableError):
         FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
                                backend="cuda")
+
+
+def test_what_a_step_would_misread_is_refused_before_any_state_changes():
+    """Arguments and batches a step would misread are named at the call that got them, the
+    trainer untouched: no optimizer step, no grown perturbation buffer."""
+    model = small_cnn()
+    with pytest.raises(ValueError, match="optimizer holds none of the model's parameters"):
+        FreeAdversarialTrainer(model, sgd(small_cnn()), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    for kw, message in [(dict(std=(0.2, 0.0, 0.2)), "std must be finite and positive"),
+                        (dict(mean=float("nan")), "mean must be finite"),
+                        (dict(max_bad_steps=0), "max_bad_steps must be an integer >= 1"),
+                        (dict(seed=1.5), "seed must be an integer >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            FreeAdversarialTrainer(model, sgd(model), **{**dict(replays=2, epsilon=EPS, step_size=STEP, mean=MEAN,
+                                                                std=STD), **kw})
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        NaturalTrainer(model, "sgd", mean=MEAN, std=STD)
+    trainer = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    x, y = toy_data(n=4)
+    before = copy.deepcopy(model.state_dict())
+    for bx, by, message in [(x[:0], y[:0], "non-empty batch"),
+                            (x, y[:3], "one class index per image"),
+                            (x, F.one_hot(y, 5).float(), "one class index per image"),
+                            (x.permute(0, 2, 3, 1), y, "images are N, C, H, W"),
+                            (x.float(), y, r"outside the pixel range \[0, 1\]")]:  # 0..255 as floats
+        with pytest.raises(ValueError, match=message):
+            trainer.train_batch(bx, by)
+    assert trainer.step == 0 and trainer.delta is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="passes must be an integer >= 0"):
+        trainer.fit([(x, y)], 1.5)
+    from freeadv_fast.data.errors import DataError
+    with pytest.raises(DataError, match="the loader gave no batch in pass 1"):
+        trainer.fit([], 1)
+    # a mean below 0 is valid in a pixel range below 0
+    signed = NaturalTrainer(model, sgd(model), mean=(-0.2, 0.0, 0.1), std=STD, pixel_range=(-1.0, 1.0))
+    signed.train_batch(x.float() / 255 * 2 - 1, y)
+    assert signed.step == 1

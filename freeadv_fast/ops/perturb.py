@@ -22,7 +22,7 @@ _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _X_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MODE_IDS = {mode: i for i, mode in enumerate(PIXEL_MODES)}
 _constants: dict = {}
-# (number or tuple of numbers as given, channels, device, positive) -> its tensor in _constants
+# (number or tuple of numbers as given, channels, device, positive, signed) -> its tensor in _constants
 _checked: dict = {}
 _NUMBERS = (float, int)
 _PARAM_NAMES = {"step_size": "step", "epsilon": "eps", "mean": "mean", "std": "std"}
@@ -66,10 +66,11 @@ def _check_out_dtype(dtype):
     return dtype
 
 
-def channel_param(value, name: str, channels: int, device, *, positive=False) -> torch.Tensor:
+def channel_param(value, name: str, channels: int, device, *, positive=False, signed=False) -> torch.Tensor:
     """A scalar, sequence or tensor as a contiguous float32 tensor of one value
     per channel on ``device`` -- the form the kernels take. Python numbers are
-    checked (finite; non-negative, or positive with ``positive``) and cached,
+    checked (finite; non-negative, positive with ``positive``, of any sign
+    with ``signed``: a mean in a pixel range below 0) and cached,
     so a training loop makes each constant once. A tensor is taken as it is,
     its values unchecked: reading them would synchronise the device on every
     call (the trainer passes tensors it made here from checked numbers)."""
@@ -84,7 +85,7 @@ def channel_param(value, name: str, channels: int, device, *, positive=False) ->
     tracing = torch.compiler.is_compiling() or is_in_torch_dispatch_mode()  # no real tensors from a cache
     fast_key = None
     if not tracing and (type(value) in _NUMBERS or type(value) is tuple and all(type(v) in _NUMBERS for v in value)):
-        fast_key = (value, channels, device, positive)
+        fast_key = (value, channels, device, positive, signed)
         hit = _checked.get(fast_key)
         if hit is not None:  # these very numbers were checked and made before
             return hit
@@ -94,9 +95,10 @@ def channel_param(value, name: str, channels: int, device, *, positive=False) ->
     values = tuple(float(v) for v in items)
     if len(values) not in (1, channels):
         raise ValueError(f"{name} has {len(values)} values; expected 1 or {channels} (one per channel)")
-    bad = [v for v in values if not (v > 0 if positive else v >= 0) or not math.isfinite(v)]
+    bad = [v for v in values if not math.isfinite(v) or (v <= 0 if positive else v < 0 and not signed)]
     if bad:
-        raise ValueError(f"{name} must be finite and {'positive' if positive else 'non-negative'}, got {bad[0]}")
+        rule = " and positive" if positive else "" if signed else " and non-negative"
+        raise ValueError(f"{name} must be finite{rule}, got {bad[0]}")
     values = values * channels if len(values) == 1 else values
     device = torch.device(device)
     if tracing:
@@ -147,7 +149,8 @@ def _run_kernel(op, x, delta, grad, out, *, step, eps, mean, std, lo, hi, mode, 
 def _params(x, **values):
     """Checks the named scalar/per-channel values and returns them as tensors."""
     C, dev = x.shape[1], x.device
-    return {_PARAM_NAMES[k]: channel_param(v, k, C, dev, positive=(k == "std")) for k, v in values.items()}
+    return {_PARAM_NAMES[k]: channel_param(v, k, C, dev, positive=k == "std", signed=k == "mean")
+            for k, v in values.items()}
 
 
 def _new_out(x, delta, out, out_dtype, memory_format):
