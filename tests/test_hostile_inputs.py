@@ -114,6 +114,19 @@ def assert_one_line_refusal(result, expected):
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
 
 
+def assert_refused_here(main, argv, capfd, expected):
+    """A command's main run in this process: status 2 and one error line (an
+    uncaught exception would fail the test, as a traceback would)."""
+    capfd.readouterr()
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as exc:
+        status = exc.code
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert status == 2 and len(errors) == 1 and expected in errors[0], (status, err[-2000:])
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--out", "{file}"], "is a file, not a directory"),
     (["--out", "{file}/run"], "cannot be made"),
@@ -127,7 +140,7 @@ def assert_one_line_refusal(result, expected):
     (["--epsilon", "1e400"], "too large for a float"),
     (["--epsilon", "1e-400"], "rounds to 0"),
 ])
-def test_train_refuses_in_one_line(tmp_path, args, expected):
+def test_train_refuses_in_one_line(tmp_path, capfd, args, expected):
     file = tmp_path / "a-file"
     file.write_text("x")
     (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
@@ -136,14 +149,17 @@ def test_train_refuses_in_one_line(tmp_path, args, expected):
     (tmp_path / "checkpoints" / "checkpoint-last.pt").write_bytes(b"saved weights")
     args = [a.format(file=file, tmp=tmp_path, dangling=tmp_path / "dangling", loop=tmp_path / "loop",
                      checkpoints=tmp_path / "checkpoints") for a in args]
-    assert_one_line_refusal(run_cli("--cpu", "digits", "--eval-every", "0", *args), expected)
+    from freeadv_fast.train import main  # in this process: a refusal costs no interpreter start
+    assert_refused_here(main, ["--cpu", "digits", "--eval-every", "0", *args], capfd, expected)
     assert (tmp_path / "checkpoints" / "checkpoint-last.pt").read_bytes() == b"saved weights"
 
 
-def test_images_too_small_for_the_architecture_are_refused_before_training():
-    assert_one_line_refusal(run_cli("--cpu", "synthetic", "--arch", "small_cnn_bn", "--image-size", "4",
-                                    "--synthetic-batches", "1", "--eval-every", "0"),
-                            "4 px images are too small for small_cnn_bn")
+def test_images_too_small_for_the_architecture_are_refused_before_training(tmp_path, capfd):
+    from freeadv_fast.train import main
+    assert_refused_here(main, ["--cpu", "synthetic", "--arch", "small_cnn_bn", "--image-size", "4",
+                               "--synthetic-batches", "1", "--eval-every", "0", "--out", tmp_path / "r"], capfd,
+                        "4 px images are too small for small_cnn_bn")
+    assert not (tmp_path / "r" / "checkpoint-last.pt").exists()
 
 
 def test_a_failed_host_allocation_is_named_as_out_of_memory():
@@ -188,29 +204,32 @@ def checkpoint(tmp_path_factory):
     (["--nproc", "3"], "batch size 64 is not divisible by the 3 processes"),  # said once, not by each worker
     (["--seed", "99999999999999999999"], "seed must be at most"),
 ])
-def test_eval_refuses_before_it_evaluates(checkpoint, tmp_path, args, expected):
+def test_eval_refuses_before_it_evaluates(checkpoint, tmp_path, capfd, args, expected):
     file = tmp_path / "a-file"
     file.write_text("x")
     before = checkpoint.read_bytes()
     args = [a.format(dir=tmp_path, file=file, checkpoint=checkpoint) for a in args]
-    assert_one_line_refusal(run_cli(checkpoint, "--cpu", *args, module="freeadv_fast.eval"), expected)
+    from freeadv_fast.eval import main
+    assert_refused_here(main, [checkpoint, "--cpu", *args], capfd, expected)
     assert checkpoint.read_bytes() == before and file.read_text() == "x"
 
 
-def test_resuming_into_another_runs_directory_is_refused(checkpoint, tmp_path):
+def test_resuming_into_another_runs_directory_is_refused(checkpoint, tmp_path, capfd):
+    from freeadv_fast.train import main
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.yaml").write_text("lr: 0.01\n")
-    r = run_cli("--cpu", "--preset", "digits-demo", "--method", "natural", "--epochs", "1", "--eval-every", "0",
-                "--resume", checkpoint, "--out", other)
-    assert_one_line_refusal(r, "holds another run, which resuming")
+    assert_refused_here(main, ["--cpu", "--preset", "digits-demo", "--method", "natural", "--epochs", "1",
+                               "--eval-every", "0", "--resume", checkpoint, "--out", other], capfd,
+                        "holds another run, which resuming")
     assert (other / "config.yaml").read_text() == "lr: 0.01\n"
 
 
-def test_resuming_with_another_process_count_is_said_once(checkpoint):
-    r = run_cli("--cpu", "--nproc", "2", "--preset", "digits-demo", "--method", "natural", "--epochs", "1",
-                "--eval-every", "0", "--out", checkpoint.parent, "--resume", "auto")
-    assert_one_line_refusal(r, "was written by 1 process(es) but this run has 2")
+def test_resuming_with_another_process_count_is_said_once(checkpoint, capfd):
+    from freeadv_fast.train import main
+    assert_refused_here(main, ["--cpu", "--nproc", "2", "--preset", "digits-demo", "--method", "natural", "--epochs",
+                               "1", "--eval-every", "0", "--out", checkpoint.parent, "--resume", "auto"], capfd,
+                        "was written by 1 process(es) but this run has 2")
 
 
 def test_eval_writes_json_into_a_folder_it_makes(checkpoint, tmp_path):
