@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .common import autocast, check_pixel_range
+from .common import autocast, check_batch, check_int
 from .ops import reference
 
 LOSSES = ("ce", "cw")
@@ -47,23 +47,6 @@ def logits_of(model, x, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32", 
         return model(inp).float()
 
 
-def check_batch(x, y, pixel_range):
-    """Images and labels an attack would misread are refused by name: one
-    class index per image, and float pixels inside the pixel range (one sync;
-    0..255 floats would be clamped to constant images)."""
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
-    if y.dim() != 1 or len(y) != len(x) or y.dtype not in (torch.int64, torch.uint8):
-        raise ValueError(f"y must be one class index per image (int64, shape ({len(x)},)), got {y.dtype} of shape "
-                         f"{tuple(y.shape)}")
-    if x.is_floating_point() and x.numel():
-        lo, hi = check_pixel_range(pixel_range)
-        low, high = x.aminmax()
-        if low < lo or high > hi:
-            raise ValueError(f"x holds values in [{low:g}, {high:g}], outside the pixel range [{lo:g}, {hi:g}] "
-                             "(uint8 images, or floats scaled to the range)")
-
-
 def pgd(model, x, y, *, epsilon, step_size, steps, restarts=1, random_start=True, loss="ce", mean, std,
         pixel_range=(0.0, 1.0), precision="fp32", generator=None, backend="auto") -> torch.Tensor:
     """Projected gradient descent (Madry et al.); returns the adversarial
@@ -78,8 +61,8 @@ def pgd(model, x, y, *, epsilon, step_size, steps, restarts=1, random_start=True
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown attack loss {loss!r}: choose one of {', '.join(LOSSES)}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (steps, restarts)) or steps < 0 or restarts < 1:
-        raise ValueError(f"steps must be an integer >= 0 and restarts one >= 1, got {steps!r} and {restarts!r}")
+    check_int("steps", steps, 0)
+    check_int("restarts", restarts, 1)
     check_batch(x, y, pixel_range)
     if not isinstance(epsilon, torch.Tensor):  # named before the step size it is checked with
         ops.channel_param(epsilon, "epsilon", x.shape[1], "cpu")

@@ -195,6 +195,18 @@ def find_resumable(path) -> tuple[Path | None, dict | None, list[str]]:
     return None, None, problems
 
 
+def check_world(path, state: dict, world_size: int) -> list:
+    """The per-process states of a checkpoint (read_checkpoint's ``state``),
+    one for each of ``world_size`` processes: each resumes its own delta."""
+    ranks = state.get("ranks")
+    if not ranks:
+        raise CheckpointError(f"checkpoint {path} holds no process states (delta, random generators) to resume")
+    if len(ranks) != world_size:
+        raise CheckpointError(f"checkpoint {path} was written by {len(ranks)} process(es) but this run has "
+                              f"{world_size}: each process resumes its own perturbation buffer")
+    return ranks
+
+
 def load_checkpoint(path, trainer, *, rank: int | None = None, world_size: int | None = None) -> dict:
     """Restores ``trainer`` (and this process's RNGs) from ``path``; returns the
     checkpoint's config. Each rank takes its own delta, so the world size must
@@ -206,12 +218,7 @@ def load_checkpoint(path, trainer, *, rank: int | None = None, world_size: int |
         world_size = torch.distributed.get_world_size() if dist_on else 1
     if not 0 <= rank < (world_size or 0):
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    ranks = state.get("ranks")
-    if not ranks:
-        raise CheckpointError(f"checkpoint {path} holds no process states (delta, random generators) to resume")
-    if len(ranks) != world_size:
-        raise CheckpointError(f"checkpoint {path} was written by {len(ranks)} process(es) but this run has "
-                              f"{world_size}: each process resumes its own perturbation buffer")
+    ranks = check_world(path, state, world_size)
     backup = copy.deepcopy(trainer.state_dict())  # a load that fails half-way is undone: all or nothing
     try:
         trainer.load_state_dict(state)

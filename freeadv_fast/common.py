@@ -57,3 +57,27 @@ def check_pixel_range(pixel_range) -> tuple[float, float]:
     if not lo < hi:
         raise ValueError(f"pixel_range must be (lo, hi) with lo < hi, got {tuple(pixel_range)}")
     return lo, hi
+
+
+def check_int(name: str, value, low: int):
+    """An integer argument (not a bool, not a float) of at least ``low``, or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_batch(x, y, pixel_range, *, pixel_check=True):
+    """Images and labels a step or an attack would misread, refused by name:
+    tensors, one class index per image, and (``pixel_check``, one sync)
+    floating-point pixels inside the pixel range: 0..255 floats would be
+    clamped to constant images."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"a batch is (x, y) tensors, got ({type(x).__name__}, {type(y).__name__})")
+    if y.dim() != 1 or len(y) != len(x) or y.dtype not in (torch.int64, torch.uint8):
+        raise ValueError(f"y must be one class index per image (int64, shape ({len(x)},)), got {y.dtype} of shape "
+                         f"{tuple(y.shape)}")
+    if pixel_check and x.is_floating_point() and x.numel():
+        lo, hi = check_pixel_range(pixel_range)
+        low, high = x.aminmax()
+        if low < lo or high > hi:
+            raise ValueError(f"x holds values in [{low:g}, {high:g}], outside the pixel range [{lo:g}, {hi:g}] "
+                             "(uint8 images, or floats scaled to the range)")

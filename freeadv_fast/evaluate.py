@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import attacks, distributed
+from .common import check_int
 from .data.datasets import take
 
 
@@ -23,12 +24,12 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
     are fractions. ``limit`` caps the samples per rank (0: all). The model is put in eval mode and back.
     ``should_stop()`` is asked between batches; when true, EvaluationStopped is raised (a stop request is
     answered within one batch's attacks, not at the end of a long evaluation)."""
-    if not isinstance(steps, (tuple, list)) or not isinstance(losses, (tuple, list)) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
+    if not isinstance(steps, (tuple, list)) or not isinstance(losses, (tuple, list)):
         raise ValueError(f"steps must be integers >= 0 and losses a sequence of names, got {steps!r} and "
                          f"{losses!r}")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise ValueError(f"limit must be an integer >= 0 (0: all), got {limit!r}")
+    for s in steps:
+        check_int("steps", s, 0)
+    check_int("limit", limit, 0)
     net = distributed.unwrap(model)
     if next(net.parameters(), None) is None:
         raise ValueError("model has no parameters: nothing to evaluate")
@@ -60,7 +61,7 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
         raise ValueError("the held-out batches held no image: nothing was evaluated")
     result = {"samples": n, "epsilon": epsilon, "step_size": step_size, "restarts": restarts}
     for key, hits in zip(["clean_top1", "clean_top5"] + [name for name, _, _ in names], totals[1:]):
-        result[key] = hits / n if n else float("nan")
+        result[key] = hits / n
         result[key + "_ci95"] = list(attacks.wilson_interval(int(round(hits)), n))
     return result
 

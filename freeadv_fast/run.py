@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, messages
-from .checkpoint import CheckpointError, find_resumable, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, check_world, find_resumable, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, to_yaml
 from .data.datasets import build_data, forget_scans
 from .data.errors import DataError
@@ -107,10 +107,7 @@ def resolve_resume(cfg: RunConfig, resume, world: int = 1) -> Path | None:
         if key in saved and saved[key] != getattr(cfg, key):
             raise CheckpointError(f"checkpoint {path} is from a {key} {saved[key]!r} run, not {getattr(cfg, key)!r}")
     check_same_run(saved, cfg, path)
-    ranks = state.get("ranks") or []
-    if len(ranks) != world:  # said once here, not by every worker
-        raise CheckpointError(f"checkpoint {path} was written by {len(ranks)} process(es) but this run has {world}: "
-                              "each process resumes its own perturbation buffer")
+    check_world(path, state, world)  # said once here, not by every worker
     return path
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed, ops
+from .common import COMPILE_MODES, autocast, check_batch, check_int, check_pixel_range, check_precision
 from .data.errors import DataError
-from .common import COMPILE_MODES, autocast, check_pixel_range, check_precision
 from .graphs import Static, StepGraph
 from .messages import say_once
 from .stem import StemInputGrad, stem_conv
@@ -85,11 +85,6 @@ def check_pixel_value(name, value, **rule):
         ops.channel_param(value, name, len(values), "cpu", **rule)
 
 
-def _whole_number(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
 class Trainer:
     """Shared machinery: device placement, precision (autocast, GradScaler),
     channels_last, torch.compile, CUDA graphs, optimizer/scheduler steps, the
@@ -113,8 +108,8 @@ class Trainer:
         self._check_parts(model, optimizer, scheduler)
         check_pixel_value("mean", mean, signed=True)
         check_pixel_value("std", std, positive=True)
-        _whole_number("max_bad_steps", max_bad_steps, 1)
-        _whole_number("seed", seed, 0)
+        check_int("max_bad_steps", max_bad_steps, 1)
+        check_int("seed", seed, 0)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.device = next(model.parameters()).device
         self._range_checked = False  # the first floating-point batch is checked to lie in the pixel range
@@ -217,9 +212,9 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
 
     # -- pieces of a step ---------------------------------------------------
-    def _param(self, name, value, channels, positive=False):
+    def _param(self, name, value, channels, **rule):
         """A per-channel float32 tensor on the device (ops.channel_param makes each once)."""
-        return ops.channel_param(value, name, channels, self.device, positive=positive, signed=name == "mean")
+        return ops.channel_param(value, name, channels, self.device, **rule)
 
     def _prepare(self, x, y):
         self._check_batch(x, y)
@@ -231,30 +226,21 @@ class Trainer:
 
     def _check_batch(self, x, y):
         """A batch the step would misread is refused before any state changes
-        (host-side checks of shapes and dtypes; the first floating-point batch
-        costs one sync to check its pixel range: 0..255 floats train silently
-        on constant inputs otherwise)."""
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError(f"a batch is (x, y) tensors, got ({type(x).__name__}, {type(y).__name__})")
-        if x.dim() < 2 or len(x) == 0:
+        (host-side checks of shapes and dtypes; only the first floating-point
+        batch pays the one sync of the pixel-range check)."""
+        if isinstance(x, torch.Tensor) and (x.dim() < 2 or len(x) == 0):
             raise ValueError(f"x must be a non-empty batch of images (N, C, ...), got shape {tuple(x.shape)}")
-        if y.dim() != 1 or len(y) != len(x) or y.dtype not in (torch.int64, torch.uint8):
-            raise ValueError(f"y must be one class index per image (int64, shape ({len(x)},)), got {y.dtype} of "
-                             f"shape {tuple(y.shape)}")
+        check_batch(x, y, (self.lo, self.hi), pixel_check=not self._range_checked)
         channels = len(self.mean) if isinstance(self.mean, (tuple, list)) else 1
         if channels > 1 and x.shape[1] != channels:
             raise ValueError(f"x has {x.shape[1]} channels (dim 1 of {tuple(x.shape)}) but mean has {channels} "
                              "values; images are N, C, H, W (for N, H, W, C storage use x.permute(0, 3, 1, 2))")
-        if x.is_floating_point() and not self._range_checked:
-            lo, hi = x.aminmax()
-            if lo < self.lo or hi > self.hi:
-                raise ValueError(f"x holds values in [{lo:g}, {hi:g}], outside the pixel range [{self.lo:g}, "
-                                 f"{self.hi:g}] (uint8 images, or floats scaled to the range)")
-            self._range_checked = True
+        self._range_checked = self._range_checked or x.is_floating_point()
 
     def _norm(self, x):
         C = x.shape[1]
-        return dict(mean=self._param("mean", self.mean, C), std=self._param("std", self.std, C, positive=True),
+        return dict(mean=self._param("mean", self.mean, C, signed=True),
+                    std=self._param("std", self.std, C, positive=True),
                     pixel_range=(self.lo, self.hi), out_dtype=self.input_dtype, memory_format=self.memory_format,
                     backend=self.backend)
 
@@ -435,9 +421,9 @@ class Trainer:
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, self, config=config)
 
-        _whole_number("passes", passes, 0)
-        _whole_number("log_every", log_every, 0)
-        _whole_number("checkpoint_every", checkpoint_every, 0)
+        check_int("passes", passes, 0)
+        check_int("log_every", log_every, 0)
+        check_int("checkpoint_every", checkpoint_every, 0)
         batches_done = 0
         while self.epoch < passes:
             if hasattr(loader, "set_epoch"):
