@@ -163,9 +163,11 @@ if [ -f .gpu-data/tiny-imagenet-20.tar.gz ]; then
     step imagenet-like 60 $PY bench/make_imagenet_like.py .gpu-data/tiny-imagenet-20.tar.gz build/imagenet-like \
         --limit 3000 --grain 8
     # batches of 64: a timed pass of 46 batches gives the 16 workers more than one round each; nvjpeg decoding
-    # in this process (one GPU decoder behind one lock), then in 4 and in 8 processes of their own
-    step loader 180 $PY bench/loader.py --data build/imagenet-like --device cuda --image-size 128,224,288 \
-        --batch-size 64 --decode-processes 0,4,8 --train-step "bench/results/train-step-resnet50-128px-$gpu.json" \
+    # in 8 processes of its own, in this process (one GPU decoder behind one lock), then in 4 processes; 224 px
+    # first (the size the targets name); the results file is rewritten after each row, so a run stopped by its
+    # limit keeps what it measured
+    step loader 240 $PY bench/loader.py --data build/imagenet-like --device cuda --image-size 224,128,288 \
+        --batch-size 64 --decode-processes 8,0,4 --train-step "bench/results/train-step-resnet50-128px-$gpu.json" \
         --train-step "bench/results/train-step-resnet50-$gpu.json" \
         --train-step "bench/results/train-step-resnet50-288px-$gpu.json" --json "bench/results/loader-$gpu.json"
 else

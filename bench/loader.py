@@ -20,8 +20,8 @@ best measured natural and free-4 step rates at its size: natural training
 needs a new image per image-step, free-m one per m image-replays, so a
 loader feeds rate / natural-rate GPUs of natural training and
 rate / (free-4 rate / 4) of free-4. The nvjpeg loader runs once for each
---decode-processes value (0: it decodes in this process; P: in P spawned
-processes, each with its own GPU decoder).
+--decode-processes value (0: it decodes in this process; P: in P processes
+of its own, each with its own GPU decoder).
 """
 from __future__ import annotations
 
@@ -89,13 +89,16 @@ def main(argv=None):
                 if i + 1 == limit:
                     break
             return images
-        one_pass()  # warm-up, a whole pass: workers started, files in the page cache, nothing left in flight
+        # warm-up, a whole pass: workers and decoding processes started, files in the page cache, nothing
+        # left in flight; its time says what starting costs (decoding processes: the fork server imports torch and torchvision)
+        _, warmup_s = wall_clock(one_pass, device)
         images, seconds = wall_clock(lambda: one_pass(args.batches), device)
         rate = images / seconds
         record = {"loader": name, "images_per_s": rate, "images": images, "seconds": seconds,
-                  "batch_size": args.batch_size, "image_size": size, "workers": args.workers,
-                  "decode_processes": procs}
-        line = f"  {size:>4}px {loader_label(record):<30} {rate:10.1f} images/s  ({images} images in {seconds:.1f} s)"
+                  "warmup_pass_s": warmup_s, "batch_size": args.batch_size, "image_size": size,
+                  "workers": args.workers, "decode_processes": procs}
+        line = (f"  {size:>4}px {loader_label(record):<30} {rate:10.1f} images/s  ({images} images in {seconds:.1f} s"
+                f" after a {warmup_s:.1f} s warm-up pass)")
         for kind, per_image in (("natural", 1), ("free-4", 4)):
             if kind in steps.get(size, {}):
                 step, method = steps[size][kind]["images_per_s"], steps[size][kind]["method"]
@@ -104,11 +107,12 @@ def main(argv=None):
                 line += f"; feeds {rate / (step / per_image):.2f} GPUs of {method} ({step:.0f}/s)"
         print(line, flush=True)
         records.append(record)
+        if args.json:  # after every row: a run stopped by its time limit keeps what it measured
+            write_json(args.json, device, {"device": loader_machine(device), "data": str(args.data),
+                                           "images": len(samples)}, records=records)
         data.close()  # its worker processes (decoders with CUDA contexts) go now, not when collected
         del data
     if args.json:
-        write_json(args.json, device, {"device": loader_machine(device), "data": str(args.data),
-                                       "images": len(samples)}, records=records)
         print(f"wrote {args.json}")
     return 0
 

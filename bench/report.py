@@ -36,12 +36,17 @@ def train_step_section(path, data):
     timed = "quick run" if meta.get("quick") else f"{meta['steps']} timed steps"
     lines = [f"**Training throughput**, {meta['model']} at {meta['image_size']}px, batch {meta['batch_size']} "
              f"({timed}): {source(path, meta)}", ""]
-    gib = lambda r: f"{r['peak_memory_gib']:.1f} GiB" if r.get("peak_memory_gib") is not None else "-"  # noqa: E731
+    def gib(r):
+        if r.get("peak_memory_gib") is None:
+            return "-"
+        if r.get("cuda_graph") and not r.get("peak_from_first_call"):
+            return "not counted"  # measured after the capture, whose memory the graph's pool holds uncounted
+        return f"{r['peak_memory_gib']:.1f} GiB"
     first = lambda r: f"{r['first_call_s']:.1f} s" if r.get("first_call_s") is not None else "-"  # noqa: E731
     lines += table(("method", "images/s", "peak GPU memory", "first call (compiling)"),
                    [(r["method"], f"{r['images_per_s']:,.1f}", gib(r), first(r)) if "images_per_s" in r
                     else (r["method"], f"failed: {r.get('error', '?')}", "-", "-") for r in data["records"]])
-    lines += [""] + table(("ratio", "value"), [(k, f"{v:.2f}") for k, v in data["ratios"].items()])
+    lines += [""] + table(("ratio", "value"), [(k, f"{v:.3f}") for k, v in data["ratios"].items()])
     for proj in data.get("projections", []):
         lines.append(f"\nProjected {proj['run']} with {proj['method']}: {proj['hours_one_device']:.1f} h on one "
                      f"device, {proj['hours_four_devices_ideal']:.1f} h on four (ideal scaling); the paper: "
@@ -71,7 +76,7 @@ def clamp_probe_section(path, data):
 
 
 def loader_label(record):
-    """The loader, and for nvjpeg in spawned processes how many decoded."""
+    """The loader, and for nvjpeg in processes of its own how many decoded."""
     procs = record.get("decode_processes", 0)
     return f"{record['loader']} ({procs} decoding processes)" if procs else record["loader"]
 
@@ -82,10 +87,12 @@ def loader_section(path, data):
              f"{source(path, meta)}", ""]
     def fed(r, kind):
         return f"{r[f'gpus_fed_{kind}']:.2f} ({r[f'step_{kind}']['method']})" if f"gpus_fed_{kind}" in r else "-"
+    def warmup(r):
+        return f"{r['warmup_pass_s']:.1f} s" if "warmup_pass_s" in r else "-"
     return lines + table(("loader", "images/s", "batch", "image size", "workers", "GPUs fed, natural",
-                          "GPUs fed, free-4"),
+                          "GPUs fed, free-4", "warm-up pass (starting included)"),
                          [(loader_label(r), f"{r['images_per_s']:,.0f}", r["batch_size"], r["image_size"], r["workers"],
-                           fed(r, "natural"), fed(r, "free-4")) for r in data["records"]])
+                           fed(r, "natural"), fed(r, "free-4"), warmup(r)) for r in data["records"]])
 
 
 def projection_section(path, data):

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import freeadv_fast
+from freeadv_fast import _ext
 import freeadv_fast.ops as ops
 from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.ops import reference
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_the_cuda_extension_and_triton_serve_this_gpu():
-    assert freeadv_fast._ext.with_cuda(), "the extension was built without CUDA (no CUDA_HOME at build time?)"
+    assert _ext.with_cuda(), "the extension was built without CUDA (no CUDA_HOME at build time?)"
     assert ops.available_backends("cuda")[:2] == ["cuda", "triton"]
 
 

@@ -1,5 +1,7 @@
 """Every backend of the perturbation ops against the reference (the spec)."""
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -313,19 +315,43 @@ def test_every_backend_is_one_op_of_the_compiled_ops_schema():
             assert schema.startswith({"triton": "freeadv_fast::triton_perturb("}.get(name, "freeadv_fast::perturb("))
 
 
-@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "torch"])
-def test_direct_op_calls_are_checked(device, backend):
-    """A direct torch.ops call with a tensor the kernel would misread is refused."""
+def bad_direct_calls(device, backend):
+    """(the argument the refusal must name, a direct torch.ops call with a
+    tensor the kernel would misread)."""
     from freeadv_fast.ops import backends
     x, delta, grad = batch((2, 3, 4, 4), device=device)
     p = ops.channel_param(0.1, "p", 3, device)
     op = backends.OPS[backend]
-    with pytest.raises(RuntimeError, match="freeadv perturb: grad"):
-        op(x, delta, grad[:1].expand_as(grad), None, p, p, p, p, 0.0, 1.0, 0, True)
-    with pytest.raises(RuntimeError, match="freeadv perturb: mode"):
-        op(x, delta, grad, None, p, p, p, p, 0.0, 1.0, 3, True)
-    with pytest.raises(RuntimeError, match="freeadv perturb: step"):
-        op(x, delta, grad, None, p[:2], p, p, p, 0.0, 1.0, 0, True)
+    calls = [("grad", lambda: op(x, delta, grad[:1].expand_as(grad), None, p, p, p, p, 0.0, 1.0, 0, True)),
+             ("mode", lambda: op(x, delta, grad, None, p, p, p, p, 0.0, 1.0, 3, True)),
+             ("step", lambda: op(x, delta, grad, None, torch.full((2,), 0.1, device=device), p, p, p, 0.0, 1.0, 0,
+                                 True)),
+             ("step", lambda: op(x, delta, grad, None, p[:2], p, p, p, 0.0, 1.0, 0, True)),  # a view of p
+             ("eps", lambda: op(x, delta, grad, None, p, p.double(), p, p, 0.0, 1.0, 0, True)),
+             ("std", lambda: op(x, delta, grad, None, p, p, p, p[:1].expand(3), 0.0, 1.0, 0, True))]
+    if torch.device(device).type == "cuda":
+        calls.append(("mean", lambda: op(x, delta, grad, None, p, p, p.cpu(), p, 0.0, 1.0, 0, True)))
+    return calls
+
+
+def check_direct_calls(device, backend, say=lambda line: None):
+    for i, (name, call) in enumerate(bad_direct_calls(device, backend)):
+        say(f"call {i}: a bad {name}")
+        with pytest.raises(RuntimeError, match=rf"freeadv perturb: [^:]*\b{name}\b"):  # Triton names all 4 params
+            call()
+
+
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "torch"])
+def test_direct_op_calls_are_checked(device, backend):
+    """A direct torch.ops call with a tensor the kernel would misread is
+    refused. On a GPU the calls run in a process of their own, which names
+    the call if one crashes it (the CUDA op once did, on a 2-value step)."""
+    if torch.device(device).type == "cuda":
+        out = subprocess.run([sys.executable, "-X", "faulthandler", __file__, device, backend], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, f"status {out.returncode} after:\n{out.stdout}\n{out.stderr[-4000:]}"
+        return
+    check_direct_calls(device, backend)
 
 
 @settings(max_examples=40, deadline=None)
@@ -345,3 +371,8 @@ def test_compiled_cpu_backend_matches_reference_on_any_shape(n, c, hw, mode, u8,
     assert_delta_matches(delta, ref_delta, mode)
     assert_output_close(out, expected)
     assert not math.isnan(out.sum().item())
+
+
+if __name__ == "__main__":  # test_direct_op_calls_are_checked on a GPU: python tests/test_ops.py DEVICE BACKEND
+    check_direct_calls(*sys.argv[1:], say=lambda line: print(line, flush=True))
+    print("every call refused")

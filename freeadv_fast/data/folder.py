@@ -7,7 +7,7 @@ with bad-file checks, and the two loaders that read them.
 * nvjpeg (data/nvjpeg.py): DataLoader workers read the files' bytes, and
   torchvision's ``decode_jpeg`` decodes each batch on the training device,
   where the crop, resize and flip run too (in the training process, or with
-  ``decode_processes`` in that many spawned processes); the fallback when DALI
+  ``decode_processes`` in that many processes of its own); the fallback when DALI
   is not installed and a GPU is present (on CPU it decodes with libjpeg).
 * torch: torchvision transforms in DataLoader workers, the fallback on CPU
   when DALI is not installed.

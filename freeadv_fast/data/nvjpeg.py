@@ -6,7 +6,8 @@ torch loaders do: uint8 batches in NHWC storage seen as NCHW.
 torchvision serves a process with one GPU decoder behind one lock, and
 nvJPEG's batched decode does its Huffman stage on the calling CPU thread, so
 one process decodes at most what one core can feed it. With
-``decode_processes`` > 0, that many spawned processes each read, decode and
+``decode_processes`` > 0, that many processes (forked from a fork server
+that imported torch once) each read, decode and
 augment whole batches on the device, each with its own decoder (and CUDA
 context); the training process receives the finished batches (CUDA tensors
 through CUDA IPC, copied at once into its own memory so that none outlives
@@ -188,10 +189,11 @@ class DecodedBatches(torch.utils.data.Dataset):
 
 @contextlib.contextmanager
 def children_ignore_stop_signals():
-    """Processes started inside begin with Ctrl-C and SIGTERM ignored (a
-    spawned child inherits that through exec, and Python then installs no
-    handler of its own), so a signal sent to the process group while they
-    import torch cannot kill them; ``ignore_stop_signals`` keeps it so once
+    """Processes started inside begin with Ctrl-C and SIGTERM ignored (the
+    fork server, started with the first of them, inherits that through exec,
+    and Python then installs no handler of its own; its children inherit it
+    through fork), so a signal sent to the process group while they start
+    cannot kill them; ``ignore_stop_signals`` keeps it so once
     the DataLoader has set its own handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -210,9 +212,21 @@ def _start_worker(device: torch.device, worker_id: int):
         torch.cuda.set_device(device)
 
 
+def decoding_context():
+    """Where decoding processes come from: a fork server that imports torch,
+    torchvision and this module once, and forks each process from that state.
+    Spawned processes would each import them again (and the training script
+    as ``__mp_main__``): on a 16-core H100 machine, 4 or 8 of them were still
+    importing after 50 s. The server never touches CUDA, so its children may."""
+    import multiprocessing
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torchvision.io", __name__])  # not __main__: the training script
+    return context
+
+
 class DecodingProcesses:
-    """``loader.decode_processes`` spawned processes (a forked child cannot
-    use CUDA once its parent has) that decode whole batches. They stay for
+    """``loader.decode_processes`` processes from the fork server (a child
+    forked from this process could not use CUDA once it has) that decode whole batches. They stay for
     every pass of the loader, as the torch loader's workers do: each one's
     start (importing torch, a CUDA context) costs seconds."""
 
@@ -228,7 +242,7 @@ class DecodingProcesses:
         self.jobs = ListSampler()
         self.reader = DataLoader(DecodedBatches(loader.samples, decoder_args(loader, device)), batch_size=None,
                                  sampler=self.jobs, num_workers=loader.decode_processes, collate_fn=collate_lists,
-                                 multiprocessing_context="spawn", prefetch_factor=2, persistent_workers=True,
+                                 multiprocessing_context=decoding_context(), prefetch_factor=2, persistent_workers=True,
                                  worker_init_fn=functools.partial(_start_worker, device))
 
     def batches(self, loader, indices, start):
