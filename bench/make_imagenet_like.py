@@ -111,8 +111,8 @@ def main(argv=None) -> int:
             p.error(str(exc))
         total, count = 0, 0
         for split, samples in splits.items():
-            if args.limit:  # every k-th sample: all classes, not the first few
-                samples = samples[::max(1, len(samples) // args.limit)][:args.limit]
+            if args.limit and args.limit < len(samples):  # evenly spaced: every class, not the first few
+                samples = [samples[i * len(samples) // args.limit] for i in range(args.limit)]
             jobs = []
             for i, (src, cls) in enumerate(samples):
                 folder = args.out / split / cls

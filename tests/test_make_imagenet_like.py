@@ -38,7 +38,8 @@ def test_a_tarball_and_a_limit_spread_over_the_classes(tmp_path):
         write_folder(tmp_path / "data" / split, classes=("n01", "n02", "n03"), per_class=4)
     with tarfile.open(tmp_path / "data.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "data", arcname="data")
-    r = make(tmp_path / "data.tar.gz", tmp_path / "out", "--limit", "3", "--size", "200x100")
-    assert r.returncode == 0, r.stderr
-    classes, samples, _ = scan_image_folder(tmp_path / "out" / "train")
-    assert classes == ["n01", "n02", "n03"] and len(samples) == 3
+    for limit in (3, 7):  # 7 of 12: a step of 1 would take the first 7, two classes
+        r = make(tmp_path / "data.tar.gz", tmp_path / f"out{limit}", "--limit", str(limit), "--size", "200x100")
+        assert r.returncode == 0, r.stderr
+        classes, samples, _ = scan_image_folder(tmp_path / f"out{limit}" / "train")
+        assert classes == ["n01", "n02", "n03"] and len(samples) == limit
