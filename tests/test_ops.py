@@ -329,8 +329,9 @@ def bad_direct_calls(device, backend):
              ("step", lambda: op(x, delta, grad, None, p[:2], p, p, p, 0.0, 1.0, 0, True)),  # a view of p
              ("eps", lambda: op(x, delta, grad, None, p, p.double(), p, p, 0.0, 1.0, 0, True)),
              ("std", lambda: op(x, delta, grad, None, p, p, p, p[:1].expand(3), 0.0, 1.0, 0, True))]
-    if torch.device(device).type == "cuda":
-        calls.append(("mean", lambda: op(x, delta, grad, None, p, p, p.cpu(), p, 0.0, 1.0, 0, True)))
+    if torch.device(device).type == "cuda":  # messages that print a device, from both kinds of check
+        calls += [("grad", lambda: op(x, delta, grad.cpu(), None, p, p, p, p, 0.0, 1.0, 0, True)),
+                  ("mean", lambda: op(x, delta, grad, None, p, p, p.cpu(), p, 0.0, 1.0, 0, True))]
     return calls
 
 
