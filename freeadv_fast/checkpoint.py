@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import json
 import os
 import pickle
 import random
@@ -71,6 +72,8 @@ def atomic_write(data: bytes, path, *, keep_previous: bool = True) -> Path:
         raise ValueError(f"{str(path)!r} is a directory, not a file name: name a file (e.g. {path / 'checkpoint.pt'})")
     if path.is_symlink():
         path = path.resolve()
+    if path.exists() and not path.is_file():  # a device or a pipe: renaming it away would break the system
+        raise ValueError(f"{str(path)!r} is a device or a pipe, not a file: name a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -90,6 +93,24 @@ def atomic_write(data: bytes, path, *, keep_previous: bool = True) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def not_a_results_file(path) -> str | None:
+    """Why the existing file at ``path`` must not be replaced by a JSON results
+    file, or None: anything but one JSON document (a checkpoint, JSON lines
+    such as a run's metrics.jsonl, notes) is someone's data."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    if path.stat().st_size > 64 * 2 ** 20:
+        return "exists and is too large to be a results file"
+    try:
+        text = path.read_bytes().decode()
+        if text.strip():
+            json.loads(text)
+    except (UnicodeDecodeError, ValueError):
+        return "exists and is not a JSON results file (one JSON document)"
+    return None
 
 
 def write_result(path, text: str) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, messages
-from .checkpoint import CheckpointError, read_checkpoint, write_result
+from .checkpoint import CheckpointError, not_a_results_file, read_checkpoint, write_result
 from .cli import ArgumentParser, add_config_flags, check_writable_file, config_flags, int_at_least, use_log_level
 from .config import ConfigError, RunConfig, check
 from .data import DATASETS
@@ -78,8 +78,9 @@ def settings(args) -> dict:
         check_writable_file(args.json, "--json")
         if args.json.exists() and args.json.resolve() == args.checkpoint.resolve():
             raise ConfigError(f"--json {args.json} is the checkpoint being evaluated; not overwriting it")
-        if args.json.is_file() and args.json.read_bytes()[:64].lstrip()[:1] not in (b"{", b"[", b""):
-            raise ConfigError(f"--json {args.json} exists and is not a JSON file; not overwriting it")
+        problem = not_a_results_file(args.json)
+        if problem:
+            raise ConfigError(f"--json {args.json} {problem}; not overwriting it")
     return {"config": cfg, "epsilon": cfg.epsilon, "step_size": step,
             "steps": given.get("final_eval_steps", steps), "attacks": args.attack or ["pgd"],
             "restarts": cfg.eval_restarts, "limit": cfg.final_eval_samples, "seed": cfg.seed,

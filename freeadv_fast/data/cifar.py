@@ -96,8 +96,11 @@ def _pixels(path: Path, raw) -> np.ndarray:
         if a.size and (a.min() < 0 or a.max() > 255):
             raise DataError(f"{path}: pixel values {a.min()}..{a.max()} in a {a.dtype} array, outside 0..255")
         say_once(f"{path}: {a.dtype} pixels (all within 0..255) converted to uint8")
-    if a.size % 3072 or (a.ndim == 2 and a.shape[1] != 3072) or a.ndim not in (2, 4):
-        raise DataError(f"{path}: images of shape {a.shape}, expected N x 3072 (3 x 32 x 32 each)")
+    if not (a.ndim == 2 and a.shape[1] == 3072 or a.ndim == 4 and a.shape[1:] == (3, 32, 32)):
+        hint = (" (N x 32 x 32 x 3 is torchvision's in-memory layout: transpose it to N x 3 x 32 x 32)"
+                if a.ndim == 4 and a.shape[1:] == (32, 32, 3) else "")
+        raise DataError(f"{path}: images of shape {a.shape}, expected N x 3072 or N x 3 x 32 x 32 (channel, row, "
+                        f"column){hint}")
     return a.astype(np.uint8).reshape(-1, 3, 32, 32)
 
 
