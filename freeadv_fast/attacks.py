@@ -47,6 +47,22 @@ def logits_of(model, x, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32", 
         return model(inp).float()
 
 
+def check_budget(epsilon, step_size, steps: int, channels: int, pixel_range):
+    """Numbers that would make an attack a no-op or a unit mistake are refused
+    (tensors are taken as they are: reading them would synchronise)."""
+    width = pixel_range[1] - pixel_range[0]
+    values = {}
+    for name, v in (("epsilon", epsilon), ("step_size", step_size)):
+        if not isinstance(v, torch.Tensor):
+            values[name] = ops.channel_param(v, name, channels, "cpu").tolist()
+            if max(values[name]) > width:
+                raise ValueError(f"{name} {v} is more than the pixel range's width {width:g}: give it in the units "
+                                 f"of the pixel range (8/255 = {8 / 255:.4f} for 8 of 255 on [0, 1])")
+    if steps and max(values.get("epsilon", [1.0])) > 0 and min(values.get("step_size", [1.0])) == 0:
+        raise ValueError("step_size 0 with epsilon > 0: the attack would never move from its start, and its "
+                         "accuracy would be clean accuracy (or the random start's)")
+
+
 def pgd(model, x, y, *, epsilon, step_size, steps, restarts=1, random_start=True, loss="ce", mean, std,
         pixel_range=(0.0, 1.0), precision="fp32", generator=None, backend="auto") -> torch.Tensor:
     """Projected gradient descent (Madry et al.); returns the adversarial
@@ -64,8 +80,7 @@ def pgd(model, x, y, *, epsilon, step_size, steps, restarts=1, random_start=True
     check_int("steps", steps, 0)
     check_int("restarts", restarts, 1)
     check_batch(x, y, pixel_range)
-    if not isinstance(epsilon, torch.Tensor):  # named before the step size it is checked with
-        ops.channel_param(epsilon, "epsilon", x.shape[1], "cpu")
+    check_budget(epsilon, step_size, steps, x.shape[1], pixel_range)
     x, y = x.detach(), y.detach()
     kw = dict(mean=mean, std=std, pixel_range=pixel_range, backend=backend)
     best_delta = torch.zeros(x.shape, device=x.device)

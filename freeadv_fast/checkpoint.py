@@ -240,14 +240,17 @@ def load_checkpoint(path, trainer, *, rank: int | None = None, world_size: int |
     if not 0 <= rank < (world_size or 0):
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     ranks = check_world(path, state, world_size)
-    backup = copy.deepcopy(trainer.state_dict())  # a load that fails half-way is undone: all or nothing
+    # a load that fails half-way is undone: all or nothing, this process's delta and RNGs included
+    backup = copy.deepcopy(trainer.state_dict()), copy.deepcopy(trainer.rank_state()), rng_states(trainer.device)
     try:
         trainer.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        trainer.load_state_dict(backup)
+        trainer.load_rank_state(ranks[rank])
+        set_rng_states(ranks[rank]["rng"], trainer.device)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        trainer.load_state_dict(backup[0])
+        trainer.load_rank_state(backup[1])
+        set_rng_states(backup[2], trainer.device)
         why = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) else _first_line(exc)
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer ({type(trainer.optimizer).__name__}"
                               f"): {why}") from exc
-    trainer.load_rank_state(ranks[rank])
-    set_rng_states(ranks[rank]["rng"], trainer.device)
     return state.get("config", {})

@@ -65,6 +65,12 @@ def settings(args) -> dict:
     given = config_flags(args)
     if args.dataset is not None:
         given["dataset"] = args.dataset
+        trained_on = saved.get("dataset")
+        if args.dataset != trained_on and args.dataset in DATASETS:
+            messages.info(f"the checkpoint was trained on {trained_on}; evaluating it on {args.dataset}, with "
+                          f"{args.dataset}'s normalisation and labels")
+            if not DATASETS[args.dataset].resizable:  # the training run's sizes do not apply here
+                saved = {k: v for k, v in saved.items() if k not in ("image_size", "source_size", "phases")}
     cfg = RunConfig(**saved)
     own = dict(eval_restarts=1, final_eval_samples=0, seed=0)  # this command's defaults, not the run's
     cfg = check(dataclasses.replace(cfg, **{**own, **given}), names={k: f"--{v}" for k, v in FLAGS.items()})
@@ -74,6 +80,11 @@ def settings(args) -> dict:
         step = cfg.eval_step_size
     elif "epsilon" in given and not paper:
         step = cfg.epsilon / 4
+    if step <= 0 < cfg.epsilon and any(given.get("final_eval_steps", steps)):
+        raise ConfigError(f"--step-size {step:g}: a step of 0 never moves the attack from its start, so its accuracy "
+                          "would be clean accuracy; give a step > 0")
+    if cfg.epsilon == 0:
+        messages.info("epsilon 0: the attacks cannot change an image, so their accuracy is clean accuracy")
     if args.json is not None:  # before the evaluation, not after it
         check_writable_file(args.json, "--json")
         if args.json.exists() and args.json.resolve() == args.checkpoint.resolve():
@@ -111,8 +122,14 @@ def _evaluate(job, d) -> int:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
+        why = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
         raise CheckpointError(f"checkpoint {job['checkpoint']} does not fit {cfg.arch} with {data.num_classes} "
-                              f"classes: {str(exc).splitlines()[0]}") from None
+                              f"classes ({cfg.dataset}): {why[:300]}") from None
+    bad = next((name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()),
+               None)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {job['checkpoint']} holds non-finite weights (NaN or inf, in {bad}): its "
+                              "accuracies would mean nothing")
     model.to(d.device).eval()
     limit = -(-job["limit"] // d.world_size) if job["limit"] else 0
     losses = [{"pgd": "ce", "cw": "cw"}[a] for a in job["attacks"] if a != "autoattack"]

@@ -33,6 +33,11 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
     net = distributed.unwrap(model)
     if next(net.parameters(), None) is None:
         raise ValueError("model has no parameters: nothing to evaluate")
+    bad = next((name for name, t in net.state_dict().items() if t.is_floating_point() and not t.isfinite().all()),
+               None)  # one look before the work: argmax of NaN logits is class 0, a plausible accuracy
+    if bad is not None:
+        raise ValueError(f"the model holds non-finite weights (NaN or inf, in {bad}): its accuracies would mean "
+                         "nothing")
     was_training = net.training
     net.eval()
     names = [(attack_name(loss, s, restarts), loss, s) for loss in losses for s in steps]

@@ -498,6 +498,11 @@ class Trainer:
             group.update(old)
 
     def load_state_dict(self, state: dict):
+        if not isinstance(state, dict):
+            raise ValueError(f"a trainer state is a dict (from state_dict()), got {type(state).__name__}")
+        missing = [k for k in ("model", "optimizer", "step", "epoch", "batch_in_epoch") if k not in state]
+        if missing:  # said before anything is loaded, so nothing is half-loaded
+            raise ValueError(f"the trainer state lacks {', '.join(missing)}")
         if state.get("method") != self.method:
             raise ValueError(f"the checkpoint was written by {state.get('method')!r} training, not {self.method!r}")
         distributed.unwrap(self.model).load_state_dict(state["model"])

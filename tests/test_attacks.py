@@ -1,4 +1,6 @@
 """Attacks: cross-checked against torchattacks' independent PGD, and their invariants."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -109,3 +111,16 @@ def test_attack_and_evaluation_arguments_are_named(digits_model):
             evaluate(digits_model, [(x, y)], **{**kw, **extra})
     with pytest.raises(ValueError, match="held no image"):
         evaluate(digits_model, [], **kw)
+    # numbers that make an attack a no-op or a unit mistake (8 meaning 8/255) would report garbage
+    for extra, message in [(dict(step_size=0), "step_size 0 with epsilon > 0"),
+                           (dict(epsilon=8), "epsilon 8 is more than the pixel range's width 1"),
+                           (dict(step_size=2), "step_size 2 is more than the pixel range's width")]:
+        with pytest.raises(ValueError, match=message):
+            attacks.pgd(digits_model, x, y, steps=2, **{**kw, **extra})
+        with pytest.raises(ValueError, match=message):
+            evaluate(digits_model, [(x, y)], **{**kw, **extra})
+    attacks.pgd(digits_model, x, y, steps=2, **{**kw, "epsilon": 0, "step_size": 0})  # no attack, as asked
+    broken = copy.deepcopy(digits_model)
+    next(broken.parameters()).data.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite weights \(NaN or inf, in 0.weight\)"):
+        evaluate(broken, [(x, y)], **kw)

@@ -1,10 +1,13 @@
 """Checkpoints: exact resume, atomic writes, refusing hostile or foreign files."""
+import os
+import stat
+
 import pytest
 import torch
 
 from dist_workers import run
 from freeadv_fast import FreeAdversarialTrainer, PGDTrainer, load_checkpoint, save_checkpoint
-from freeadv_fast.checkpoint import FORMAT, CheckpointError, read_checkpoint
+from freeadv_fast.checkpoint import FORMAT, CheckpointError, atomic_save, read_checkpoint
 from freeadv_fast.data import TensorBatches
 from freeadv_fast.scheduler import build_schedule
 from helpers import EPS, MEAN, STD, STEP, sgd, small_cnn, toy_data
@@ -133,3 +136,28 @@ def test_saving_never_replaces_a_folder_or_a_link_and_a_failed_load_changes_noth
     with pytest.raises(CheckpointError, match=r"does not fit this model/optimizer \(Adam\)"):
         load_checkpoint(target, adam)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items()) and adam.step == 0
+    # a device or a pipe is never renamed away and replaced by a file
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="is a device or a pipe, not a file"):
+        save_checkpoint(fifo, trainer)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and not (tmp_path / "fifo.prev").exists()
+
+
+def test_a_load_that_fails_in_the_per_process_state_changes_nothing(tmp_path):
+    model = small_cnn()
+    trainer = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    trainer.train_batch(*toy_data(n=8))
+    save_checkpoint(tmp_path / "c.pt", trainer)
+    state = read_checkpoint(tmp_path / "c.pt")
+    del state["ranks"][0]["rng"]  # the weights load, then this process's RNG states do not
+    atomic_save(state, tmp_path / "bad.pt")
+    fresh = small_cnn()
+    other = FreeAdversarialTrainer(fresh, sgd(fresh), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match="missing 'rng'"):
+        load_checkpoint(tmp_path / "bad.pt", other)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items()) and other.step == 0
+    with pytest.raises(ValueError, match="the trainer state lacks optimizer"):
+        other.load_state_dict({k: v for k, v in trainer.state_dict().items() if k != "optimizer"})
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())

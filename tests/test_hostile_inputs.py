@@ -125,6 +125,7 @@ def assert_refused_here(main, argv, capfd, expected):
     err = capfd.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert status == 2 and len(errors) == 1 and expected in errors[0], (status, err[-2000:])
+    return err
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -200,15 +201,19 @@ def checkpoint(tmp_path_factory):
     (["--json", "{dir}"], "is a directory, not a file"),
     (["--json", "{file}/x.json"], "is a file, not a directory"),
     (["--json", "{checkpoint}"], "is the checkpoint being evaluated; not overwriting it"),
-    (["--json", "{file}"], "exists and is not a JSON file; not overwriting it"),
+    (["--json", "{file}"], "exists and is not a JSON results file"),
+    (["--json", "{jsonl}"], "exists and is not a JSON results file"),  # a run's metrics.jsonl starts with {
+    (["--step-size", "0"], "a step of 0 never moves the attack"),
     (["--nproc", "3"], "batch size 64 is not divisible by the 3 processes"),  # said once, not by each worker
     (["--seed", "99999999999999999999"], "seed must be at most"),
 ])
 def test_eval_refuses_before_it_evaluates(checkpoint, tmp_path, capfd, args, expected):
     file = tmp_path / "a-file"
     file.write_text("x")
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text('{"step": 1}\n{"step": 2}\n')
     before = checkpoint.read_bytes()
-    args = [a.format(dir=tmp_path, file=file, checkpoint=checkpoint) for a in args]
+    args = [a.format(dir=tmp_path, file=file, checkpoint=checkpoint, jsonl=jsonl) for a in args]
     from freeadv_fast.eval import main
     assert_refused_here(main, [checkpoint, "--cpu", *args], capfd, expected)
     assert checkpoint.read_bytes() == before and file.read_text() == "x"
@@ -230,6 +235,23 @@ def test_resuming_with_another_process_count_is_said_once(checkpoint, capfd):
     assert_refused_here(main, ["--cpu", "--nproc", "2", "--preset", "digits-demo", "--method", "natural", "--epochs",
                                "1", "--eval-every", "0", "--out", checkpoint.parent, "--resume", "auto"], capfd,
                         "was written by 1 process(es) but this run has 2")
+
+
+def test_eval_refuses_a_checkpoint_with_non_finite_weights(checkpoint, tmp_path, capfd):
+    from freeadv_fast.checkpoint import atomic_save, read_checkpoint
+    from freeadv_fast.eval import main
+    state = read_checkpoint(checkpoint)
+    next(v for v in state["model"].values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    atomic_save(state, tmp_path / "nan.pt")
+    assert_refused_here(main, [tmp_path / "nan.pt", "--cpu", "--limit", "8", "--steps", "1"], capfd,
+                        "holds non-finite weights")
+
+
+def test_eval_on_another_dataset_says_so_and_names_what_does_not_fit(checkpoint, capfd):
+    from freeadv_fast.eval import main
+    err = assert_refused_here(main, [checkpoint, "synthetic", "--cpu", "--limit", "8", "--steps", "1"], capfd,
+                              "size mismatch for")  # torch's reason, not its headline ending in a colon
+    assert "the checkpoint was trained on digits; evaluating it on synthetic" in err
 
 
 def test_eval_writes_json_into_a_folder_it_makes(checkpoint, tmp_path):
