@@ -295,6 +295,9 @@ def _cifar_cases():
         ("float-data", {b"data": pixels.astype(np.float32) / 255, b"labels": labels}, True, "images are float32"),
         ("int64-1000", {b"data": np.full((20, 3072), 1000, dtype=np.int64), b"labels": labels}, True,
          "pixel values 1000..1000"),
+        # torchvision's in-memory layout, which reshaping would scramble: refused, not read as N x 3 x 32 x 32
+        ("nhwc", {b"data": pixels.reshape(20, 32, 32, 3), b"labels": labels}, True, "transpose it to N x 3 x 32 x 32"),
+        ("4d-odd", {b"data": pixels.reshape(20, 1, 3072, 1), b"labels": labels}, True, "images of shape (20, 1, 3072, 1)"),
     ]
 
 
