@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from common import parse, parser, write_json
+from common import guarded, parse, parser, write_json
 
 
 def probe(device) -> dict:
@@ -31,6 +31,7 @@ def probe(device) -> dict:
     return out
 
 
+@guarded
 def main(argv=None):
     args = parse(parser(__doc__, device=False), argv)  # it probes every device torch sees
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

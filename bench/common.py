@@ -4,7 +4,10 @@ results one way (``python bench/x.py`` puts bench/ on the path: ``import common`
 ``wall_clock``, ``elapsed_s``, ``median_ms`` and ``in_graph_ms``, and
 ``provenance``/``write_json`` (every results file's "meta"), ``read_json``,
 and ``guarded``: a main whose bad input (``InputError``, a configuration or
-data error) ends in one line and status 2, as argparse's own errors do.
+data error, a results file that cannot be written) ends in one line and
+status 2, as argparse's own errors do. ``parse`` refuses a --json that
+cannot be written or that would replace someone's data (not_results) before
+anything is measured.
 
 Kernels are timed by median_ms, not triton.testing.do_bench (it flushes L2
 before each call and picks its repetitions by time) or torch.utils.benchmark
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from freeadv_fast.checkpoint import write_result
+from freeadv_fast.checkpoint import not_a_results_file, write_result
 from freeadv_fast.common import PRECISIONS
 from freeadv_fast.config import ConfigError
 from freeadv_fast.data.errors import DataError
@@ -105,16 +108,29 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     if getattr(args, "device", None) is not None and args.device.type == "cuda" and not torch.cuda.is_available():
         p.exit(2, f"{p.prog}: --device {args.device} asked for, but torch sees no GPU\n")
     if getattr(args, "json", None) is not None:
-        problem = unwritable(args.json)
+        problem = not_results(args.json)
         if problem:  # said now, not after the minutes of measuring that would go to it
             p.error(f"--json {args.json}: {problem}")
     return args
+
+
+def not_results(path: Path) -> str | None:
+    """Why a JSON results file cannot be written at ``path``, or None: it
+    cannot be written (unwritable), or an existing file there is not a JSON
+    results file (notes, a checkpoint, a run's metrics.jsonl) and would be lost."""
+    problem = unwritable(path)
+    if problem:
+        return problem
+    problem = not_a_results_file(path)
+    return f"{problem}: not replaced, name another file" if problem else None
 
 
 def unwritable(path: Path) -> str | None:
     """Why a file cannot be written at ``path`` (its folders made as needed), or None."""
     if path.is_dir():
         return "is a directory"
+    if path.exists() and not path.is_file():  # a device or a pipe (/dev/stdout): written through, not replaced
+        return None if os.access(path, os.W_OK) else "is not writable"
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
@@ -219,17 +235,27 @@ def write_json(path: Path, device: torch.device, meta: dict | None = None, **bod
     """Writes ``{"meta": provenance(device) | meta, **body}`` to ``path`` (a
     key of ``meta`` overrides provenance's in place) and returns it."""
     doc = {"meta": {**provenance(device), **(meta or {})}, **body}
-    write_text(path, json.dumps(doc, indent=1) + "\n")
+    write_text(path, json.dumps(doc, indent=1) + "\n", results=True)
     return doc
 
 
-def write_text(path: Path, text: str):
+def write_text(path: Path, text: str, *, results: bool = False):
     """Writes ``path`` whole or not at all (checkpoint.write_result): a failed
-    write never leaves half a results file in place of the old one."""
-    problem = unwritable(path)
+    write never leaves half a results file in place of the old one, and is an
+    InputError naming the file and the OS's reason (a full disk), not a
+    traceback. ``results``: a JSON results file, which never replaces a file
+    that is not one (not_results)."""
+    problem = (not_results if results else unwritable)(path)
     if problem:
-        raise InputError(f"{path}: {problem}")
-    write_result(path, text)
+        raise InputError(f"{path}: {problem}; {NOT_WRITTEN}")
+    try:
+        write_result(path, text)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be written ({exc.strerror or exc}); {NOT_WRITTEN}") from None
+
+
+# what a write that failed after the measuring says: nothing measured is in the file
+NOT_WRITTEN = "not written: the figures measured are in the output above"
 
 
 def read_json(path, what: str, keys=()) -> dict:

@@ -42,7 +42,8 @@ are decoded by their loader during the passes, as in a real run.
 Writes the JSON (every figure, with provenance) and beside it, under the same
 name, a markdown table (.md) and a plot (.png: robust accuracy against
 training time, a line per method; with a sweep, a second plot of accuracy
-against m). ``--quick``: a small CNN on a subset with the dataset's quick
+against m), so a --json named .md or .png is refused, as is one onto a file
+that is not a JSON results file. ``--quick``: a small CNN on a subset with the dataset's quick
 budgets (CIFAR-10: 3/15 of each recipe's), for CI: with the sweep and the
 frontier about 5 minutes on two CPU cores. Models are channels_last on every
 device (1.5x faster for the small CNN on two CPU cores too).
@@ -51,14 +52,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import InputError, device_name, guarded, parse, parser, positive, wall_clock, write_json, write_text
-from freeadv_fast.config import RunConfig, check
+from common import (NOT_WRITTEN, InputError, device_name, guarded, parse, parser, positive, unwritable, wall_clock,
+                    write_json, write_text)
+from freeadv_fast.config import ConfigError, RunConfig, check, pixel_value
 from freeadv_fast.data import DATASETS
 from freeadv_fast.data.datasets import build_data
 from freeadv_fast.data.tensors import TensorBatches
@@ -161,11 +164,46 @@ def parse_args(argv):
             raise ValueError("nothing to run: no --methods, --sweep-replays or --frontier (with --frontier-methods)")
     except ValueError as exc:
         p.error(str(exc))
+    for flag, text in (("--epsilon", args.epsilon), ("--eval-step-size", args.eval_step_size)):
+        try:
+            zero = text is not None and pixel_value(text) == 0
+        except ConfigError as exc:
+            p.error(f"{flag}: {exc}")
+        if zero:  # the attacks would not move the images: every robust accuracy would be the clean one
+            p.error(f"{flag} {text}: must be above 0, or the attacks leave the images as they are and every robust "
+                    "accuracy is the clean accuracy")
     if args.sweep_epochs is None:
         args.sweep_epochs = 80 * args.budget_scale
     args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
     args.json = args.json or Path("runs") / f"compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}" / "compare.json"
+    problem = beside_problem(args.json, sweep=bool(args.sweep_replays))
+    if problem:
+        p.error(f"--json {args.json}: {problem}")
     return args
+
+
+def beside(path: Path, sweep=True) -> dict:
+    """The files write_outputs writes beside the results file at ``path``."""
+    files = {"table": path.with_suffix(".md"), "plot": path.with_suffix(".png")}
+    if sweep:
+        files["sweep plot"] = path.with_name(path.stem + "-sweep.png")
+    return files
+
+
+def beside_problem(path: Path, sweep=True) -> str | None:
+    """Why the table and plot(s) written beside the results file at ``path``
+    cannot be (one of them would be the results file itself, or cannot be
+    written), or None: said before anything is trained, not after."""
+    for what, other in beside(path, sweep).items():
+        same = other.name.lower() == path.name.lower() or other.resolve() == path.resolve() or (
+            other.exists() and path.exists() and os.path.samefile(other, path))
+        if same:
+            return (f"the {what} is written beside the results file as {other.name}, which is the results file "
+                    "itself: name the results file .json")
+        problem = unwritable(other)
+        if problem:
+            return f"its {what} {other} {problem}"
+    return None
 
 
 def row_specs(args) -> list[dict]:
@@ -295,8 +333,12 @@ def _figure(draw, path, xlabel, ylabel, title):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be written ({exc.strerror or exc}); {NOT_WRITTEN}") from None
+    finally:
+        plt.close(fig)
 
 
 def plot(rows, key, path, title):
@@ -341,11 +383,16 @@ def write_outputs(path: Path, rows, meta, device, title):
     main_key = next((k for k in keys if "x" in k), keys[0])  # the restarted PGD when there is one
     summary = summarize(rows, main_key)
     table = markdown(rows, keys)
-    write_json(path, device, meta, compare=rows, summary=summary)
-    write_text(path.with_suffix(".md"), table + "\n")
-    plot(rows, main_key, path.with_suffix(".png"), title)
-    if any(r.get("group") == "sweep" for r in rows):
-        plot_sweep(rows, main_key, path.with_name(path.stem + "-sweep.png"), title)
+    files = beside(path, any(r.get("group") == "sweep" for r in rows))
+    try:
+        write_json(path, device, meta, compare=rows, summary=summary)
+        write_text(files["table"], table + "\n")
+        plot(rows, main_key, files["plot"], title)
+        if "sweep plot" in files:
+            plot_sweep(rows, main_key, files["sweep plot"], title)
+    except InputError:
+        print(table, flush=True)  # the figures, which the file that failed would have held
+        raise
     return table, summary
 
 
@@ -360,6 +407,10 @@ def main(argv=None) -> int:
     cfg = config_for(args, "natural")
     specs = row_specs(args)
     configs = [config_for(args, **spec) for spec in specs]  # every row's settings checked before any trains
+    for spec, row_cfg in zip(specs, configs):
+        if row_cfg.method != "natural" and row_cfg.step_size == 0:  # its attack would leave the images as they are
+            raise InputError(f"{METHODS[row_cfg.method].title(row_cfg)} ({spec['group']}): a training attack step "
+                             "of 0 leaves the images as they are (natural training under another name)")
     t0 = time.perf_counter()
     data = build_data(cfg, device=args.device)
     data_name = args.data_name or COMPARABLE[args.dataset].title

@@ -20,7 +20,7 @@ import sys
 import torch
 
 import freeadv_fast.ops as ops
-from common import device_name, in_graph_ms, median_ms, parse, parser, write_json
+from common import device_name, guarded, in_graph_ms, median_ms, parse, parser, write_json
 from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.ops import reference
 
@@ -76,6 +76,7 @@ def reference_calls(x, delta, grad, out, wrap):
     }
 
 
+@guarded
 def main(argv=None):
     p = parser(__doc__, quick="smaller CPU batches, fewer repetitions", json="write the records here")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")

@@ -107,11 +107,11 @@ def main(argv=None):
                 line += f"; feeds {rate / (step / per_image):.2f} GPUs of {method} ({step:.0f}/s)"
         print(line, flush=True)
         records.append(record)
+        data.close()  # its worker processes (decoders with CUDA contexts) go now, not when collected
+        del data
         if args.json:  # after every row: a run stopped by its time limit keeps what it measured
             write_json(args.json, device, {"device": loader_machine(device), "data": str(args.data),
                                            "images": len(samples)}, records=records)
-        data.close()  # its worker processes (decoders with CUDA contexts) go now, not when collected
-        del data
     if args.json:
         print(f"wrote {args.json}")
     return 0

@@ -263,8 +263,9 @@ def main(argv=None) -> int:
         p.error("--merge and --out go together")
     if args.merge:
         sys.path.insert(0, str(ROOT / "bench"))
-        from common import InputError, unwritable
-        problem = unwritable(args.out)
+        from common import InputError, not_results
+        from compare import beside_problem
+        problem = not_results(args.out) or beside_problem(args.out, sweep=False)  # the sweep plot: at writing
         if problem:
             p.error(f"--out {args.out}: {problem}")
         try:
@@ -290,7 +291,10 @@ def main(argv=None) -> int:
             print(f"{args.readme} is out of date with bench/results: run python bench/report.py", file=sys.stderr)
             return 1
         return 0
-    args.readme.write_text(new)
+    try:
+        args.readme.write_text(new)
+    except OSError as exc:
+        p.exit(2, f"{p.prog}: error: --readme {args.readme}: cannot be written ({exc.strerror or exc})\n")
     print(f"updated {args.readme}")
     return 0
 

@@ -16,10 +16,12 @@ whose CUDA time differs most.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
-from common import median_ms, parse, parser, write_json
+from common import guarded, median_ms, parse, parser, write_json
 from freeadv_fast import FreeAdversarialTrainer, NaturalTrainer
 from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.models import create_model
@@ -144,6 +146,7 @@ def profile_steps(device, batch, size, precision, steps):
     return {"kernel_ms_per_step": total, "largest_differences": rows}
 
 
+@guarded
 def main(argv=None):
     p = parser(__doc__, quick="batch 2 at 64 px (the CPU check in CI)")
     args = parse(p, argv)
@@ -161,7 +164,9 @@ def main(argv=None):
     if args.json:
         write_json(args.json, device, {"batch_size": batch, "image_size": size, "precision": precision},
                    conv1=conv, whole_step=steps, profile=prof)
+        print(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

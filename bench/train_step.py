@@ -215,9 +215,9 @@ def main(argv=None):
                   "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if gpu else None,
                   "peak_from_first_call": gpu, **info}
         records.append(record)
-        save()
         mem = f"{record['peak_memory_gib']:.1f} GiB" if gpu else ""
         print(f"  {name:<34} {rate:10.1f} images/s  {mem}  (first call {first_call_s:.1f} s)", flush=True)
+        save()  # after the line: a results file that cannot be written ends the run with its figure printed
         del model, optimizer, step
         gc.collect()  # a trainer and its step graph refer to each other: free the graph's memory pool now
         if gpu:
@@ -232,6 +232,8 @@ def main(argv=None):
     def safely(*a, **kw):
         try:
             measure(*a, **kw)
+        except InputError:  # the results file cannot be written: not the variant's failure, the run's end
+            raise
         except Exception as exc:  # one variant that fails is reported; the others still run
             print(f"  {a[0]:<34} FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             records.append({"method": a[0], "error": f"{type(exc).__name__}: {str(exc)[:300]}"})

@@ -2,8 +2,10 @@
 any measuring, and leaves results files as they were: flags out of range,
 results files of the wrong kind, output paths that cannot be written, data
 that cannot be read. The scripts run in this process (bench/ on the path)."""
+import errno
 import json
 import math
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -14,10 +16,14 @@ from test_data import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+import clamp_probe  # noqa: E402
+import common  # noqa: E402
 import compare  # noqa: E402
+import kernels  # noqa: E402
 import loader  # noqa: E402
 import make_imagenet_like  # noqa: E402
 import report  # noqa: E402
+import stem_grad  # noqa: E402
 import train_step  # noqa: E402
 
 KEEP = '{"precious": true}\n'
@@ -64,7 +70,12 @@ def test_compare_refuses_bad_flags_before_training(tmp_path, files, capsys):
             (["--eval-steps", "3,-3"], "--eval-steps: each must be >= 1"),
             (["--restarts", "0"], "argument --restarts: must be positive, got 0"),  # not silently the default
             (["--restart-steps", "-3"], "argument --restart-steps: must be positive"),
-            (["--recipe", "equal-steps", "--free-lr", "-1"], "argument --free-lr: must be positive")]:
+            (["--recipe", "equal-steps", "--free-lr", "-1"], "argument --free-lr: must be positive"),
+            # attacks that leave the images as they are: every robust accuracy would be the clean one
+            (["--eval-step-size", "0"], "--eval-step-size 0: must be above 0"),
+            (["--eval-step-size", "0/255"], "--eval-step-size 0/255: must be above 0"),
+            (["--eval-step-size", "1e-400"], "--eval-step-size: '1e-400' is too small"),
+            (["--epsilon", "0.0"], "--epsilon 0.0: must be above 0")]:
         refused(compare, common + argv, capsys, message)
     refused(compare, ["--data", tmp_path, "--quick", "--json", files["dir"]], capsys, "is a directory")
     refused(compare, ["--data", tmp_path, "--quick", "--json", files["plain_file"] / "c.json"], capsys,
@@ -81,6 +92,11 @@ def test_compare_checks_every_row_before_the_first_trains(tmp_path, files, capsy
     rc, err = status(compare, ["--data", tmp_path, "--quick", "--methods", "natural,pgd", "--json", files["keep"]],
                      capsys)
     assert rc == 2 and "step size must be between 0 and 1" in err, err
+    assert files["keep"].read_text() == KEEP
+    # and one whose attack step is 0 (natural training under another name), named by its row
+    monkeypatch.setitem(compare.RECIPES["fast-at"], "pgd", dict(epochs=15, lr=0.2, step_size="0/255"))
+    refused(compare, ["--data", tmp_path, "--quick", "--methods", "natural,pgd", "--json", files["keep"]], capsys,
+            "PGD-7 (fast-at): a training attack step of 0")
     assert files["keep"].read_text() == KEEP
 
 
@@ -185,7 +201,111 @@ def test_a_json_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
     def disk_full(fd):  # the new text is written, then the disk cannot hold it
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(common.InputError, match=r"r.json: cannot be written \(No space left on device\); not written"):
         common.write_json(path, __import__("torch").device("cpu"), records=[math.pi])
     monkeypatch.undo()
     assert path.read_text() == KEEP and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+@pytest.fixture
+def someones_data(tmp_path):
+    """{file: its bytes} of files a results file must never replace: notes, a checkpoint, a run's metrics."""
+    import torch
+    notes, ckpt, metrics = tmp_path / "notes.txt", tmp_path / "run.pt", tmp_path / "metrics.jsonl"
+    notes.write_text("free-8 at lr 0.2 diverged in pass 3\n")
+    torch.save({"weight": torch.ones(3)}, ckpt)
+    metrics.write_text('{"step": 1, "loss": 2.3}\n{"step": 2, "loss": 2.1}\n')
+    return {p: p.read_bytes() for p in (notes, ckpt, metrics)}
+
+
+def test_no_bench_script_replaces_a_file_that_is_not_a_results_file(tmp_path, files, someones_data, capsys,
+                                                                      monkeypatch):
+    def measured(*a, **k):
+        raise AssertionError("measured before --json was checked")
+    for script, name in [(clamp_probe, "probe"), (kernels, "make_batch"), (stem_grad, "conv1_timings"),
+                         (train_step, "create_model"), (compare, "build_data"), (loader, "scan_image_folder")]:
+        monkeypatch.setattr(script, name, measured)
+    cpu = ["--device", "cpu", "--quick"]
+    scripts = [(clamp_probe, []), (kernels, cpu), (stem_grad, cpu), (train_step, cpu), (compare, ["--data", tmp_path, "--quick"]),
+               (loader, ["--data", tmp_path, "--device", "cpu"])]
+    for path in someones_data:
+        for script, argv in scripts:
+            refused(script, argv + ["--json", path], capsys,
+                    f"--json {path}: exists and is not a JSON results file (one JSON document): not replaced")
+        refused(report, ["--merge", files["compare"], "--out", path], capsys,
+                f"--out {path}: exists and is not a JSON results file")
+        with pytest.raises(common.InputError, match="not a JSON results file"):  # one that appeared while measuring
+            common.write_json(path, __import__("torch").device("cpu"), records=[])
+    assert all(path.read_bytes() == data for path, data in someones_data.items())
+    assert not any(tmp_path.glob("*.md")) and not any(tmp_path.glob("*.png"))
+    common.write_json(files["keep"], __import__("torch").device("cpu"), records=[1])  # a results file is replaced
+    assert json.loads(files["keep"].read_text())["records"] == [1]
+
+
+def test_compare_and_merge_refuse_a_results_file_their_table_or_plot_would_replace(tmp_path, files, capsys):
+    (tmp_path / "link.md").symlink_to(tmp_path / "link.json")  # the table would be written through to the JSON
+    for name, what in [("out.md", "table"), ("out.png", "plot"), ("OUT.MD", "table"), ("link.json", "table")]:
+        message = f"the {what} is written beside the results file as "
+        refused(compare, ["--data", tmp_path, "--quick", "--json", tmp_path / name], capsys, message)
+        refused(report, ["--merge", files["compare"], "--out", tmp_path / name], capsys, message)
+    (tmp_path / "busy.md").mkdir()  # a sibling that cannot be written: said before training, not after
+    refused(compare, ["--data", tmp_path, "--quick", "--json", tmp_path / "busy.json"], capsys,
+            f"its table {tmp_path / 'busy.md'} is a directory")
+    refused(report, ["--merge", files["compare"], "--out", tmp_path / "busy.json"], capsys, "is a directory")
+    assert not any((tmp_path / n).exists() for n in ("out.md", "out.png", "OUT.MD", "link.json", "busy.json"))
+
+
+def test_every_bench_script_says_bad_input_in_one_line():
+    for script in (clamp_probe, compare, kernels, loader, stem_grad, train_step):
+        assert getattr(script.main, "__wrapped__", None) is not None, f"{script.__name__}.main is not guarded"
+
+
+def failed_write(script, argv, capsys):
+    """(stdout, the one line on stderr) of a run whose results file could not be written (status 2)."""
+    rc = script.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in err, err
+    return out, err.strip().splitlines()[-1]
+
+
+def test_a_results_file_that_cannot_be_written_ends_in_one_line_with_the_figures_printed(tmp_path, files, capsys,
+                                                                                          monkeypatch):
+    if os.access("/dev/full", os.W_OK):  # a device is written through: the full disk comes at the write
+        out, line = failed_write(clamp_probe, ["--json", "/dev/full"], capsys)
+        assert "clamp's mask at the bounds" in out
+        assert "/dev/full: cannot be written (No space left on device); not written: the figures" in line, line
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", disk_full)
+    keep = files["keep"]
+    full = f"{keep}: cannot be written ({os.strerror(errno.ENOSPC)}); not written: the figures measured are in"
+    out, line = failed_write(clamp_probe, ["--json", keep], capsys)
+    assert "clamp's mask at the bounds" in out and full in line, line
+    monkeypatch.setattr(kernels, "shapes", lambda quick, device: {"tiny": (2, 3, 8, 8)})
+    out, line = failed_write(kernels, ["--device", "cpu", "--quick", "--no-compile", "--json", keep], capsys)
+    assert "update_and_make_input_" in out and full in line, line
+    for name in ("conv1_timings", "step_timings"):
+        monkeypatch.setattr(stem_grad, name, lambda *a: [{"ms": 1.0}])
+    monkeypatch.setattr(stem_grad, "profile_steps", lambda *a: {"kernel_ms_per_step": {}})
+    out, line = failed_write(stem_grad, ["--device", "cpu", "--quick", "--json", keep], capsys)
+    assert full in line, line
+    # train_step writes after each measurement: the first that cannot be written ends the run, its figure printed
+    out, line = failed_write(train_step, ["--device", "cpu", "--quick", "--methods", "natural,free-4", "--batch-size",
+                                          2, "--image-size", 8, "--steps", 1, "--json", keep], capsys)
+    assert "natural fp32" in out and "free-4" not in out and "FAILED" not in out and full in line, line
+    out, line = failed_write(report, ["--merge", files["compare"], "--out", keep], capsys)
+    assert "| natural |" in out and "| free |" in out and full in line, line  # the table the file would have held
+    assert keep.read_text() == KEEP and not keep.with_suffix(".md").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_a_plot_that_cannot_be_written_is_named_in_one_line(tmp_path, files, capsys, monkeypatch):
+    import matplotlib.figure
+
+    def read_only(self, path, **kw):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", read_only)
+    out = tmp_path / "merged.json"
+    _, line = failed_write(report, ["--merge", files["compare"], "--out", out], capsys)
+    assert f"{out.with_suffix('.png')}: cannot be written ({os.strerror(errno.EROFS)})" in line, line
