@@ -317,6 +317,96 @@ def test_data_check_refuses_a_worker_count_below_1_and_a_file_for_a_folder(tmp_p
     assert capsys.readouterr().err == f"error: {tmp_path / 'x.JPEG'}: a file, not a directory\n"
 
 
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_file_name_that_is_not_utf8_is_read_or_left_out_by_name_never_a_crash(tmp_path, loader, capsys):
+    """DALI's file reader takes names as UTF-8 strings and crashed on a latin-1
+    'caf\\xe9.JPEG'; it leaves such a file out, named once. The torch and
+    nvjpeg loaders read it."""
+    write_folder(tmp_path, classes=("a", "b"), per_class=2)
+    odd = tmp_path / "a" / os.fsdecode(b"caf\xe9.JPEG")
+    odd.write_bytes((tmp_path / "a" / "img0.JPEG").read_bytes())
+    data = ImageFolderLoader(tmp_path, train=False, batch_size=2, image_size=16, val_resize=16, loader=loader,
+                             workers=1)
+    for _ in range(2):
+        assert sorted(torch.cat([y for _, y in data]).tolist()) == ([0, 0, 1, 1] if loader == "dali" else
+                                                                   [0, 0, 0, 1, 1])
+    err = capsys.readouterr().err
+    if loader == "dali":
+        assert list(data.bad_files) == [str(odd)] and "not valid UTF-8" in data.bad_files[str(odd)]
+        assert err.count("caf\\xe9.JPEG") == 1 and "--loader torch" in err
+    assert "Traceback" not in err
+
+
+def check_in_process(monkeypatch, capsys, *argv):
+    """(status, stdout, stderr) of ``python -m freeadv_fast.data check`` run
+    here, its process pool replaced by one that records its size and checks
+    in this process."""
+    import freeadv_fast.data.__main__ as data_main
+    pools = []
+
+    class Pool:
+        def __init__(self, workers):
+            pools.append(workers)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, items, chunksize=1):
+            return map(fn, items)
+    monkeypatch.setattr(data_main, "ProcessPoolExecutor", Pool)
+    code = data_main.main(["check", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err, pools
+
+
+def test_data_check_starts_no_more_processes_than_files(tmp_path, monkeypatch, capsys):
+    write_folder(tmp_path / "train", classes=("a", "b"), per_class=2)
+    code, out, err, pools = check_in_process(monkeypatch, capsys, tmp_path, "--workers", "300")
+    assert code == 0 and pools == [4] and "4 images" in out, (out, err)
+
+
+def test_data_check_refuses_held_out_class_folders_that_training_refuses_naming_them(tmp_path, monkeypatch, capsys):
+    """Training stops on a val split whose class folders are not train's; the
+    check did not. Both name the classes that differ: a few, then a count."""
+    from freeadv_fast.config import build_config
+    write_folder(tmp_path / "train", classes=("a", "b", "c", "d", "e", "f"), per_class=1)
+    write_folder(tmp_path / "val", classes=("a", "x"), per_class=1)
+    code, out, err, _ = check_in_process(monkeypatch, capsys, tmp_path)
+    expected = (f"{tmp_path / 'val'}: its class folders differ from {tmp_path / 'train'}'s: it lacks b, c, d and "
+                f"2 more; it has x, which {tmp_path / 'train'} lacks")
+    assert code == 2 and err == f"error: {expected}\n" and "decoding" not in out, (out, err)
+    cfg = build_config(dataset="imagenet", flags=dict(data=str(tmp_path), batch_size=2, loader="torch", workers=0))
+    with pytest.raises(DataError) as refused:
+        build_data(cfg)
+    assert str(refused.value) == expected
+
+
+def test_data_check_names_a_bad_file_whose_name_is_not_utf8_on_a_strict_stdout(tmp_path, monkeypatch, capsys):
+    """PYTHONIOENCODING=utf-8 makes stdout strict: printing a latin-1 name raised UnicodeEncodeError."""
+    import io
+    write_folder(tmp_path / "train", classes=("a", "b"), per_class=1)
+    (tmp_path / "train" / "a" / os.fsdecode(b"caf\xe9.JPEG")).write_bytes(b"not an image")
+    strict = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    monkeypatch.setattr(sys, "stdout", strict)
+    code, _, err, _ = check_in_process(monkeypatch, capsys, tmp_path, "--workers", "1")
+    out = strict.buffer.getvalue().decode()
+    assert code == 1 and not err, err
+    assert "BAD " + str(tmp_path / "train" / "a" / "caf\\xe9.JPEG") + ": not an image" in out, out
+
+
+def test_data_check_of_cifar_pickles_missing_the_first_batch_says_what_training_says(tmp_path, monkeypatch, capsys):
+    write_cifar(tmp_path, n_train=4, n_test=4)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").unlink()
+    with pytest.raises(DataError) as training:
+        cifar.load_cifar(tmp_path, "cifar10", train=True)
+    assert "no cifar10 here" in str(training.value)
+    code, out, err, _ = check_in_process(monkeypatch, capsys, tmp_path)
+    assert code == 2 and err == f"error: {training.value}\n" and "class folder" not in err
+
+
 def write_cifar(root, name="cifar10", n_train=50, n_test=20, protocol=2):
     folder, train_files, test_files, label_key, meta, names_key = cifar.LAYOUTS[name]
     d = root / folder
@@ -364,6 +454,34 @@ def test_cifar_errors_and_hostile_pickles(tmp_path):
         cifar.load_cifar(tmp_path, "cifar10", train=True)
     batch.write_bytes(b"\x80\x02truncated")
     with pytest.raises(DataError, match="data_batch_3: not a readable CIFAR pickle"):
+        cifar.load_cifar(tmp_path, "cifar10", train=True)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_cifar_pickles_with_str_keys_load_and_one_with_no_images_is_named(tmp_path, protocol):
+    write_cifar(tmp_path, n_train=4, n_test=4)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    pixels = np.arange(4 * 3072).reshape(4, 3072).astype(np.uint8)
+    with open(batch, "wb") as fh:  # re-saved from Python 3: str keys
+        pickle.dump({"data": pixels, "labels": [1, 2, 3, 4]}, fh, protocol=protocol)
+    x, y, _ = cifar.load_cifar(tmp_path, "cifar10", train=True)
+    assert np.array_equal(x[4:8].reshape(4, -1).numpy(), pixels) and y[4:8].tolist() == [1, 2, 3, 4]
+    with open(batch, "wb") as fh:  # protocol 2 pickles an empty array's bytes as a call of bytes()
+        pickle.dump({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, fh, protocol=protocol)
+    with pytest.raises(DataError, match="data_batch_2: holds no images"):
+        cifar.load_cifar(tmp_path, "cifar10", train=True)
+    with open(batch, "wb") as fh:
+        pickle.dump({b"data": pixels, b"labels": []}, fh, protocol=protocol)
+    with pytest.raises(DataError, match="data_batch_2: 4 images but 0 labels"):
+        cifar.load_cifar(tmp_path, "cifar10", train=True)
+
+
+def test_the_cifar_unpickler_calls_bytes_with_no_argument_only(tmp_path):
+    write_cifar(tmp_path, n_train=4, n_test=4)
+    # {b"data": bytes(10 ** 12)}: the bytes call of an empty array, with an argument that asks for a terabyte
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(
+        b"\x80\x02}C\x04data" + b"c__builtin__\nbytes\n" + b"\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85R" + b"s.")
+    with pytest.raises(DataError, match="refusing to call bytes with arguments"):
         cifar.load_cifar(tmp_path, "cifar10", train=True)
 
 

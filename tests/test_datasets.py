@@ -126,6 +126,61 @@ def test_tiny_imagenet_layouts(tmp_path, official):
     assert all(f"/{classes[label]}" in path or official for path, label in val)
 
 
+ANNOTATION_MISTAKES = {  # a line appended to the official val_annotations.txt (six lines): what is said of it
+    "duplicated": ("val_0.JPEG\tn01\t0\t0\t63\t63", ":7: val_0.JPEG is listed twice (also on line 1)"),
+    "two-classes": ("val_0.JPEG\tn03\t0\t0\t63\t63", ":7: val_0.JPEG is labelled n03 here but n01 on line 1"),
+    "leaves-val": ("../../train/n01/images/n01_0.JPEG\tn02", ":7: file name '../../train/n01/images/n01_0.JPEG' "
+                   "points outside"),
+    "absolute": ("{root}/train/n03/images/n03_0.JPEG\tn01", ":7: file name '{root}/train/n03/images/n03_0.JPEG' "
+                 "points outside"),
+    "no-name": ("\tn01", ":7: no file name before the tab"),
+    "no-class": ("val_0.JPEG\t", ":7: no class (wnid) for 'val_0.JPEG'"),
+}
+
+
+@pytest.mark.parametrize("case", list(ANNOTATION_MISTAKES))
+def test_tiny_imagenet_annotation_mistakes_are_named_by_line(tmp_path, case):
+    """Accepted silently before: a duplicated line (the image counted twice),
+    an image under two classes, a name reaching out of val/images (a
+    training image evaluated under a wrong label)."""
+    write_tiny(tmp_path, official=True)
+    line, said = (text.format(root=tmp_path) for text in ANNOTATION_MISTAKES[case])
+    annotations = tmp_path / "val" / "val_annotations.txt"
+    annotations.write_text(annotations.read_text() + line + "\n")
+    with pytest.raises(DataError) as refused:
+        tiny_imagenet.scan(tmp_path)
+    assert str(refused.value).startswith(f"{annotations}{said}"), str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_tiny_imagenet_annotations_with_a_byte_order_mark_and_crlf_are_read(tmp_path):
+    write_tiny(tmp_path, official=True)
+    annotations = tmp_path / "val" / "val_annotations.txt"
+    annotations.write_bytes(b"\xef\xbb\xbf" + annotations.read_text().replace("\n", "\r\n").encode())
+    _, _, val = tiny_imagenet.scan(tmp_path)
+    assert [(p.rsplit("/", 1)[1], label) for p, label in val] == [(f"val_{i}.JPEG", i // 2) for i in range(6)]
+
+
+def test_tiny_imagenet_val_folders_that_differ_are_named(tmp_path):
+    write_tiny(tmp_path, official=False)
+    (tmp_path / "val" / "n02").rename(tmp_path / "val" / "n07")
+    with pytest.raises(DataError, match="val: its class folders differ from .*train's: it lacks n02; it has n07"):
+        tiny_imagenet.scan(tmp_path)
+
+
+def test_data_check_reads_tiny_imagenet_annotations_as_training_does(tmp_path, capsys):
+    from freeadv_fast.data.__main__ import main
+    write_tiny(tmp_path, official=True)
+    (tmp_path / "test" / "images").mkdir(parents=True)  # the archive's unlabelled test split
+    Image.new("RGB", (64, 64)).save(tmp_path / "test" / "images" / "test_0.JPEG")
+    assert main(["check", str(tmp_path), "--workers", "1"]) == 0, capsys.readouterr()
+    assert "6 images annotated in val_annotations.txt" in capsys.readouterr().out
+    annotations = tmp_path / "val" / "val_annotations.txt"
+    annotations.write_text(annotations.read_text() + "val_0.JPEG\tn02\n")
+    assert main(["check", str(tmp_path), "--workers", "1"]) == 2
+    assert capsys.readouterr().err == f"error: {annotations}:7: val_0.JPEG is labelled n02 here but n01 on line 1\n"
+
+
 @pytest.mark.parametrize("loader", LOADERS)
 def test_tiny_imagenet_batches_are_padded_crops_and_flips_of_the_photos(tmp_path, loader):
     write_tiny(tmp_path, official=True)
@@ -210,6 +265,28 @@ def test_fashion_mnist_mistakes_are_named(tmp_path, monkeypatch):
     path.write_bytes(b"PK\x03\x04" + b"\0" * 100)
     with pytest.raises(DataError, match="not an IDX file"):
         fashion_mnist.load_fashion_mnist(tmp_path)
+
+
+def test_fashion_mnist_shapes_directories_and_overflowing_headers_are_named(tmp_path):
+    fi, fl = fashion_mnist.FILES[True]
+    write_idx(tmp_path / fi, np.zeros((12, 28, 28)), False)
+    write_idx(tmp_path / fl, np.zeros((12, 1)), False)
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: holds an array of shape 12 x 1, expected one label "
+                                        r"per image \(12\)"):
+        fashion_mnist.load_fashion_mnist(tmp_path)
+    write_idx(tmp_path / fl, np.zeros(12), False)
+    write_idx(tmp_path / fi, np.zeros(12 * 784), False)
+    with pytest.raises(DataError, match="holds an array of shape 9408, expected N images of 28 x 28"):
+        fashion_mnist.load_fashion_mnist(tmp_path)
+    (tmp_path / fi).write_bytes(b"\0\0\x08\x03" + struct.pack(">3I", 2**32 - 1, 2**32 - 1, 2**31) + bytes(16))
+    with pytest.raises(DataError) as refused:
+        fashion_mnist.load_fashion_mnist(tmp_path)
+    assert str(refused.value).endswith("truncated or padded (16 bytes of data, its header says 4294967295 x "
+                                       "4294967295 x 2147483648)")
+    write_idx(tmp_path / fi, np.zeros((12, 28, 28)), False)
+    (tmp_path / fashion_mnist.FILES[False][0]).mkdir()
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte: a directory, not an IDX file"):
+        fashion_mnist.load_fashion_mnist(tmp_path, train=False)
 
 
 def test_train_subset_is_fixed_by_the_seed_and_checked(tmp_path):

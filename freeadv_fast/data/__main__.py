@@ -2,8 +2,10 @@
 
 ROOT is an image-folder dataset (ROOT/train/<class>/*, ROOT/val/<class>/*,
 ROOT/test/<class>/*, or ROOT/<class>/* directly) or a folder with the CIFAR
-python pickles. Every
-image is fully decoded (in parallel); each unreadable file is listed with the
+python pickles. The layout is checked as training checks it (the held-out
+splits' class folders must be the training split's; Tiny-ImageNet's
+val/val_annotations.txt is read). Every image is fully decoded (in parallel,
+in at most one process per file); each unreadable file is listed with the
 reason. Exit status: 0 all good, 1 bad files found, 2 the layout is unusable.
 """
 from __future__ import annotations
@@ -14,12 +16,45 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .errors import DataError
-from .folder import full_check, scan_image_folder
+from .folder import check_same_classes, full_check, printable, scan_image_folder
 
 
 def splits_of(root: Path):
     named = [root / s for s in ("train", "val", "test") if (root / s).is_dir()]
     return named or [root]
+
+
+def _holds_cifar_pickles(root: Path, layout) -> bool:
+    """Whether ``root`` has the pickle folder or one of the pickle files of a
+    CIFAR variant's ``layout`` (cifar.LAYOUTS), usable or not."""
+    folder, train_files, test_files, _, meta, _ = layout
+    return (root / folder).is_dir() or any((root / f).is_file() for f in (*train_files, *test_files, meta))
+
+
+def _image_splits(root: Path):
+    """[(split, [paths], what it holds)], the layout checked as training checks
+    it (a DataError when unusable): the held-out splits' class folders are
+    the training split's, Tiny-ImageNet's val_annotations.txt is read line by
+    line; the unlabelled test/images of Tiny-ImageNet's archive is decoded
+    but not compared."""
+    from .tiny_imagenet import ANNOTATIONS, read_annotations
+    splits, train_classes = [], None
+    for split in splits_of(root):
+        if split.name == "val" and train_classes is not None and (split / ANNOTATIONS).is_file():
+            samples, other = read_annotations(split, train_classes)
+            what = f"{len(samples)} images annotated in {ANNOTATIONS}" + (
+                f" ({other} of classes not in train/ left out)" if other else "")
+        else:
+            classes, samples, _ = scan_image_folder(split, check=False)
+            what = f"{len(classes)} classes, {len(samples)} images"
+            if split == root / "train":
+                train_classes = classes
+            elif split.name == "test" and classes == ["images"] and "images" not in (train_classes or []):
+                what += " (unlabelled: Tiny-ImageNet's test/images, not compared with train/)"
+            elif train_classes is not None:
+                check_same_classes(split, classes, train_classes, root / "train")
+        splits.append((split, [path for path, _ in samples], what))
+    return splits
 
 
 def check(root: Path, workers: int) -> int:
@@ -33,19 +68,22 @@ def check(root: Path, workers: int) -> int:
             break
         for train in (True, False):
             x, y, _ = cifar.load_cifar(root, name, train)
-            print(f"{root}: {name} {'train' if train else 'test'}: {len(x)} images, {int(y.max()) + 1} classes, ok")
+            print(f"{printable(root)}: {name} {'train' if train else 'test'}: {len(x)} images, "
+                  f"{int(y.max()) + 1} classes, ok")
         return 0
+    else:  # CIFAR's pickles, but not all of them: training says what is missing, and so does the check
+        for name, layout in cifar.LAYOUTS.items():
+            if _holds_cifar_pickles(root, layout):
+                cifar.find_root(root, name)  # raises
     bad_total = 0
-    for split in splits_of(root):
-        classes, samples, bad = scan_image_folder(split, check=False)
-        print(f"{split}: {len(classes)} classes, {len(samples)} images; decoding all of them ...", flush=True)
-        paths = [p for p, _ in samples]
-        with ProcessPoolExecutor(workers) as pool:
-            verdicts = list(pool.map(full_check, paths, chunksize=64))
+    for split, paths, what in _image_splits(root):
+        print(f"{printable(split)}: {what}; decoding all of them ...", flush=True)
+        with ProcessPoolExecutor(max(1, min(workers, len(paths)))) as pool:  # no more processes than files
+            verdicts = list(pool.map(full_check, paths, chunksize=max(1, min(64, len(paths) // (4 * workers)))))
         bad = [(p, why) for p, why in zip(paths, verdicts) if why]
         for p, why in bad:
-            print(f"  BAD {p}: {why}")
-        print(f"{split}: {len(bad)} bad file(s)")
+            print(f"  BAD {printable(p)}: {printable(why)}")
+        print(f"{printable(split)}: {len(bad)} bad file(s)")
         bad_total += len(bad)
     return 1 if bad_total else 0
 
@@ -58,10 +96,13 @@ def main(argv=None) -> int:
     c.add_argument("root", type=Path)
     c.add_argument("--workers", type=int_at_least(1), default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # PYTHONIOENCODING=utf-8 makes stdout strict: no name may crash it
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return check(args.root, args.workers)
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return 2
 
 

@@ -35,11 +35,30 @@ _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray"
             ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
 
 
+def _empty_bytes(*args):
+    """``bytes()``, which protocol-2 pickles of an empty array call; with any
+    argument (``bytes(10**12)`` would allocate a terabyte) refused."""
+    if args:
+        raise pickle.UnpicklingError("refusing to call bytes with arguments")
+    return b""
+
+
 class _ArraysOnly(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
+        if (module, name) in (("__builtin__", "bytes"), ("builtins", "bytes")):
+            return _empty_bytes
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _bytes_keys(d):
+    """A pickle's dict with its str keys as bytes: the official files have
+    bytes keys; one re-saved from Python 3 (or by hand) may have str keys."""
+    if not isinstance(d, dict):
+        return d
+    keys = {k.encode() if isinstance(k, str) else k: v for k, v in d.items() if isinstance(k, str)}
+    return {**keys, **{k: v for k, v in d.items() if not isinstance(k, str)}}
 
 
 def _load(path: Path) -> dict:
@@ -48,6 +67,8 @@ def _load(path: Path) -> dict:
             return _ArraysOnly(f, encoding="bytes").load()
     except FileNotFoundError:
         raise DataError(f"{path}: missing (expected the official python version of the dataset)") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: a directory, not a CIFAR pickle file") from None
     except Exception as exc:
         why = " ".join(str(exc).split())  # one line, whatever the unpickler said
         raise DataError(f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {why})") from None
@@ -105,7 +126,7 @@ def _pixels(path: Path, raw) -> np.ndarray:
 
 
 def _class_names(path: Path, names_key: bytes, classes: int):
-    meta = _load(path)
+    meta = _bytes_keys(_load(path))
     names = meta.get(names_key) if isinstance(meta, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
         raise DataError(f"{path}: no list of class names under {names_key.decode()!r}")
@@ -126,14 +147,18 @@ def load_cifar(data_dir, name: str, train: bool, subset=None):
     xs, ys = [], []
     for fname in train_files if train else test_files:
         path = root / fname
-        d = _load(path)
+        d = _bytes_keys(_load(path))
         if not isinstance(d, dict):
             raise DataError(f"{path}: holds a {type(d).__name__}, not the dict of a CIFAR pickle")
         missing = [k.decode() for k in (b"data", label_key) if k not in d]
         if missing:
             raise DataError(f"{path}: no {' or '.join(map(repr, missing))} in it")
         data = _pixels(path, d[b"data"])
-        labels = np.asarray(d[label_key])
+        if len(data) == 0:
+            raise DataError(f"{path}: holds no images")
+        labels = d[label_key]
+        # an empty list is no float array: the count, not the dtype, is what is wrong with it
+        labels = np.zeros(0, np.int64) if isinstance(labels, (list, tuple)) and not labels else np.asarray(labels)
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
             raise DataError(f"{path}: labels of shape {labels.shape} and dtype {labels.dtype}, expected one integer "
                             "label per image")

@@ -6,6 +6,7 @@ device as uint8. Without ``--data`` the folder of Debian's
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -35,9 +36,13 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex() or 'missing'})")
     ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int) if len(raw) >= 4 + 4 * ndim else None
-    if dims is None or len(raw) != 4 + 4 * ndim + int(np.prod(dims)):
-        raise DataError(f"{path}: truncated or padded (its header says {None if dims is None else tuple(dims)})")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated (its header ends before its {ndim} dimension(s))")
+    # Python ints: a header of 2^32 - 1 x 2^32 - 1 x 2^31 overflows a numpy int64 product
+    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != 4 + 4 * ndim + math.prod(dims):
+        raise DataError(f"{path}: truncated or padded ({len(raw) - 4 - 4 * ndim:,} bytes of data, its header says "
+                        f"{' x '.join(map(str, dims))})")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -53,7 +58,15 @@ def find_root(data_dir=None) -> Path:
 
 
 def _file(root: Path, name: str) -> Path | None:
-    return next((p for p in (root / name, root / f"{name}.gz") if p.is_file()), None)
+    """``root/name`` or ``root/name.gz``, whichever is a file; None if neither
+    is there; a DataError if one is there but is no file (a directory)."""
+    candidates = (root / name, root / f"{name}.gz")
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        for p in candidates:
+            if p.exists():
+                raise DataError(f"{p}: {'a directory' if p.is_dir() else 'not a regular file'}, not an IDX file")
+    return found
 
 
 def load_fashion_mnist(data_dir=None, train: bool = True):
@@ -67,10 +80,14 @@ def load_fashion_mnist(data_dir=None, train: bool = True):
         paths.append(path)
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DataError(f"{paths[0]}: images of shape {images.shape[1:]}, expected 28 x 28")
+        raise DataError(f"{paths[0]}: holds an array of shape {' x '.join(map(str, images.shape))}, expected "
+                        f"N images of 28 x 28")
     if len(images) == 0:
         raise DataError(f"{paths[0]}: holds no images")
-    if labels.ndim != 1 or len(labels) != len(images):
+    if labels.ndim != 1:
+        raise DataError(f"{paths[1]}: holds an array of shape {' x '.join(map(str, labels.shape))}, expected one "
+                        f"label per image ({len(images)})")
+    if len(labels) != len(images):
         raise DataError(f"{paths[1]}: {len(labels)} labels for {len(images)} images in {paths[0]}")
     if labels.max(initial=0) >= len(CLASSES):
         raise DataError(f"{paths[1]}: label {labels.max()} outside 0..9")

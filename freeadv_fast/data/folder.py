@@ -205,6 +205,30 @@ def full_check(path: str) -> str | None:
     return None
 
 
+def printable(path) -> str:
+    """``path`` safe to print on any stream: bytes of a file name that are not
+    valid UTF-8 (a latin-1 'caf\\xe9.JPEG') shown as \\xNN escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def few(names, shown: int = 3) -> str:
+    """'a, b, c and 4 more': the first ``shown`` names of a list, then a count."""
+    names = [printable(n) for n in names]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_same_classes(split_dir, found, classes, train_dir=None):
+    """DataError unless the class folders ``found`` in ``split_dir`` are the
+    training split's ``classes``: naming those that differ, a few, then a count."""
+    if list(found) == list(classes):
+        return
+    train = f"{train_dir}'s" if train_dir else "the training split's"
+    missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+    what = [f"it lacks {few(missing)}"] if missing else []
+    what += [f"it has {few(extra)}, which {train_dir or 'the training split'} lacks"] if extra else []
+    raise DataError(f"{split_dir}: its class folders differ from {train}: {'; '.join(what)}")
+
+
 def not_a_directory(path) -> DataError:
     """The error for a data folder that is not one: a file given for it is said to be one."""
     return DataError(f"{path}: {'a file, not a directory' if Path(path).exists() else 'no such directory'}")
@@ -253,9 +277,8 @@ def decode_image_folder(split_dir, *, size: int, channels: int = 3, classes=None
     decode (the others are not read)."""
     import warnings
     found, samples, _ = scan_image_folder(split_dir, check=False)  # each file is checked as it is decoded
-    if classes is not None and found != list(classes):
-        raise DataError(f"{split_dir}: its class folders ({len(found)}) differ from the training split's "
-                        f"({len(classes)})")
+    if classes is not None:
+        check_same_classes(split_dir, found, classes)
     if subset is not None:
         samples = [samples[i] for i in subset(len(samples)).tolist()]
     to_tensor = _bytes_decoder(channels)
@@ -379,6 +402,9 @@ class ImageFolderLoader:
         self.decode_processes = decode_processes
         if samples is None:
             classes, samples, _ = scan_image_folder(split_dir)
+        self.bad_files: dict[str, str] = {}  # found while decoding (or, for DALI, by name): path -> why
+        if self.loader == "dali":
+            samples = self._dali_openable(samples)
         self.classes, self.samples = classes, samples
         if not samples:
             raise DataError(f"{split_dir}: no readable image: every image file in it is bad (see above, or run "
@@ -386,7 +412,6 @@ class ImageFolderLoader:
         if len(samples) < world_size:
             raise DataError(f"{split_dir}: {len(samples)} image(s) cannot be shared by {world_size} processes")
         self.epoch = 0
-        self.bad_files: dict[str, str] = {}  # found while decoding: path -> why
         self._torch_loader = self._decoding = None  # worker processes kept from pass to pass
 
     @property
@@ -436,6 +461,25 @@ class ImageFolderLoader:
         self._torch_loader = self._decoding = None
 
     # -- DALI ---------------------------------------------------------------
+    def _dali_openable(self, samples):
+        """``samples`` less the files DALI cannot open: its file reader takes
+        names as UTF-8 strings and refuses a name that is not valid UTF-8 (a
+        latin-1 'caf\\xe9.JPEG'); those are left out and named once."""
+        def utf8(path):
+            try:
+                str(path).encode("utf-8")
+                return True
+            except UnicodeEncodeError:
+                return False
+        unnamable = [p for p, _ in samples if not utf8(p)]
+        if not unnamable:
+            return samples
+        why = "its name is not valid UTF-8, which DALI cannot open (rename it, or use --loader torch)"
+        self.bad_files.update((p, why) for p in unnamable)
+        say_once(f"{self.split_dir}: left out {len(unnamable)} file(s) whose names are not valid UTF-8, which "
+                 f"DALI cannot open, e.g. {printable(unnamable[0])} (rename them, or use --loader torch)")
+        return [s for s in samples if s[0] not in self.bad_files]
+
     def _dali_batches(self, indices, start):
         """DALI stops at a file it cannot decode. Then the files of the batches
         in flight are decoded with PIL, the bad ones replaced by good files of

@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 from .datasets import image_folders
-from .errors import DataError
-from .folder import find_split, scan_image_folder
+from .folder import check_same_classes, find_split, scan_image_folder
 from .registry import DatasetSpec, register_dataset
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -18,8 +17,7 @@ def build(cfg, rank, world_size, device):
 
     def scan_splits():
         train_scan, val_scan = scan_image_folder(train_dir), scan_image_folder(val_dir)
-        if val_scan[0] != train_scan[0]:
-            raise DataError(f"{val_dir}: its class folders differ from {train_dir}'s")
+        check_same_classes(val_dir, val_scan[0], train_scan[0], train_dir)
         return train_scan[:2], val_scan[1]
     train, val, classes = image_folders(cfg, scan_splits, train_dir=train_dir, val_dir=val_dir, image_size=size,
                                         rank=rank, world_size=world_size, device=device,
@@ -28,8 +26,9 @@ def build(cfg, rank, world_size, device):
 
 
 def check_layout(cfg):
-    for split in ("train", "val"):
-        scan_image_folder(find_split(cfg.data, split), check=False)
+    train_dir, val_dir = find_split(cfg.data, "train"), find_split(cfg.data, "val")
+    classes = scan_image_folder(train_dir, check=False)[0]
+    check_same_classes(val_dir, scan_image_folder(val_dir, check=False)[0], classes, train_dir)
 
 
 register_dataset(DatasetSpec(

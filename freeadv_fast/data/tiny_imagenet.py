@@ -13,12 +13,13 @@ Labels follow the sorted training class names, as torchvision's ImageFolder.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import DataError
 from ..messages import say_once
 from .datasets import image_folders
-from .folder import not_a_directory, quick_check, scan_image_folder
+from .folder import check_same_classes, not_a_directory, quick_check, scan_image_folder
 from .registry import DatasetSpec, register_dataset
 
 MEAN, STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
@@ -37,23 +38,22 @@ def find_root(data_dir) -> Path:
     return root
 
 
-def scan_val(val_dir: Path, classes: list[str]):
-    """[(path, label)] of the validation split, in either layout."""
+def read_annotations(val_dir: Path, classes: list[str]):
+    """([(path, label)] of every annotated image of the training ``classes``,
+    the number of images annotated with other classes), from
+    ``val_dir/val_annotations.txt``; any line that cannot be right (no class,
+    an empty file name or one outside ``val/images``, a file listed twice or
+    under two classes, a file that is missing) is named with its line number."""
     annotations = val_dir / ANNOTATIONS
-    if not annotations.is_file():
-        found, samples, _ = scan_image_folder(val_dir)
-        if found != classes:
-            raise DataError(f"{val_dir}: its class folders differ from the training split's")
-        return samples
     label_of = {wnid: i for i, wnid in enumerate(classes)}
     images = val_dir / "images" if (val_dir / "images").is_dir() else val_dir
-    samples, other, bad = [], 0, []
     try:
-        text = annotations.read_text()
+        text = annotations.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is no name
     except UnicodeDecodeError:
         raise DataError(f"{annotations}: not a text file (expected lines of 'file<TAB>wnid ...')") from None
     except OSError as exc:
         raise DataError(f"{annotations}: unreadable ({exc.strerror or exc})") from None
+    samples, other, seen = [], 0, {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -61,16 +61,42 @@ def scan_val(val_dir: Path, classes: list[str]):
         if len(fields) < 2:
             raise DataError(f"{annotations}:{n}: expected 'file<TAB>wnid ...', got {line[:60]!r}")
         name, wnid = fields[0].strip(), fields[1].strip()
+        where = f"{annotations}:{n}"
+        if not name:
+            raise DataError(f"{where}: no file name before the tab (expected 'file<TAB>wnid ...')")
+        if not wnid:
+            raise DataError(f"{where}: no class (wnid) for {name!r} (expected 'file<TAB>wnid ...')")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise DataError(f"{where}: file name {name[:200]!r} points outside {images} (expected the name of a file "
+                            "in it)")
+        path = images / name
+        key = os.path.normpath(path)
+        if key in seen:
+            line_before, wnid_before = seen[key]
+            if wnid_before == wnid:
+                raise DataError(f"{where}: {name} is listed twice (also on line {line_before}); each image once")
+            raise DataError(f"{where}: {name} is labelled {wnid} here but {wnid_before} on line {line_before}")
+        seen[key] = n, wnid
         if wnid not in label_of:  # a class the training split lacks (e.g. a subset of the 200)
             other += 1
             continue
-        path = images / name
         if not path.is_file():
-            raise DataError(f"{annotations}:{n}: {path} does not exist")
-        if why := quick_check(str(path)):
-            bad.append((str(path), why))
-            continue
+            raise DataError(f"{where}: {path} {'is not a file' if path.exists() else 'does not exist'}")
         samples.append((str(path), label_of[wnid]))
+    return samples, other
+
+
+def scan_val(val_dir: Path, classes: list[str]):
+    """[(path, label)] of the validation split, in either layout."""
+    annotations = val_dir / ANNOTATIONS
+    if not annotations.is_file():
+        found, samples, _ = scan_image_folder(val_dir)
+        check_same_classes(val_dir, found, classes, val_dir.parent / "train")
+        return samples
+    samples, other = read_annotations(val_dir, classes)
+    verdicts = [quick_check(path) for path, _ in samples]
+    bad = [(path, why) for (path, _), why in zip(samples, verdicts) if why]
+    samples = [s for s, why in zip(samples, verdicts) if not why]
     if other:
         say_once(f"{annotations}: left out {other} image(s) of classes not in {val_dir.parent / 'train'}")
     if bad:
@@ -107,4 +133,4 @@ register_dataset(DatasetSpec(
     data_help="holding train/<wnid>/ and val/", check_layout=lambda cfg: find_root(cfg.data), resizable=True,
     compare=dict(full=("preact_resnet18", 15, 128, 0, 0, "20,100"), quick=("small_cnn_bn", 16, 50, 500, 200, "20"))))
 
-__all__ = ["IMAGE_SIZE", "MEAN", "STD", "find_root", "scan", "scan_val"]
+__all__ = ["ANNOTATIONS", "IMAGE_SIZE", "MEAN", "STD", "find_root", "read_annotations", "scan", "scan_val"]
