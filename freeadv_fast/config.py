@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import re
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
@@ -22,6 +23,7 @@ from .common import COMPILE_MODES, PRECISIONS
 from .data import DATASETS
 from .data.folder import LOADERS
 from .methods import METHODS
+from .messages import say_once
 from .models import ARCHITECTURES
 from .ops import PIXEL_MODES
 from .phases import PhaseError, parse as parse_phases, pass_ends
@@ -183,10 +185,22 @@ def _apply(cfg: RunConfig, values: dict, source: str) -> RunConfig:
     return dataclasses.replace(cfg, **values)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 does: ``1e-3`` (no dot)
+    is the number a user wrote, not the string YAML 1.1 makes of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
 def load_yaml(path) -> dict:
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=_Loader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -294,6 +308,19 @@ def check(cfg: RunConfig, names: dict | None = None) -> RunConfig:
         if f.metadata.get("pixel") and not 0 <= getattr(cfg, f.name) <= 1:
             raise ConfigError(f"{names.get(f.name, f.name.replace('_', ' '))} must be between 0 and 1 (the pixel "
                               f"range), got {getattr(cfg, f.name):g}")
+    if cfg.epsilon >= 0.5 and method.attacked:  # 1 is a likely slip for 1/255
+        say_once(f"note: epsilon {cfg.epsilon:.4g} is half the pixel range or more, so the attack may turn an image "
+                 "into almost any other (budgets in use: 2/255 to 16/255 for photos, 0.3 for digits); pixel values are "
+                 "fractions of the range, e.g. 8/255")
+    # a step of 0 never moves the perturbation: the training would be natural training at an adversarial
+    # method's cost, the evaluation's robust accuracy the clean accuracy
+    step_name, eval_name = names.get("step_size", "step size"), names.get("eval_step_size", "eval step size")
+    if cfg.epsilon > 0 and cfg.step_size == 0 and method.attacked:
+        raise ConfigError(f"{step_name} 0 with epsilon {cfg.epsilon:.4g}: the perturbation would never move, and "
+                          f"{cfg.method} training would be natural training at a higher cost")
+    if cfg.epsilon > 0 and cfg.eval_step_size == 0:
+        raise ConfigError(f"{eval_name} 0 with epsilon {cfg.epsilon:.4g}: the evaluation's attack would never move, "
+                          "and its robust accuracy would be the clean accuracy")
     if not cfg.epochs > 0:
         raise ConfigError(f"epochs must be positive, got {cfg.epochs!r}")
     if not cfg.lr > 0:

@@ -190,6 +190,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     use_log_level(args.log_level)
     try:
+        distributed.launch_env()
         nproc, cpu = plan_processes(args)
         job = settings(args)
         if job["config"].batch_size % nproc:  # said once here, not by every worker

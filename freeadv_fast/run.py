@@ -191,7 +191,11 @@ def train_worker(cfg: RunConfig, resume: str | None, cpu: bool):
 # what a resumed run must share with the run that wrote the checkpoint: the
 # perturbation buffer, the batch order and the LR schedule depend on them
 SAME_RUN_KEYS = ("dataset", "data", "arch", "method", "replays", "batch_size", "image_size", "source_size",
-                 "phases", "train_subset", "epochs", "schedule", "milestones", "seed")
+                 "phases", "train_subset", "epochs", "schedule", "milestones", "seed", "epsilon", "step_size",
+                 "pixel_mode")
+# may change on resuming (a lower LR to finish, another precision), but the run's record must say so
+SAID_RUN_KEYS = ("lr", "momentum", "weight_decay", "nesterov", "precision", "eval_step_size",
+                 "final_eval_steps", "eval_restarts")
 
 
 def check_same_run(saved: dict, cfg: RunConfig, path) -> None:
@@ -201,8 +205,13 @@ def check_same_run(saved: dict, cfg: RunConfig, path) -> None:
                if k in saved and norm(k, saved[k]) != norm(k, getattr(cfg, k))]
     if changed:
         raise ConfigError(f"{path} was written by a different run: {', '.join(changed)}; free training's "
-                          "perturbation buffer, the batch order and the LR schedule depend on these. Resume "
-                          "with the same settings, or start a new run with another --out")
+                          "perturbation buffer, the attack, the batch order and the LR schedule depend on these. "
+                          "Resume with the same settings, or start a new run with another --out")
+    said = [f"{k.replace('_', '-')} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in SAID_RUN_KEYS
+            if k in saved and hasattr(cfg, k) and saved[k] != getattr(cfg, k)]
+    if said:
+        messages.info(f"resuming {path} with settings that differ from its run's: {', '.join(said)} (from here "
+                      "on; config.yaml records the new ones)")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -315,6 +324,11 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     forget_scans()
     phase_cfgs = phase_configs(cfg)
     phase_data = [build_data(c, d.rank, d.world_size, d.device) for c in phase_cfgs]
+    for c, p in zip(phase_cfgs, phase_data):
+        images = getattr(p.train, "num_samples", None)
+        if images is not None and images < c.batch_size:  # a pass of one short batch, at an LR meant for more
+            raise DataError(f"the training split has {images} images, fewer than one batch of {c.batch_size}: "
+                            "lower --batch-size (or train on more images)")
     trainer, model, passes, replays = build_trainer(cfg, phase_data[0], d.device, d, phase_data)
     ends = phase_ends(cfg, replays, passes)
     phase = phase_of(ends, trainer.epoch)  # 0 here; set again after a resume
@@ -392,9 +406,15 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
                 f"train acc {last_log.get('acc', math.nan):.4f}, {last_log.get('images_per_s', 0):.0f} images/s, "
                 f"lr {trainer.optimizer.param_groups[0]['lr']:.4g}")
         if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == passes):
-            result = evaluate(model, data.val, mean=data.mean, std=data.std, epsilon=cfg.epsilon,
-                              step_size=cfg.eval_step_size, steps=(cfg.eval_steps,),
-                              limit=-(-cfg.eval_samples // d.world_size), precision=cfg.precision, seed=cfg.seed)
+            try:  # a stop request is answered within one batch's attacks here too, not after the evaluation
+                result = evaluate(model, data.val, mean=data.mean, std=data.std, epsilon=cfg.epsilon,
+                                  step_size=cfg.eval_step_size, steps=(cfg.eval_steps,),
+                                  limit=-(-cfg.eval_samples // d.world_size), precision=cfg.precision, seed=cfg.seed,
+                                  should_stop=lambda: bool(stop.signum))
+            except EvaluationStopped:  # the pass's checkpoint follows; the next batch's stop check ends training
+                if d.is_main:
+                    messages.info(f"  the evaluation after pass {epoch} was stopped by a stop request")
+                return
             robust = result[attack_name("ce", cfg.eval_steps)]
             write_metrics({"type": "eval", "step": trainer.step, "epoch": epoch, **result, **phase_info()})
             if d.is_main:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from . import distributed, messages
 from .cli import ArgumentParser, add_config_flags, check_writable_dir, config_flags, int_at_least, use_log_level
 from .config import EMBEDDED_DEFAULT, PRESETS, ConfigError, build_config, to_yaml
 from .data import DATASETS
-from .run import USER_ERRORS, resolve_resume, train_worker
+from .run import USER_ERRORS, phase_configs, resolve_resume, train_worker
 
 PROG = "python -m freeadv_fast.train"
 
@@ -89,9 +88,10 @@ def check_out_dir(out: Path, resume):
 
 
 def run_training(cfg, resume, nproc, cpu) -> int:
-    world = int(os.environ.get("WORLD_SIZE", 1)) if distributed.under_torchrun() else nproc
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {world} worker processes")
+    world = distributed.launch_env()[1] if distributed.under_torchrun() else nproc
+    for phase in phase_configs(cfg):  # every phase's batch, said once here rather than by every worker
+        if phase.batch_size % world:
+            raise ConfigError(f"batch size {phase.batch_size} is not divisible by the {world} worker processes")
     if cfg.sync_batchnorm and cpu and world > 1:
         raise ConfigError("--sync-batchnorm needs GPUs: torch's SyncBatchNorm runs on CUDA only")
     path = resolve_resume(cfg, resume, world)
@@ -105,7 +105,7 @@ def run_training(cfg, resume, nproc, cpu) -> int:
 def run_demo(cfg, args, nproc, cpu) -> int:
     """The embedded default: natural vs free training on digits, PGD on both."""
     out = Path(cfg.out)
-    first = int(os.environ.get("RANK", 0)) == 0
+    first = distributed.launch_env()[0] == 0
     results = {}
     for method in ("natural", "free"):
         sub = build_config(dataset=cfg.dataset, preset=args.preset or "digits-demo", file=args.config,
@@ -143,18 +143,18 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     use_log_level(args.log_level)
     try:
+        rank, torchrun_world, _ = distributed.launch_env()
         nproc, cpu = plan_processes(args)
         demo = args.dataset is None and args.preset is None and args.config is None
         dataset = EMBEDDED_DEFAULT if demo else args.dataset
         cfg = build_config(dataset=dataset, preset=args.preset, file=args.config, flags=config_flags(args))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        torchrun_world = int(os.environ.get("WORLD_SIZE", 1)) if distributed.under_torchrun() else 1
         if cfg.out is None:
             if torchrun_world > 1:  # every node must write to the same run directory
                 raise ConfigError("under torchrun, give --out DIR (the same on every node)")
             cfg.out = f"runs/demo-{stamp}" if demo else f"runs/{cfg.dataset}-{cfg.method}-{stamp}"
             args.out = cfg.out
-        first = int(os.environ.get("RANK", 0)) == 0  # under torchrun, the other ranks stay quiet
+        first = rank == 0  # under torchrun, the other ranks stay quiet
         if first:
             check_out_dir(Path(cfg.out), args.resume)
             messages.info(f"configuration ({'embedded default: natural and free' if demo else cfg.method} training):\n"

@@ -61,3 +61,17 @@ def test_one_check_for_flags_yaml_and_presets(tmp_path, flags, message):
     file.write_text(yaml.safe_dump(flags))
     with pytest.raises(ConfigError, match=message):
         build_config(dataset="digits", file=file)
+
+
+def test_yaml_reads_exponent_floats_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string, which was refused as "not a number"."""
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\nweight_decay: 5E-4\nmomentum: 0.9\n")
+    cfg = build_config(dataset="digits", file=tmp_path / "c.yaml")
+    assert (cfg.lr, cfg.weight_decay, cfg.momentum) == (0.001, 0.0005, 0.9)
+
+
+def test_an_epsilon_of_half_the_pixel_range_or_more_is_noted(capfd):
+    build_config(dataset="digits", flags={"epsilon": 0.75})  # 0.75 meaning 0.75/255?
+    assert "epsilon 0.75 is half the pixel range or more" in capfd.readouterr().err
+    build_config(dataset="digits", flags={"epsilon": 0.3})  # MNIST's budget: said nothing
+    assert "half the pixel range" not in capfd.readouterr().err

@@ -2,6 +2,7 @@
 traceback: generated configurations (Hypothesis), a corpus of hand-made
 hostile cases through the commands, and the recovery paths they exercise."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -140,6 +141,10 @@ def assert_refused_here(main, argv, capfd, expected):
     (["--out", ""], "out must not be empty"),
     (["--epsilon", "1e400"], "too large for a float"),
     (["--epsilon", "1e-400"], "rounds to 0"),
+    # a step of 0: free training that is natural training, a robust accuracy that is the clean one
+    (["--step-size", "0", "--out", "{tmp}/r"], "step size 0 with epsilon 0.15: the perturbation would never move"),
+    (["--eval-step-size", "0", "--out", "{tmp}/r"], "eval step size 0 with epsilon 0.15"),
+    (["--batch-size", "5000", "--out", "{tmp}/r"], "has 1348 images, fewer than one batch of 5000"),
 ])
 def test_train_refuses_in_one_line(tmp_path, capfd, args, expected):
     file = tmp_path / "a-file"
@@ -153,6 +158,45 @@ def test_train_refuses_in_one_line(tmp_path, capfd, args, expected):
     from freeadv_fast.train import main  # in this process: a refusal costs no interpreter start
     assert_refused_here(main, ["--cpu", "digits", "--eval-every", "0", *args], capfd, expected)
     assert (tmp_path / "checkpoints" / "checkpoint-last.pt").read_bytes() == b"saved weights"
+
+
+@pytest.mark.parametrize("env,expected", [
+    # a RANK left in a shell made a silent rank 1 of 1 that wrote into another run's directory
+    (dict(RANK="1"), "RANK is set in the environment but WORLD_SIZE is not"),
+    (dict(RANK="0", WORLD_SIZE="0"), "the world size must be 1 or more"),
+    (dict(RANK="2", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"), "the rank in [0, world size)"),
+    (dict(RANK="abc", WORLD_SIZE="1"), "RANK='abc' in the environment is not an integer"),
+    (dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="x"), "LOCAL_RANK='x' in the environment is not an integer"),
+    (dict(RANK="0", WORLD_SIZE="2"), "MASTER_ADDR or MASTER_PORT is not set"),
+])
+def test_a_broken_launch_environment_is_refused_in_one_line(tmp_path, capfd, monkeypatch, env, expected):
+    from freeadv_fast.train import main
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoint-last.pt").write_bytes(b"another run's weights")
+    assert_refused_here(main, ["--cpu", "digits", "--eval-every", "0", "--out", tmp_path / "r"], capfd, expected)
+    assert (tmp_path / "r" / "checkpoint-last.pt").read_bytes() == b"another run's weights"
+
+
+def test_a_phase_batch_the_processes_do_not_divide_is_refused_before_the_workers(tmp_path, capfd):
+    from freeadv_fast.train import main
+    assert_refused_here(main, ["--cpu", "--nproc", "2", "synthetic", "--arch", "small_cnn", "--epochs", "8",
+                               "--schedule", "onecycle",
+                               "--synthetic-batches", "2", "--eval-every", "0", "--batch-size", "8", "--phases",
+                               "4:8:5,8:16", "--out", tmp_path / "r"], capfd, "batch size 5 is not divisible by the 2")
+
+
+def test_resuming_with_another_attack_is_refused_and_other_changes_are_said(checkpoint, tmp_path, capfd):
+    from freeadv_fast.train import main
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint.parent, run)
+    common = ["--cpu", "--preset", "digits-demo", "--method", "natural", "--epochs", "1", "--eval-every", "0",
+              "--out", run, "--resume", "auto"]
+    assert_refused_here(main, common + ["--epsilon", "0.2"], capfd, "was written by a different run: epsilon 0.15")
+    saved = build_config(preset="digits-demo").to_dict()
+    check_same_run(saved, build_config(preset="digits-demo", flags={"lr": 0.01}), run / "checkpoint-last.pt")
+    assert "settings that differ from its run's: lr 0.05 -> 0.01" in capfd.readouterr().err
 
 
 def test_images_too_small_for_the_architecture_are_refused_before_training(tmp_path, capfd):
@@ -415,19 +459,22 @@ def test_a_full_disk_mid_run_stops_in_one_line_keeping_the_last_checkpoint(tmp_p
     assert read_checkpoint(out / "checkpoint-last.pt")["epoch"] == 1
 
 
-def test_sigterm_during_the_final_evaluation_stops_within_a_batch(tmp_path):
+@pytest.mark.parametrize("during", ["final", "periodic"])
+def test_sigterm_during_an_evaluation_stops_within_a_batch(tmp_path, during):
     import signal
     import time
     out = tmp_path / "run"
-    (tmp_path / "c.yaml").write_text("final_eval_steps: [500]\neval_every: 0\n")
+    (tmp_path / "c.yaml").write_text({"final": "final_eval_steps: [500]\neval_every: 0\n",
+                                      "periodic": "eval_steps: 500\neval_samples: 449\neval_every: 1\n"}[during])
+    epochs = {"final": 1, "periodic": 2}[during]
     proc = subprocess.Popen([sys.executable, "-m", "freeadv_fast.train", "--cpu", "--preset", "digits-demo",
-                             "--method", "natural", "--epochs", "1", "--config", str(tmp_path / "c.yaml"),
+                             "--method", "natural", "--epochs", str(epochs), "--config", str(tmp_path / "c.yaml"),
                              "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines = []
     try:
-        for line in proc.stderr:  # the pass summary comes right before the final evaluation
+        for line in proc.stderr:  # the pass summary comes right before the evaluation
             lines.append(line)
-            if "pass 1/1: loss" in line:
+            if f"pass 1/{epochs}: loss" in line:
                 break
         time.sleep(1.0)
         sent = time.monotonic()
@@ -438,8 +485,11 @@ def test_sigterm_during_the_final_evaluation_stops_within_a_batch(tmp_path):
         proc.kill()
     assert code == 128 + signal.SIGTERM, "".join(lines) + rest
     assert time.monotonic() - sent < 60  # PGD-500 on 449 images would take minutes
-    assert "during the final evaluation" in rest and "python -m freeadv_fast.eval" in rest and "Traceback" not in rest
-    assert not (out / "final.json").exists() and (out / "checkpoint-last.pt").exists()
+    assert "Traceback" not in rest and not (out / "final.json").exists() and (out / "checkpoint-last.pt").exists()
+    if during == "final":
+        assert "during the final evaluation" in rest and "python -m freeadv_fast.eval" in rest
+    else:
+        assert "the evaluation after pass 1 was stopped" in rest and "--resume auto" in rest
 
 
 def test_an_evaluation_asked_to_stop_raises_between_batches():
