@@ -125,6 +125,13 @@ def _evaluate(job, d) -> int:
         why = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
         raise CheckpointError(f"checkpoint {job['checkpoint']} does not fit {cfg.arch} with {data.num_classes} "
                               f"classes ({cfg.dataset}): {why[:300]}") from None
+    trained, here = state.get("config", {}).get("class_names"), getattr(data.val, "classes", None)
+    if isinstance(trained, list) and isinstance(here, list) and trained != here:
+        i = next((i for i, (a, b) in enumerate(zip(trained, here)) if a != b), min(len(trained), len(here)))
+        theirs, ours = (f"{n[i]!r}" if i < len(n) else "nothing" for n in (trained, here))
+        raise CheckpointError(f"checkpoint {job['checkpoint']} was trained with other classes than {cfg.dataset} "
+                              f"has here (label {i} was {theirs}, here it is {ours}): its labels would mean other "
+                              "classes, and its accuracies nothing")
     bad = next((name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()),
                None)
     if bad is not None:

@@ -335,9 +335,17 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     data = phase_data[phase]
 
     state = {**cfg.to_dict(), "best_robust": -1.0}  # stored in every checkpoint
+    names = getattr(data.train, "classes", None)
+    if isinstance(names, list):  # an image folder's class names, which eval checks its labels against
+        state["class_names"] = names
     path = Path(resume) if resume else None  # already resolved by resolve_resume
     if path is not None:
-        state["best_robust"] = load_checkpoint(path, trainer).get("best_robust", -1.0)
+        saved = load_checkpoint(path, trainer)
+        if isinstance(saved.get("class_names"), list) and "class_names" in state and \
+                saved["class_names"] != state["class_names"]:  # the same folder names, or labels change meaning
+            raise CheckpointError(f"{path} was trained on other class folders than {cfg.data or cfg.dataset} has "
+                                  "now (added, removed or renamed): its labels would mean other classes")
+        state["best_robust"] = saved.get("best_robust", -1.0)
         phase = phase_of(ends, trainer.epoch)
         data = phase_data[phase]
         if d.is_main:

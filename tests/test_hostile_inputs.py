@@ -651,3 +651,28 @@ def test_resume_auto_with_another_batch_size_is_refused_before_any_work(checkpoi
     r = run_cli("--cpu", "--preset", "digits-demo", "--method", "natural", "--epochs", "1", "--eval-every", "0",
                 "--batch-size", "32", "--out", checkpoint.parent, "--resume", "auto")
     assert_one_line_refusal(r, "batch-size 64 (now 32)")
+
+
+def test_eval_refuses_an_image_folder_whose_classes_are_not_the_checkpoints(tmp_path, capfd):
+    """Labels follow sorted class names: the same images under other folder names would be scored against
+    other labels, and eval reported the accuracy."""
+    from test_data import write_folder
+
+    from freeadv_fast.eval import main as evaluate_main
+    from freeadv_fast.train import main as train_main
+    for split in ("train", "val"):
+        write_folder(tmp_path / "abc" / split, classes=("a", "b", "c"), per_class=2)
+        write_folder(tmp_path / "abd" / split, classes=("a", "b", "d"), per_class=2)
+    assert train_main(["--cpu", "imagenet", "--data", str(tmp_path / "abc"), "--arch", "small_cnn", "--image-size",
+                       "16", "--method", "natural", "--epochs", "1", "--batch-size", "3", "--loader", "torch",
+                       "--workers", "0", "--eval-every", "0", "--final-eval-steps", "1",
+                       "--out", str(tmp_path / "r")]) == 0
+    assert_refused_here(evaluate_main, [tmp_path / "r" / "checkpoint-last.pt", "--cpu", "--data", tmp_path / "abd",
+                                        "--steps", "1"], capfd, "label 2 was 'c', here it is 'd'")
+    for split in ("train", "val"):  # the same data folder, a class renamed: resuming would relabel it
+        (tmp_path / "abc" / split / "c").rename(tmp_path / "abc" / split / "d")
+    assert_refused_here(train_main, ["--cpu", "imagenet", "--data", tmp_path / "abc", "--arch", "small_cnn",
+                                     "--image-size", "16", "--method", "natural", "--epochs", "1", "--batch-size",
+                                     "3", "--loader", "torch", "--workers", "0", "--eval-every", "0",
+                                     "--final-eval-steps", "1", "--out", tmp_path / "r", "--resume", "auto"], capfd,
+                        "was trained on other class folders")
