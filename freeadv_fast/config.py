@@ -197,6 +197,16 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _float(loader, node):
+    value = loader.construct_yaml_float(node)
+    text = loader.construct_scalar(node)
+    # 1e400 overflows to inf: kept as written, so the setting's check names the number the user wrote
+    return text if math.isinf(value) and "inf" not in text.lower() else value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _float)
+
+
 def load_yaml(path) -> dict:
     path = Path(path)
     try:

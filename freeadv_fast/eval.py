@@ -24,7 +24,7 @@ from .cli import ArgumentParser, add_config_flags, check_writable_file, config_f
 from .config import ConfigError, RunConfig, check
 from .data import DATASETS
 from .data.datasets import build_data, take
-from .evaluate import evaluate
+from .evaluate import evaluate, non_finite_weight
 from .models import create_model
 from .report import format_table
 from .run import USER_ERRORS, phase_configs
@@ -132,8 +132,7 @@ def _evaluate(job, d) -> int:
         raise CheckpointError(f"checkpoint {job['checkpoint']} was trained with other classes than {cfg.dataset} "
                               f"has here (label {i} was {theirs}, here it is {ours}): its labels would mean other "
                               "classes, and its accuracies nothing")
-    bad = next((name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()),
-               None)
+    bad = non_finite_weight(model)
     if bad is not None:
         raise CheckpointError(f"checkpoint {job['checkpoint']} holds non-finite weights (NaN or inf, in {bad}): its "
                               "accuracies would mean nothing")

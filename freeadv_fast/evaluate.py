@@ -14,6 +14,12 @@ def attack_name(loss: str, steps: int, restarts: int = 1) -> str:
     return name + (f"x{restarts}" if restarts > 1 else "")
 
 
+def non_finite_weight(model) -> str | None:
+    """The name of a weight or buffer of ``model`` holding NaN or inf, or None."""
+    return next((name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()),
+                None)
+
+
 class EvaluationStopped(Exception):
     """``should_stop()`` turned true between two batches of an evaluation."""
 
@@ -33,8 +39,7 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
     net = distributed.unwrap(model)
     if next(net.parameters(), None) is None:
         raise ValueError("model has no parameters: nothing to evaluate")
-    bad = next((name for name, t in net.state_dict().items() if t.is_floating_point() and not t.isfinite().all()),
-               None)  # one look before the work: argmax of NaN logits is class 0, a plausible accuracy
+    bad = non_finite_weight(net)  # one look before the work: argmax of NaN logits is class 0, a plausible accuracy
     if bad is not None:
         raise ValueError(f"the model holds non-finite weights (NaN or inf, in {bad}): its accuracies would mean "
                          "nothing")
