@@ -137,6 +137,7 @@ def correct(model, x, y, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32",
 def clean_accuracy(model, x, y, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32", batch_size=256,
                    backend="auto") -> float:
     """Top-1 accuracy on clean inputs, as a fraction."""
+    check_int("batch_size", batch_size, 1)
     hits = 0
     for i in range(0, len(x), batch_size):
         hits += int(correct(model, x[i:i + batch_size], y[i:i + batch_size], mean=mean, std=std,
@@ -146,6 +147,8 @@ def clean_accuracy(model, x, y, *, mean, std, pixel_range=(0.0, 1.0), precision=
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% confidence interval of a proportion (Wilson score)."""
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n], got {successes} of {n}")
     if n == 0:
         return (math.nan, math.nan)
     p = successes / n

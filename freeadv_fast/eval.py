@@ -201,6 +201,9 @@ def main(argv=None) -> int:
         job = settings(args)
         if job["config"].batch_size % nproc:  # said once here, not by every worker
             raise ConfigError(f"batch size {job['config'].batch_size} is not divisible by the {nproc} processes")
+        if job["limit"] % nproc:  # every process attacks its share, rounded up
+            messages.info(f"--limit {job['limit']} over {nproc} processes: up to {-(-job['limit'] // nproc) * nproc} "
+                          "images are evaluated (a multiple of the process count)")
         if "autoattack" in job["attacks"]:
             try:
                 import torchattacks  # noqa: F401

@@ -36,6 +36,10 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
     for s in steps:
         check_int("steps", s, 0)
     check_int("limit", limit, 0)
+    check_int("restarts", restarts, 1)
+    check_int("seed", seed, 0)
+    if seed >= 2 ** 64:  # what torch.Generator takes
+        raise ValueError(f"seed must be below 2**64, got {seed}")
     net = distributed.unwrap(model)
     if next(net.parameters(), None) is None:
         raise ValueError("model has no parameters: nothing to evaluate")

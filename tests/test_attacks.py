@@ -120,6 +120,14 @@ def test_attack_and_evaluation_arguments_are_named(digits_model):
         with pytest.raises(ValueError, match=message):
             evaluate(digits_model, [(x, y)], **{**kw, **extra})
     attacks.pgd(digits_model, x, y, steps=2, **{**kw, "epsilon": 0, "step_size": 0})  # no attack, as asked
+    for extra, message in [(dict(seed=2 ** 70), "seed must be below 2\\*\\*64"), (dict(seed="a"), "seed must be"),
+                           (dict(restarts=0), "restarts must be")]:
+        with pytest.raises(ValueError, match=message):
+            evaluate(digits_model, [(x, y)], **{**kw, **extra})
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        attacks.clean_accuracy(digits_model, x, y, mean=MEAN, std=STD, batch_size=0)
+    with pytest.raises(ValueError, match="successes must be in"):
+        attacks.wilson_interval(5, 3)
     broken = copy.deepcopy(digits_model)
     next(broken.parameters()).data.view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match=r"non-finite weights \(NaN or inf, in 0.weight\)"):
