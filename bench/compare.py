@@ -407,10 +407,6 @@ def main(argv=None) -> int:
     cfg = config_for(args, "natural")
     specs = row_specs(args)
     configs = [config_for(args, **spec) for spec in specs]  # every row's settings checked before any trains
-    for spec, row_cfg in zip(specs, configs):
-        if row_cfg.method != "natural" and row_cfg.step_size == 0:  # its attack would leave the images as they are
-            raise InputError(f"{METHODS[row_cfg.method].title(row_cfg)} ({spec['group']}): a training attack step "
-                             "of 0 leaves the images as they are (natural training under another name)")
     t0 = time.perf_counter()
     data = build_data(cfg, device=args.device)
     data_name = args.data_name or COMPARABLE[args.dataset].title

@@ -96,7 +96,7 @@ def test_compare_checks_every_row_before_the_first_trains(tmp_path, files, capsy
     # and one whose attack step is 0 (natural training under another name), named by its row
     monkeypatch.setitem(compare.RECIPES["fast-at"], "pgd", dict(epochs=15, lr=0.2, step_size="0/255"))
     refused(compare, ["--data", tmp_path, "--quick", "--methods", "natural,pgd", "--json", files["keep"]], capsys,
-            "PGD-7 (fast-at): a training attack step of 0")
+            "step size 0 with epsilon 0.03137: the perturbation would never move, and pgd training would be natural")
     assert files["keep"].read_text() == KEEP
 
 
