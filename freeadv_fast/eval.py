@@ -80,9 +80,6 @@ def settings(args) -> dict:
         step = cfg.eval_step_size
     elif "epsilon" in given and not paper:
         step = cfg.epsilon / 4
-    if step <= 0 < cfg.epsilon and any(given.get("final_eval_steps", steps)):
-        raise ConfigError(f"--step-size {step:g}: a step of 0 never moves the attack from its start, so its accuracy "
-                          "would be clean accuracy; give a step > 0")
     if cfg.epsilon == 0:
         messages.info("epsilon 0: the attacks cannot change an image, so their accuracy is clean accuracy")
     if args.json is not None:  # before the evaluation, not after it

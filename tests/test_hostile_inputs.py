@@ -247,7 +247,7 @@ def checkpoint(tmp_path_factory):
     (["--json", "{checkpoint}"], "is the checkpoint being evaluated; not overwriting it"),
     (["--json", "{file}"], "exists and is not a JSON results file"),
     (["--json", "{jsonl}"], "exists and is not a JSON results file"),  # a run's metrics.jsonl starts with {
-    (["--step-size", "0"], "a step of 0 never moves the attack"),
+    (["--step-size", "0"], "--step-size 0 with epsilon 0.15: the evaluation's attack would never move"),
     (["--nproc", "3"], "batch size 64 is not divisible by the 3 processes"),  # said once, not by each worker
     (["--seed", "99999999999999999999"], "seed must be at most"),
 ])
