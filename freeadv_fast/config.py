@@ -318,14 +318,14 @@ def check(cfg: RunConfig, names: dict | None = None) -> RunConfig:
         if f.metadata.get("pixel") and not 0 <= getattr(cfg, f.name) <= 1:
             raise ConfigError(f"{names.get(f.name, f.name.replace('_', ' '))} must be between 0 and 1 (the pixel "
                               f"range), got {getattr(cfg, f.name):g}")
-    if cfg.epsilon >= 0.5 and method.attacked:  # 1 is a likely slip for 1/255
+    if cfg.epsilon >= 0.5:  # 1 is a likely slip for 1/255
         say_once(f"note: epsilon {cfg.epsilon:.4g} is half the pixel range or more, so the attack may turn an image "
                  "into almost any other (budgets in use: 2/255 to 16/255 for photos, 0.3 for digits); pixel values are "
                  "fractions of the range, e.g. 8/255")
     # a step of 0 never moves the perturbation: the training would be natural training at an adversarial
     # method's cost, the evaluation's robust accuracy the clean accuracy
     step_name, eval_name = names.get("step_size", "step size"), names.get("eval_step_size", "eval step size")
-    if cfg.epsilon > 0 and cfg.step_size == 0 and method.attacked:
+    if cfg.epsilon > 0 and cfg.step_size == 0 and pixel_value(method.default_step_size(cfg)) > 0:  # it steps
         raise ConfigError(f"{step_name} 0 with epsilon {cfg.epsilon:.4g}: the perturbation would never move, and "
                           f"{cfg.method} training would be natural training at a higher cost")
     if cfg.epsilon > 0 and cfg.eval_step_size == 0:

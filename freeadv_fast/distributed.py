@@ -45,29 +45,32 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+class LaunchError(ValueError):
+    """The launch environment (torchrun's variables) is incomplete or broken: a user error."""
+
+
 def launch_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun's variables give them,
     checked: a stray RANK left in a shell would otherwise make a silent
     rank 1 of 1 that writes no run files and checks no run directory, and a
     broken one a traceback or a rank waiting for peers that never come."""
-    from .config import ConfigError
     values = {}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         if name in os.environ:
             try:
                 values[name] = int(os.environ[name])
             except ValueError:
-                raise ConfigError(f"{name}={os.environ[name]!r} in the environment is not an integer") from None
+                raise LaunchError(f"{name}={os.environ[name]!r} in the environment is not an integer") from None
     if ("RANK" in values) != ("WORLD_SIZE" in values):
         have, lack = ("RANK", "WORLD_SIZE") if "RANK" in values else ("WORLD_SIZE", "RANK")
-        raise ConfigError(f"{have} is set in the environment but {lack} is not (a leftover of another launch?): "
+        raise LaunchError(f"{have} is set in the environment but {lack} is not (a leftover of another launch?): "
                           f"unset {have}, or launch with torchrun")
     rank, world, local = values.get("RANK", 0), values.get("WORLD_SIZE", 1), values.get("LOCAL_RANK", 0)
     if world < 1 or not 0 <= rank < world or local < 0:
-        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} in the environment: the world size "
+        raise LaunchError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} in the environment: the world size "
                           "must be 1 or more, the rank in [0, world size) and the local rank 0 or more")
     if world > 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in values):
-        raise ConfigError(f"WORLD_SIZE={world} but MASTER_ADDR or MASTER_PORT is not set: the processes could not "
+        raise LaunchError(f"WORLD_SIZE={world} but MASTER_ADDR or MASTER_PORT is not set: the processes could not "
                           "find each other (torchrun sets both)")
     return rank, world, local
 

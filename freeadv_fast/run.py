@@ -35,7 +35,7 @@ class OutOfMemory(RuntimeError):
     """The GPU cannot hold a step at this batch and image size; the message says which and how to lower it."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfMemory)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfMemory, distributed.LaunchError)
 
 
 def out_of_memory(exc: Exception, cfg: RunConfig, now: RunConfig, phase: int, phases: int, world: int,

@@ -41,4 +41,4 @@ class NaturalTrainer(Trainer):
 
 
 register_method(MethodSpec("natural", NaturalTrainer, label="natural", default_step_size=lambda cfg: 0.0,
-                           attacked=False, help="plain training on clean images"))
+                           help="plain training on clean images"))

@@ -20,7 +20,6 @@ class MethodSpec:
     default_step_size: Callable  # cfg -> the attack step when none is given (cfg.epsilon is a float by then)
     trainer_args: Callable = field(default=lambda cfg: {})  # cfg -> the trainer's own keyword arguments
     replayed: bool = False  # takes --replays (free-m); the others take one optimizer step per batch
-    attacked: bool = True  # trains on perturbed images (so a step size of 0 would make it natural training)
     help: str = ""
 
     def replays(self, cfg) -> int:
