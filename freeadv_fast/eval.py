@@ -27,7 +27,7 @@ from .data.datasets import build_data, take
 from .evaluate import evaluate, non_finite_weight
 from .models import create_model
 from .report import format_table
-from .run import USER_ERRORS, phase_configs
+from .run import USER_ERRORS, check_class_names, phase_configs
 
 PROG = "python -m freeadv_fast.eval"
 # the run settings this command takes, and the flags they go by here
@@ -122,13 +122,8 @@ def _evaluate(job, d) -> int:
         why = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
         raise CheckpointError(f"checkpoint {job['checkpoint']} does not fit {cfg.arch} with {data.num_classes} "
                               f"classes ({cfg.dataset}): {why[:300]}") from None
-    trained, here = state.get("config", {}).get("class_names"), getattr(data.val, "classes", None)
-    if isinstance(trained, list) and isinstance(here, list) and trained != here:
-        i = next((i for i, (a, b) in enumerate(zip(trained, here)) if a != b), min(len(trained), len(here)))
-        theirs, ours = (f"{n[i]!r}" if i < len(n) else "nothing" for n in (trained, here))
-        raise CheckpointError(f"checkpoint {job['checkpoint']} was trained with other classes than {cfg.dataset} "
-                              f"has here (label {i} was {theirs}, here it is {ours}): its labels would mean other "
-                              "classes, and its accuracies nothing")
+    check_class_names(f"checkpoint {job['checkpoint']}", state.get("config", {}).get("class_names"),
+                      getattr(data.val, "classes", None), cfg.data or cfg.dataset)
     bad = non_finite_weight(model)
     if bad is not None:
         raise CheckpointError(f"checkpoint {job['checkpoint']} holds non-finite weights (NaN or inf, in {bad}): its "

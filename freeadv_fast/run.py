@@ -208,10 +208,23 @@ def check_same_run(saved: dict, cfg: RunConfig, path) -> None:
                           "perturbation buffer, the attack, the batch order and the LR schedule depend on these. "
                           "Resume with the same settings, or start a new run with another --out")
     said = [f"{k.replace('_', '-')} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in SAID_RUN_KEYS
-            if k in saved and hasattr(cfg, k) and saved[k] != getattr(cfg, k)]
+            if k in saved and saved[k] != getattr(cfg, k)]
     if said:
         messages.info(f"resuming {path} with settings that differ from its run's: {', '.join(said)} (from here "
                       "on; config.yaml records the new ones)")
+
+
+def check_class_names(path, trained, here, what) -> None:
+    """CheckpointError unless the class names ``here`` are those the run of
+    checkpoint ``path`` trained with (``trained``; None for runs on data of
+    fixed classes): a renamed, added or removed class folder shifts every
+    label after it."""
+    if not (isinstance(trained, list) and isinstance(here, list)) or trained == here:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(trained, here)) if a != b), min(len(trained), len(here)))
+    theirs, ours = (f"{n[i]!r}" if i < len(n) else "nothing" for n in (trained, here))
+    raise CheckpointError(f"{path} was trained on other class folders than {what} has (label {i} was {theirs}, here "
+                          f"it is {ours}): its labels would mean other classes")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -341,10 +354,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     path = Path(resume) if resume else None  # already resolved by resolve_resume
     if path is not None:
         saved = load_checkpoint(path, trainer)
-        if isinstance(saved.get("class_names"), list) and "class_names" in state and \
-                saved["class_names"] != state["class_names"]:  # the same folder names, or labels change meaning
-            raise CheckpointError(f"{path} was trained on other class folders than {cfg.data or cfg.dataset} has "
-                                  "now (added, removed or renamed): its labels would mean other classes")
+        check_class_names(path, saved.get("class_names"), state.get("class_names"), cfg.data or cfg.dataset)
         state["best_robust"] = saved.get("best_robust", -1.0)
         phase = phase_of(ends, trainer.epoch)
         data = phase_data[phase]
