@@ -337,6 +337,16 @@ def test_a_file_name_that_is_not_utf8_is_read_or_left_out_by_name_never_a_crash(
     assert "Traceback" not in err
 
 
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_dali_refuses_a_class_folder_whose_name_is_not_utf8(tmp_path):
+    """Every file of such a class is unopenable by DALI: leaving them out
+    would train without the class, so the loader names it and stops."""
+    write_folder(tmp_path, classes=("a", "b"), per_class=2)
+    (tmp_path / "b").rename(tmp_path / os.fsdecode(b"caf\xe9"))
+    with pytest.raises(DataError, match=r"any image of 1 class\(es\).*caf\\xe9.*--loader torch"):
+        ImageFolderLoader(tmp_path, train=True, batch_size=2, image_size=16, loader="dali", workers=1)
+
+
 def check_in_process(monkeypatch, capsys, *argv):
     """(status, stdout, stderr) of ``python -m freeadv_fast.data check`` run
     here, its process pool replaced by one that records its size and checks

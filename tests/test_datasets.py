@@ -310,6 +310,14 @@ def test_train_subset_is_fixed_by_the_seed_and_checked(tmp_path):
         build_config(dataset="cifar10", flags={**flags, "train_subset": -1})
 
 
+def test_a_train_subset_larger_than_the_split_says_it_trains_on_all(tmp_path, capsys):
+    write_cifar_folders(tmp_path, per_class=(2, 1))
+    data = build_data(build_config(dataset="cifar10", flags=dict(data=str(tmp_path), batch_size=5,
+                                                                 train_subset=1000)))
+    assert data.train.num_samples == 20
+    assert "--train-subset 1000 is more than the 20 images of the training split" in capsys.readouterr().err
+
+
 def test_a_held_out_prefix_samples_every_class_of_a_class_sorted_split(tmp_path):
     """Image-folder test splits are sorted by class; an evaluation limited to
     N images must still see all of them, not the first class or two."""

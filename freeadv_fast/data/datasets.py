@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import distributed
+from ..messages import say_once
 from .errors import DataError
 from .folder import ImageFolderLoader
 from .registry import DATASETS, Data
@@ -76,6 +77,9 @@ def subset_indices(total: int, n: int, seed: int) -> torch.Tensor:
     """Indices of ``n`` of ``total`` training samples, drawn without
     replacement, fixed by ``seed``, in their original order (0 or n >= total:
     all of them)."""
+    if n > total:
+        say_once(f"--train-subset {n} is more than the {total} images of the training split: training on all "
+                 f"{total}")
     if not n or n >= total:
         return torch.arange(total)
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values

@@ -476,9 +476,15 @@ class ImageFolderLoader:
             return samples
         why = "its name is not valid UTF-8, which DALI cannot open (rename it, or use --loader torch)"
         self.bad_files.update((p, why) for p in unnamable)
+        kept = [s for s in samples if s[0] not in self.bad_files]
+        lost = sorted({label for _, label in samples} - {label for _, label in kept})
+        if lost:  # a class-folder name (not one file's) is the bad one: training on the rest would drop the class
+            first = next(p for p, label in samples if label == lost[0])
+            raise DataError(f"{self.split_dir}: DALI cannot open any image of {len(lost)} class(es): their paths "
+                            f"are not valid UTF-8, e.g. {printable(first)} (rename the folders, or use --loader torch)")
         say_once(f"{self.split_dir}: left out {len(unnamable)} file(s) whose names are not valid UTF-8, which "
                  f"DALI cannot open, e.g. {printable(unnamable[0])} (rename them, or use --loader torch)")
-        return [s for s in samples if s[0] not in self.bad_files]
+        return kept
 
     def _dali_batches(self, indices, start):
         """DALI stops at a file it cannot decode. Then the files of the batches
