@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .common import autocast, check_batch, check_int
+from .data.errors import DataError
 from .ops import reference
 
 LOSSES = ("ce", "cw")
@@ -27,6 +28,52 @@ def margin_loss(logits, y):
     other = logits.clone()
     other.scatter_(1, y[:, None], -math.inf)
     return other.amax(1) - true
+
+
+def check_labels(y, classes: int):
+    """Class indices outside the model's ``classes`` logits, refused by name
+    (one read of ``y``: a sync where it is on a device). Cross-entropy would
+    raise an IndexError on the CPU and a device-side assert on a GPU, and an
+    accuracy would count them as wrong. A DataError (a ValueError): the
+    commands say it in one line."""
+    if y.numel():
+        low, high = torch.stack(y.aminmax()).tolist()
+        if low < 0 or high >= classes:
+            raise DataError(f"y holds class indices from {low} to {high}, but the model gives {classes} logits "
+                            f"per image (classes 0 to {classes - 1})")
+
+
+def check_model_output(logits, n: int) -> int:
+    """The number of classes of a model's output for ``n`` images, refused by
+    name unless it is a tensor of shape (n, classes) with classes >= 2; a
+    single logit would make cross-entropy 0 whatever the image."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+        got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
+        raise ValueError(f"the model must return logits of shape (images, classes); for {n} images it returned "
+                         f"{got}")
+    if logits.shape[1] < 2:  # a dataset of one class, for the commands
+        raise DataError(f"the model gives only {logits.shape[1]} logit(s) per image: classification needs 2 or more "
+                        "classes")
+    return logits.shape[1]
+
+
+def check_pixels_finite(x):
+    """NaN pixels, which the pixel-range check lets through (NaN compares
+    false both ways) and which make every loss and logit NaN (one sync)."""
+    if x.is_floating_point() and x.isnan().any():
+        raise ValueError("x holds NaN pixels")
+
+
+def _check_images(x, y, pixel_range):
+    if isinstance(x, torch.Tensor) and x.dim() < 2:  # else the labels' count is what check_batch would name
+        raise ValueError(f"x must be a batch of images (N, C, ...), got shape {tuple(x.shape)}")
+    check_batch(x, y, pixel_range)
+    check_pixels_finite(x)
+
+
+def _checked_logits(logits, y):
+    check_labels(y, check_model_output(logits, len(y)))
+    return logits
 
 
 def per_sample_loss(logits, y, loss):
@@ -47,18 +94,27 @@ def logits_of(model, x, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32", 
         return model(inp).float()
 
 
+def check_width(name, value, pixel_range):
+    """A perturbation size beyond the pixel range's width: a unit mistake (8
+    meaning 8/255) that would let any image through. ``value`` is checked
+    (finite, non-negative; a tensor is read once, check_values) and its values returned."""
+    values = ops.check_values(value, name)
+    width = pixel_range[1] - pixel_range[0]
+    if values is not None and values and max(values) > width:
+        shown = value if not isinstance(value, torch.Tensor) else max(values)
+        raise ValueError(f"{name} {shown} is more than the pixel range's width {width:g}: give it in the units "
+                         f"of the pixel range (8/255 = {8 / 255:.4f} for 8 of 255 on [0, 1])")
+    return values
+
+
 def check_budget(epsilon, step_size, steps: int, channels: int, pixel_range):
     """Numbers that would make an attack a no-op or a unit mistake are refused
-    (tensors are taken as they are: reading them would synchronise)."""
-    width = pixel_range[1] - pixel_range[0]
+    (a tensor is read: an attack synchronises anyway)."""
     values = {}
     for name, v in (("epsilon", epsilon), ("step_size", step_size)):
-        if not isinstance(v, torch.Tensor):
-            values[name] = ops.channel_param(v, name, channels, "cpu").tolist()
-            if max(values[name]) > width:
-                raise ValueError(f"{name} {v} is more than the pixel range's width {width:g}: give it in the units "
-                                 f"of the pixel range (8/255 = {8 / 255:.4f} for 8 of 255 on [0, 1])")
-    if steps and max(values.get("epsilon", [1.0])) > 0 and min(values.get("step_size", [1.0])) == 0:
+        ops.channel_param(v, name, channels, "cpu")  # the count of values
+        values[name] = check_width(name, v, pixel_range) or [1.0]
+    if steps and max(values["epsilon"]) > 0 and min(values["step_size"]) == 0:
         raise ValueError("step_size 0 with epsilon > 0: the attack would never move from its start, and its "
                          "accuracy would be clean accuracy (or the random start's)")
 
@@ -79,7 +135,7 @@ def pgd(model, x, y, *, epsilon, step_size, steps, restarts=1, random_start=True
         raise ValueError(f"unknown attack loss {loss!r}: choose one of {', '.join(LOSSES)}")
     check_int("steps", steps, 0)
     check_int("restarts", restarts, 1)
-    check_batch(x, y, pixel_range)
+    _check_images(x, y, pixel_range)
     check_budget(epsilon, step_size, steps, x.shape[1], pixel_range)
     x, y = x.detach(), y.detach()
     kw = dict(mean=mean, std=std, pixel_range=pixel_range, backend=backend)
@@ -98,10 +154,12 @@ def pgd(model, x, y, *, epsilon, step_size, steps, restarts=1, random_start=True
         xs, ys = x[todo], y[todo]
         delta = delta_all[todo]
         inp = ops.make_input(xs, delta, mode="project", **kw)
-        for _ in range(steps):
+        for step in range(steps):
             inp.requires_grad_(True)
             with autocast(x.device, precision):
                 logits = model(inp)
+            if restart == step == 0:  # once: the labels against the classes (a sync)
+                _checked_logits(logits, ys)
             objective = per_sample_loss(logits, ys, loss).sum()
             if precision == "fp16":
                 objective = objective * 1024.0  # keeps fp16 input gradients from underflowing to 0 (sign only)
@@ -109,6 +167,8 @@ def pgd(model, x, y, *, epsilon, step_size, steps, restarts=1, random_start=True
             inp = ops.update_and_make_input_(delta, grad, xs, step_size=step_size, epsilon=epsilon, mode="project",
                                              **kw)
         logits = logits_of(model, xs, delta=delta, precision=precision, **kw)
+        if restart == 0 and not steps:
+            _checked_logits(logits, ys)
         now_loss = per_sample_loss(logits, ys, loss)
         now_fooled = logits.argmax(1) != ys
         better = now_fooled | (now_loss > best_loss[todo])
@@ -128,7 +188,11 @@ def fgsm(model, x, y, *, epsilon, mean, std, pixel_range=(0.0, 1.0), precision="
 def correct(model, x, y, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32", topk=(1,), backend="auto"):
     """Per-sample booleans: is y among the model's top-k predictions, for each k
     (k larger than the number of classes counts every class)."""
-    logits = logits_of(model, x, mean=mean, std=std, pixel_range=pixel_range, precision=precision, backend=backend)
+    if not (isinstance(topk, (tuple, list)) and topk and all(type(k) is int and k >= 1 for k in topk)):
+        raise ValueError(f"topk must be a non-empty sequence of integers >= 1, got {topk!r:.80}")
+    _check_images(x, y, pixel_range)
+    logits = _checked_logits(logits_of(model, x, mean=mean, std=std, pixel_range=pixel_range, precision=precision,
+                                       backend=backend), y)
     top = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
     hits = top == y[:, None]
     return {k: hits[:, :k].any(1) for k in topk}
@@ -138,11 +202,14 @@ def clean_accuracy(model, x, y, *, mean, std, pixel_range=(0.0, 1.0), precision=
                    backend="auto") -> float:
     """Top-1 accuracy on clean inputs, as a fraction."""
     check_int("batch_size", batch_size, 1)
+    check_batch(x, y, pixel_range, pixel_check=False)  # each slice's pixels are checked by correct
+    if not len(x):
+        raise ValueError("x holds no image: an accuracy of nothing")
     hits = 0
     for i in range(0, len(x), batch_size):
         hits += int(correct(model, x[i:i + batch_size], y[i:i + batch_size], mean=mean, std=std,
                             pixel_range=pixel_range, precision=precision, backend=backend)[1].sum())
-    return hits / max(1, len(x))
+    return hits / len(x)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

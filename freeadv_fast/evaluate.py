@@ -9,6 +9,20 @@ from .common import check_int
 from .data.datasets import take
 
 
+def pairs(batches):
+    """The (x, y) batches of ``batches``, anything else named (a batch of
+    images alone would be unpacked into its first two images)."""
+    try:
+        it = iter(batches)
+    except TypeError:
+        raise TypeError(f"batches must be an iterable of (x, y) batches, got {type(batches).__name__}") from None
+    for batch in it:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(f"each batch must be an (x, y) pair, got {type(batch).__name__}"
+                             + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+        yield batch
+
+
 def attack_name(loss: str, steps: int, restarts: int = 1) -> str:
     name = f"{'pgd' if loss == 'ce' else 'cw'}-{steps}"
     return name + (f"x{restarts}" if restarts > 1 else "")
@@ -54,7 +68,7 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
     counts = torch.zeros(3 + len(names), dtype=torch.float64, device=device)  # n, top1, top5, attacks...
     gen = torch.Generator(device).manual_seed(seed)
     try:
-        for x, y in take(batches, limit):
+        for x, y in take(pairs(batches), limit):
             if should_stop is not None and should_stop():
                 raise EvaluationStopped
             x, y = x.to(device), y.to(device)

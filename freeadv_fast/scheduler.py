@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 from functools import partial
 
+import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+from .common import check_int
 
 SCHEDULES = ("constant", "step", "multistep", "cosine", "onecycle")
 
 
 def passes_for(epochs: float, replays: int) -> int:
     """Passes over the data that give ``epochs`` epochs' worth of gradient steps."""
-    if replays < 1:
-        raise ValueError(f"replays must be >= 1, got {replays}")
-    if epochs <= 0:
-        raise ValueError(f"epochs must be positive, got {epochs}")
+    check_int("replays", replays, 1)
+    if not (isinstance(epochs, numbers.Real) and math.isfinite(epochs) and epochs > 0):
+        raise ValueError(f"epochs must be a positive finite number, got {epochs!r}")
     return math.ceil(epochs / replays)
 
 
@@ -83,8 +86,12 @@ def build_schedule(name: str, optimizer, *, steps_per_pass: int, passes: int, re
     optimizer steps here (``steps_per_pass`` = batches per pass * replays).
     With phases (their first optimizer steps and LR scales), the factor is
     scaled by the phase of each step."""
-    if steps_per_pass < 1 or passes < 1:
-        raise ValueError(f"a schedule needs steps_per_pass and passes >= 1, got {steps_per_pass} and {passes}")
+    for arg, value in (("steps_per_pass", steps_per_pass), ("passes", passes), ("replays", replays)):
+        check_int(arg, value, 1)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not (isinstance(warmup_passes, numbers.Real) and 0 <= warmup_passes < math.inf):
+        raise ValueError(f"warmup_passes must be a finite number >= 0, got {warmup_passes!r}")
     total = steps_per_pass * passes
     if name == "constant":
         factor = constant
@@ -93,7 +100,11 @@ def build_schedule(name: str, optimizer, *, steps_per_pass: int, passes: int, re
     elif name == "multistep":
         if not milestones:
             raise ValueError("the multistep schedule needs milestones (in optimizer steps)")
-        factor = partial(multistep_decay, milestones=tuple(sorted(int(m) for m in milestones)), gamma=0.1)
+        try:
+            steps = tuple(sorted(int(m) for m in milestones))
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"milestones must be optimizer steps (integers), got {list(milestones)!r:.80}") from None
+        factor = partial(multistep_decay, milestones=steps, gamma=0.1)
     elif name == "cosine":
         factor = partial(cosine, total_steps=total, warmup_steps=round(warmup_passes * steps_per_pass))
     elif name == "onecycle":

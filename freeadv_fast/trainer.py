@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed, ops
+from .attacks import check_labels, check_model_output, check_pixels_finite, check_width
 from .common import COMPILE_MODES, autocast, check_batch, check_int, check_pixel_range, check_precision
 from .data.errors import DataError
+from .evaluate import pairs
 from .graphs import Static, StepGraph
 from .messages import say_once
-from .stem import StemInputGrad, stem_conv
+from .stem import INPUT_GRADS, StemInputGrad, stem_conv
 
 
 class NonFiniteError(RuntimeError):
@@ -77,12 +79,15 @@ class RunningMetrics:
         return out
 
 
-def check_pixel_value(name, value, **rule):
+def check_pixel_value(name, value, pixel_range=None, **rule):
     """Fails now, not at the first batch, on a negative or NaN epsilon/step
-    size (``rule``: channel_param's, for a mean or std)."""
-    if not isinstance(value, torch.Tensor):
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        ops.channel_param(value, name, len(values), "cpu", **rule)
+    size (``rule``: channel_param's, for a mean or std), and with
+    ``pixel_range`` on one beyond its width (8 meaning 8/255). A tensor is
+    read here, once: the steps then take it without reading it again."""
+    if pixel_range is not None:
+        check_width(name, value, check_pixel_range(pixel_range))
+    else:
+        ops.check_values(value, name, **rule)
 
 
 class Trainer:
@@ -110,9 +115,12 @@ class Trainer:
         check_pixel_value("std", std, positive=True)
         check_int("max_bad_steps", max_bad_steps, 1)
         check_int("seed", seed, 0)
+        if seed >= 2 ** 64:  # what torch.Generator takes
+            raise ValueError(f"seed must be below 2**64, got {seed}")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.device = next(model.parameters()).device
         self._range_checked = False  # the first floating-point batch is checked to lie in the pixel range
+        self._classes: int | None = None  # the model's logits per image, seen on the first batch
         self.backend = ops.resolve_backend(backend, self.device)
         self.precision = precision
         # the model sees its input in the autocast dtype anyway; writing it so halves the traffic
@@ -159,6 +167,13 @@ class Trainer:
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if not any(id(p) in stepped for p in params):
             raise ValueError("optimizer holds none of the model's parameters (was it built for another model?)")
+        for group in optimizer.param_groups:  # torch's own checks let NaN through (NaN < 0 is false)
+            for key, value in group.items():
+                for v in (value if isinstance(value, (tuple, list)) and key != "params" else (value,)):
+                    if isinstance(v, torch.Tensor) and v.numel() == 1:
+                        v = float(v)  # an LR tensor: read once, here
+                    if isinstance(v, float) and not math.isfinite(v):
+                        raise ValueError(f"the optimizer's {key} is {value}: it must be finite")
         if scheduler is not None and not callable(getattr(scheduler, "step", None)):
             raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
 
@@ -179,17 +194,20 @@ class Trainer:
         return why is None
 
     def _stem_input_grad(self, choice) -> StemInputGrad | None:
-        """How the input gradient is made: "autograd", or "padded"
-        (freeadv_fast.stem, where the model has a 3-channel stem convolution)."""
-        if choice not in ("autograd", "padded"):
-            raise ValueError(f"stem_input_grad must be autograd or padded, got {choice!r}")
-        conv = stem_conv(distributed.unwrap(self.model))
-        if conv is None or choice == "autograd" or self.compiled:
-            if choice == "padded":
-                say_once("stem_input_grad='padded' needs an uncompiled model with a 3-channel stem convolution; "
-                         "the input gradient comes from autograd")
+        """How the input gradient is made: "autograd", or one of
+        stem.INPUT_GRADS from the stem convolution's output gradient (where
+        the model has a 3-channel stem convolution)."""
+        choices = ("autograd", *INPUT_GRADS)
+        if choice not in choices:
+            raise ValueError(f"stem_input_grad must be one of {', '.join(choices)}, got {choice!r}")
+        if choice == "autograd":
             return None
-        return StemInputGrad(conv)
+        conv = stem_conv(distributed.unwrap(self.model))
+        if conv is None or self.compiled:
+            say_once(f"stem_input_grad={choice!r} needs an uncompiled model whose first 3-channel convolution is "
+                     "ungrouped, undilated and zero-padded; the input gradient comes from autograd")
+            return None
+        return StemInputGrad(conv, choice)
 
     def _zeros(self, shape):
         """A float32 zero buffer in the trainer's memory format."""
@@ -218,11 +236,36 @@ class Trainer:
 
     def _prepare(self, x, y):
         self._check_batch(x, y)
+        labels = y
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if x.dim() == 4 and not x.is_contiguous(memory_format=self.memory_format):
             x = x.contiguous(memory_format=self.memory_format)  # once per batch, reused by every replay
+        if self._classes is None:
+            self._classes = self._probe_classes(x)
+            check_labels(labels, self._classes)  # the first batch's labels are read wherever they are
+        elif labels.device.type == "cpu":
+            # host labels are read on the host, no device waits; labels already on a GPU are read on the
+            # first batch only (each read would wait for the device), later ones are taken as they are
+            check_labels(labels, self._classes)
         return x, y
+
+    def _probe_classes(self, x) -> int:
+        """The model's logits per image, from its output for two images of the
+        first batch: every module in eval mode and no gradients, so nothing of
+        the model changes (a training forward would move BatchNorm's
+        statistics) before a wrong output is refused."""
+        net = distributed.unwrap(self.model)
+        modes = [(m, m.training) for m in net.modules()]
+        few = x[:2]
+        try:
+            net.eval()
+            with torch.no_grad(), self._autocast():
+                logits = net(ops.make_input(few, self._zeros(few.shape), **self._norm(few)))
+        finally:
+            for m, training in modes:
+                m.training = training
+        return check_model_output(logits, len(few))
 
     def _check_batch(self, x, y):
         """A batch the step would misread is refused before any state changes
@@ -230,7 +273,11 @@ class Trainer:
         batch pays the one sync of the pixel-range check)."""
         if isinstance(x, torch.Tensor) and (x.dim() < 2 or len(x) == 0):
             raise ValueError(f"x must be a non-empty batch of images (N, C, ...), got shape {tuple(x.shape)}")
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            raise ValueError("x is a meta tensor: it holds no images")
         check_batch(x, y, (self.lo, self.hi), pixel_check=not self._range_checked)
+        if not self._range_checked:
+            check_pixels_finite(x)
         channels = len(self.mean) if isinstance(self.mean, (tuple, list)) else 1
         if channels > 1 and x.shape[1] != channels:
             raise ValueError(f"x has {x.shape[1]} channels (dim 1 of {tuple(x.shape)}) but mean has {channels} "
@@ -434,7 +481,7 @@ class Trainer:
             else:
                 batches = (b for i, b in enumerate(loader) if i >= start)
             trained = False
-            for x, y in batches:
+            for x, y in pairs(batches):
                 trained = True
                 self.train_batch(x, y)
                 self.batch_in_epoch += 1

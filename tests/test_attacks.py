@@ -1,5 +1,6 @@
 """Attacks: cross-checked against torchattacks' independent PGD, and their invariants."""
 import copy
+import math
 
 import pytest
 import torch
@@ -132,3 +133,52 @@ def test_attack_and_evaluation_arguments_are_named(digits_model):
     next(broken.parameters()).data.view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match=r"non-finite weights \(NaN or inf, in 0.weight\)"):
         evaluate(broken, [(x, y)], **kw)
+
+
+def test_labels_model_outputs_and_batches_an_attack_would_misread_are_named():
+    """Labels beyond the model's logits ended in an IndexError (a device-side
+    assert on a GPU) in pgd, and counted as wrong in correct/clean_accuracy;
+    they, and the other batches below, are named first."""
+    from freeadv_fast.data.errors import DataError
+    from freeadv_fast.evaluate import evaluate
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(10)).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, generator=g), torch.tensor([0, 3, 9, 1])
+    model(x.float())  # materialize the lazy layer
+    kw = dict(epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    for labels in (torch.tensor([0, 3, 10, 1]), torch.tensor([0, -1, 9, 1])):
+        calls = [lambda: attacks.pgd(model, x, labels, steps=1, **kw),
+                 lambda: attacks.pgd(model, x, labels, steps=1, loss="cw", **kw),
+                 lambda: attacks.pgd(model, x, labels, steps=0, **kw),
+                 lambda: attacks.correct(model, x, labels, mean=MEAN, std=STD),
+                 lambda: attacks.clean_accuracy(model, x, labels, mean=MEAN, std=STD),
+                 lambda: evaluate(model, [(x, labels)], steps=(1,), **kw)]
+        for call in calls:
+            with pytest.raises(DataError, match=r"y holds class indices from -?\d+ to \d+, but the model gives 10 "
+                                                 r"logits per image \(classes 0 to 9\)"):
+                call()
+    with pytest.raises(ValueError, match=r"for 4 images it returned shape \(4, 1, 8, 8\)"):
+        attacks.pgd(nn.Identity(), x, y, steps=1, **kw)
+    with pytest.raises(DataError, match="only 1 logit"):
+        attacks.correct(nn.Sequential(nn.Flatten(), nn.Linear(64, 1)), x, y * 0, mean=MEAN, std=STD)
+    nan = x.float() / 255
+    nan[1, 0, 2, 2] = math.nan
+    for call, error, message in [
+            (lambda: attacks.pgd(model, nan, y, steps=1, **kw), ValueError, "x holds NaN pixels"),
+            (lambda: attacks.pgd(model, x.flatten(), y, steps=1, **kw), ValueError, "x must be a batch of images"),
+            (lambda: attacks.pgd(model, x, y, steps=1, **{**kw, "epsilon": torch.tensor(8.0)}), ValueError,
+             "epsilon 8.0 is more than the pixel range's width 1"),  # a tensor went unchecked
+            (lambda: attacks.pgd(model, x, y, steps=1, **{**kw, "epsilon": torch.tensor(math.nan)}), ValueError,
+             "epsilon must be finite"),
+            (lambda: attacks.correct(model, x, y[:3], mean=MEAN, std=STD), ValueError, "one class index per image"),
+            (lambda: attacks.correct(model, x.float(), y, mean=MEAN, std=STD), ValueError, "outside the pixel range"),
+            (lambda: attacks.correct(model, x, y, mean=MEAN, std=STD, topk=(0,)), ValueError, "topk must be"),
+            (lambda: attacks.correct(model, x, y, mean=MEAN, std=STD, topk=5), ValueError, "topk must be"),
+            (lambda: attacks.clean_accuracy(model, x[:0], y[:0], mean=MEAN, std=STD), ValueError, "holds no image"),
+            (lambda: attacks.clean_accuracy(model, x.tolist(), y, mean=MEAN, std=STD), TypeError, "a batch is"),
+            (lambda: evaluate(model, 5, **kw), TypeError, "batches must be an iterable of \\(x, y\\) batches"),
+            (lambda: evaluate(model, [x], **kw), ValueError, "each batch must be an \\(x, y\\) pair, got Tensor")]:
+        with pytest.raises(error, match=message):
+            call()
+    assert attacks.clean_accuracy(model, x, y, mean=MEAN, std=STD) in (0, 0.25, 0.5, 0.75, 1)

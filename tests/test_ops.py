@@ -259,6 +259,67 @@ def test_bad_arguments_are_named(device, backend):
         ops.update_delta_(delta, grad, x, pixel_range=(1.0, 0.0), **kw)
 
 
+def test_tensor_values_are_checked_once_per_tensor_and_version(monkeypatch):
+    """A tensor epsilon, step size or std is checked like a number (it was
+    taken unread: NaN, negative or 0 gave NaN or a flipped ball), read once
+    per tensor and version, so a loop that passes the same tensors (the
+    trainer's constants) never reads them again."""
+    x, delta, grad = batch((2, 3, 4, 4))
+    before = delta.clone()
+    kw = dict(step_size=STEP, epsilon=EPS)
+    for name, value, message in [
+            ("epsilon", torch.tensor(math.nan), "epsilon must be finite and non-negative, got nan"),
+            ("epsilon", torch.tensor([0.1, math.inf, 0.1]), "epsilon must be finite"),
+            ("step_size", torch.tensor(-0.5), "step_size must be finite and non-negative, got -0.5"),
+            ("epsilon", torch.tensor(0.1, device="meta"), "epsilon is a meta tensor")]:
+        with pytest.raises(ValueError, match=message):
+            ops.update_delta_(delta, grad, x, **{**kw, name: value})
+        with pytest.raises(ValueError, match=message):
+            ops.random_init_(delta.clone(), x, epsilon=value) if name == "epsilon" else ops.update_and_make_input_(
+                delta, grad, x, mean=MEAN, std=STD, **{**kw, name: value})
+    with pytest.raises(ValueError, match="std must be finite and positive, got 0.0"):
+        ops.make_input(x, delta, mean=MEAN, std=torch.tensor([0.2, 0.0, 0.2]))
+    with pytest.raises(TypeError, match="epsilon must hold real numbers"):
+        ops.update_delta_(delta, grad, x, step_size=STEP, epsilon=torch.tensor(0.1 + 0j))
+    assert torch.equal(delta, before)  # nothing was written by a refused call
+
+    eps = torch.tensor(EPS)
+    made = ops.channel_param(STEP, "step_size", 3, "cpu")
+    ops.update_delta_(delta, grad, x, step_size=made, epsilon=eps)  # eps read here, made never
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("a checked tensor was read again")
+    monkeypatch.setattr(torch.Tensor, "tolist", no_read)
+    ops.update_delta_(delta, grad, x, step_size=made, epsilon=eps)
+    ops.update_delta_(delta, grad, x, step_size=ops.vouch(made * 1.25), epsilon=eps)
+    monkeypatch.undo()
+    eps.fill_(-1.0)  # a new version is read again
+    with pytest.raises(ValueError, match="epsilon must be finite and non-negative, got -1.0"):
+        ops.update_delta_(delta, grad, x, step_size=made, epsilon=eps)
+    # a checked mean below 0 is no epsilon
+    with pytest.raises(ValueError, match="epsilon must be finite and non-negative, got -0.5"):
+        ops.update_delta_(delta, grad, x, step_size=STEP,
+                          epsilon=ops.channel_param(-0.5, "mean", 3, "cpu", signed=True))
+
+
+def test_outputs_layouts_backends_and_devices_torch_would_misread_are_named():
+    x, delta, grad = batch((2, 3, 4, 4))
+    for fmt, shape in ((torch.preserve_format, (2, 3, 4, 4)), (torch.channels_last, (2, 3, 16)), ("nhwc", (2, 3, 16))):
+        with pytest.raises(ValueError, match="memory_format must be None, torch.contiguous_format or"):
+            ops.make_input(x.reshape(shape), delta.reshape(shape), mean=MEAN, std=STD, memory_format=fmt)
+    before = delta.clone()
+    for out in (delta, delta.view(-1)[:x.numel()].view(x.shape)):  # the input written over the perturbation
+        with pytest.raises(ValueError, match="out shares memory with delta"):
+            ops.update_and_make_input_(delta, grad, x, step_size=STEP, epsilon=EPS, mean=MEAN, std=STD, out=out)
+    assert torch.equal(delta, before)
+    with pytest.raises(ValueError, match="epsilon must be finite and non-negative, got inf"):
+        ops.update_delta_(delta, grad, x, step_size=STEP, epsilon=10 ** 400)  # beyond float: OverflowError before
+    with pytest.raises(ValueError, match="unknown backend \\['cpp'\\]"):
+        ops.make_input(x, delta, mean=MEAN, std=STD, backend=["cpp"])
+    with pytest.raises(ValueError, match="not a device: 'gpu0'"):
+        ops.available_backends("gpu0")
+
+
 def test_unavailable_backend_is_a_clear_error():
     x, delta, grad = batch((2, 3, 4, 4))
     with pytest.raises(ops.BackendUnavailableError, match="'cuda' is not available for cpu tensors"):

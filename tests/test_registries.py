@@ -89,3 +89,17 @@ def test_a_name_nobody_registered_is_refused_naming_the_choices():
         build_config(dataset="stripes")
     with pytest.raises(ConfigError, match="unknown method 'uniform-noise': choose one of natural, free, pgd, fast"):
         build_config(dataset="digits", flags={"method": "uniform-noise"})
+
+
+def test_create_model_names_a_bad_name_or_count():
+    from freeadv_fast.models import create_model
+    for name in (["small_cnn"], None):  # a list was an unhashable-type TypeError
+        with pytest.raises(ValueError, match="unknown architecture"):
+            create_model(name, 10)
+    # 0 classes built a model without outputs, -1 failed inside torch, 1.5 in nn.Linear
+    for kw, message in [(dict(num_classes=0), "num_classes must be an integer >= 1, got 0"),
+                        (dict(num_classes=-1), "num_classes must be an integer >= 1, got -1"),
+                        (dict(num_classes=1.5), "num_classes must be an integer >= 1, got 1.5"),
+                        (dict(num_classes=10, in_channels=0), "in_channels must be an integer >= 1, got 0")]:
+        with pytest.raises(ValueError, match=message):
+            create_model("small_cnn", **kw)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 import freeadv_fast.ops as ops
+import freeadv_fast.trainer as trainer_module
 from freeadv_fast import FastTrainer, FreeAdversarialTrainer, NaturalTrainer, PGDTrainer
 from freeadv_fast.data import TensorBatches
 from freeadv_fast.scheduler import build_schedule, passes_for
@@ -144,10 +145,15 @@ def test_the_replay_loop_never_waits_for_the_device(monkeypatch):
 
     def no_sync(*args, **kwargs):
         raise AssertionError("host sync inside the training loop")
+    # labels on the host are read there each batch, before their copy to the device: no device waits,
+    # but on a CPU this proxy cannot tell host tensors from the device's
+    checked = []
+    monkeypatch.setattr(trainer_module, "check_labels", lambda labels, classes: checked.append(labels))
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, no_sync)
     stats = trainer.train_batch(x, y)
     monkeypatch.undo()
+    assert len(checked) == 1 and checked[0] is y
     assert torch.isfinite(stats["loss"])
     record = trainer.log_record()  # the sync happens here, at log time
     assert record["samples"] == 2 * 3 * len(x) and 0 <= record["acc"] <= 1 and record["step"] == 6
@@ -382,3 +388,142 @@ def test_what_a_step_would_misread_is_refused_before_any_state_changes():
     signed = NaturalTrainer(model, sgd(model), mean=(-0.2, 0.0, 0.1), std=STD, pixel_range=(-1.0, 1.0))
     signed.train_batch(x.float() / 255 * 2 - 1, y)
     assert signed.step == 1
+
+
+def trainers(model):
+    """One trainer of each built-in method on ``model``."""
+    kw = dict(mean=MEAN, std=STD)
+    return [FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, **kw),
+            NaturalTrainer(model, sgd(model), **kw),
+            PGDTrainer(model, sgd(model), steps=2, epsilon=EPS, step_size=STEP, **kw),
+            FastTrainer(model, sgd(model), epsilon=EPS, **kw)]
+
+
+def test_labels_outside_the_models_classes_are_refused_before_any_state_changes():
+    """Labels beyond the model's logits ended in cross-entropy's IndexError
+    (a device-side assert on a GPU) after the forward had moved BatchNorm's
+    statistics; they are named first, on every batch of host labels."""
+    from freeadv_fast.data.errors import DataError
+    x, y = toy_data(n=4)  # 5 classes, as small_cnn has
+    model = small_cnn()
+    model[1].eval()  # a frozen BatchNorm stays frozen through the first batch's look at the model's output
+    before = copy.deepcopy(model.state_dict())
+    for trainer in trainers(model):
+        for labels in (torch.tensor([0, 1, 2, 5]), torch.tensor([0, -1, 2, 3]), torch.tensor([0, 9, 2, 3]).byte()):
+            with pytest.raises(DataError, match=r"y holds class indices from -?\d+ to \d+, but the model gives 5 "
+                                                 r"logits per image \(classes 0 to 4\)"):
+                trainer.train_batch(x, labels)
+        assert trainer.step == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and not model[1].training
+    trainer.train_batch(x, y)
+    with pytest.raises(DataError, match="y holds class indices from 0 to 7"):  # a later batch, too
+        trainer.train_batch(x, torch.tensor([0, 7, 2, 3]))
+
+
+class _Output(torch.nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.net, self.make = small_cnn(), make
+
+    def forward(self, inp):
+        return self.make(self.net(inp), inp)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda logits, inp: (logits, logits), "returned a tuple"),  # Inception-style auxiliary outputs
+    (lambda logits, inp: logits[:, :1], "only 1 logit"),  # cross-entropy of one class is 0 whatever the image
+    (lambda logits, inp: logits[:, 0], r"returned shape \(2,\)"),
+    (lambda logits, inp: inp, r"returned shape \(2, 3, 8, 8\)"),  # a segmentation-style output
+    (lambda logits, inp: logits[:1], r"returned shape \(1, 5\)")])
+def test_a_model_output_cross_entropy_would_misread_is_named(make, message):
+    model = _Output(make)
+    trainer = NaturalTrainer(model, sgd(model), mean=MEAN, std=STD)
+    x, y = toy_data(n=4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        trainer.train_batch(x, y)
+    assert trainer.step == 0 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_tensor_budgets_and_other_constructor_arguments_are_named():
+    model = small_cnn()
+    kw = dict(replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    for extra, message in [(dict(epsilon=torch.tensor(math.nan)), "epsilon must be finite and non-negative, got nan"),
+                           (dict(step_size=torch.tensor([0.1, -0.1, 0.1])), "step_size must be finite and non-neg"),
+                           (dict(std=torch.tensor(0.0)), "std must be finite and positive, got 0.0"),
+                           (dict(epsilon=torch.tensor(0.1, device="meta")), "epsilon is a meta tensor"),
+                           (dict(epsilon=8), "epsilon 8 is more than the pixel range's width 1"),  # 8 meaning 8/255
+                           (dict(step_size=torch.tensor(2.0)), "step_size 2.0 is more than the pixel range's width"),
+                           (dict(replays=True), "replays must be an integer >= 1, got True"),
+                           (dict(seed=2 ** 70), r"seed must be below 2\*\*64")]:
+        with pytest.raises(ValueError, match=message):
+            FreeAdversarialTrainer(model, sgd(model), **{**kw, **extra})
+    with pytest.raises(ValueError, match="epsilon must be finite and non-negative, got -0.5"):
+        PGDTrainer(model, sgd(model), steps=1, epsilon=torch.tensor(-0.5), step_size=STEP, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="epsilon 4 is more than the pixel range's width 2"):
+        FastTrainer(model, sgd(model), epsilon=4, mean=MEAN, std=STD, pixel_range=(-1.0, 1.0))
+    for opt, key in [(torch.optim.SGD(model.parameters(), lr=math.nan), "lr"),
+                     (torch.optim.SGD(model.parameters(), lr=0.1, momentum=math.nan), "momentum"),
+                     (torch.optim.SGD(model.parameters(), lr=torch.tensor(math.inf)), "lr")]:
+        with pytest.raises(ValueError, match=f"the optimizer's {key} is .*: it must be finite"):
+            NaturalTrainer(model, opt, mean=MEAN, std=STD)
+    x, y = toy_data(n=4)
+    trainer = FreeAdversarialTrainer(model, sgd(model), **kw)
+    nan = x.float() / 255
+    nan[0, 0, 0, 0] = math.nan  # passes a range check: NaN compares false both ways
+    for bx, message in [(nan, "x holds NaN pixels"), (x.to("meta"), "x is a meta tensor")]:
+        with pytest.raises(ValueError, match=message):
+            trainer.train_batch(bx, y)
+    with pytest.raises(ValueError, match=r"each batch must be an \(x, y\) pair, got Tensor"):
+        trainer.fit([x], 1)  # was unpacked into its first two images: "too many values to unpack"
+    assert trainer.step == 0 and trainer.delta is None
+    # a checked tensor budget trains, and is not read again (no sync per step on a GPU)
+    ok = FreeAdversarialTrainer(model, sgd(model), **{**kw, "epsilon": torch.tensor(EPS)})
+    ok.train_batch(x, y)
+    assert ok.step == 2 and 0 < ok.delta.abs().max() <= EPS + 1e-7
+
+
+@pytest.mark.parametrize("method", ["fast", "free-fp16"])
+def test_derived_step_sizes_are_not_read_back(method, monkeypatch):
+    """FGSM-RS's 1.25 eps and fp16 free-m's step times "did the scaler step"
+    are made on the device each step from checked values: checking them
+    again would read them back, a sync per step on a GPU."""
+    import freeadv_fast.ops.perturb as perturb
+    model = small_cnn(batchnorm=False)
+    if method == "fast":
+        trainer = FastTrainer(model, sgd(model), epsilon=EPS, mean=MEAN, std=STD)
+    else:
+        trainer = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN,
+                                         std=STD, precision="fp16")
+    x, y = toy_data(n=4)
+    trainer.train_batch(x, y)
+
+    def read(value, name, **rule):
+        raise AssertionError(f"{name} was read again")
+    monkeypatch.setattr(perturb, "check_values", read)
+    trainer.train_batch(x, y)
+    assert trainer.step == (2 if method == "fast" else 4)
+
+
+def test_schedule_arguments_are_named():
+    model = small_cnn()
+    opt = sgd(model)
+    for kw, error, message in [(dict(replays=0), ValueError, "replays must be an integer >= 1, got 0"),  # was 1/0
+                               (dict(steps_per_pass=1.5), ValueError, "steps_per_pass must be an integer >= 1"),
+                               (dict(passes=math.nan), ValueError, "passes must be an integer >= 1"),
+                               (dict(warmup_passes=math.nan), ValueError, "warmup_passes must be a finite number"),
+                               (dict(warmup_passes=-1), ValueError, "warmup_passes must be a finite number >= 0"),
+                               (dict(milestones=["a"]), ValueError, "milestones must be optimizer steps"),
+                               (dict(optimizer="sgd"), TypeError, "optimizer must be a torch.optim.Optimizer")]:
+        args = {**dict(optimizer=opt, steps_per_pass=10, passes=2, milestones=[5]), **kw}
+        with pytest.raises(error, match=message):
+            build_schedule("multistep", args.pop("optimizer"), **args)
+    assert build_schedule("multistep", opt, steps_per_pass=10, passes=2, milestones=[5.0, "8"]).lr_lambdas[0](9) \
+        == pytest.approx(0.01)  # numbers and numerals of steps are steps, as before
+    for args, message in [((math.inf, 1), "epochs must be a positive finite number, got inf"),  # was OverflowError
+                          ((math.nan, 1), "epochs must be a positive finite number"),
+                          (("90", 1), "epochs must be a positive finite number, got '90'"),
+                          ((90, 2.5), "replays must be an integer >= 1, got 2.5")]:
+        with pytest.raises(ValueError, match=message):
+            passes_for(*args)

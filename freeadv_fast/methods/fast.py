@@ -1,6 +1,7 @@
 """FGSM with a random start ("Fast is better than free", Wong et al. 2020)."""
 from __future__ import annotations
 
+from .. import ops
 from .pgd import PGDTrainer
 from .registry import MethodSpec, register_method
 
@@ -18,7 +19,7 @@ class FastTrainer(PGDTrainer):
     def _step_size(self, C):
         if self.step_size is not None:
             return super()._step_size(C)
-        return 1.25 * self._param("epsilon", self.epsilon, C)
+        return ops.vouch(1.25 * self._param("epsilon", self.epsilon, C))  # made from a checked epsilon
 
 
 register_method(MethodSpec(

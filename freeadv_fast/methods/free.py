@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..common import check_int
 from ..graphs import Static
 from ..trainer import Trainer, check_pixel_value
 from .registry import MethodSpec, register_method
@@ -28,16 +29,15 @@ class FreeAdversarialTrainer(Trainer):
     def __init__(self, model, optimizer, *, replays, epsilon, step_size, mean, std, pixel_range=(0.0, 1.0),
                  pixel_mode="clamp_input", precision="fp32", channels_last=False, compile=False, cuda_graph=False,
                  scheduler=None, backend="auto", seed=0, max_bad_steps=10, stem_input_grad="autograd"):
-        if not (isinstance(replays, int) and replays >= 1):
-            raise ValueError(f"replays must be an integer >= 1, got {replays!r}")
+        check_int("replays", replays, 1)
         ops.check_mode(pixel_mode)
+        for name, value in (("epsilon", epsilon), ("step_size", step_size)):
+            check_pixel_value(name, value, pixel_range)
         super().__init__(model, optimizer, mean=mean, std=std, pixel_range=pixel_range, precision=precision,
                          channels_last=channels_last, compile=compile, cuda_graph=cuda_graph, scheduler=scheduler,
                          backend=backend, seed=seed, max_bad_steps=max_bad_steps, stem_input_grad=stem_input_grad)
         self.replays, self.pixel_mode = replays, pixel_mode
         self.epsilon, self.step_size = epsilon, step_size
-        for name, value in (("epsilon", epsilon), ("step_size", step_size)):
-            check_pixel_value(name, value)
         self.delta: torch.Tensor | None = None
         update = self._update_and_make_input
         self._update_and_make_input = (torch.compile(update, fullgraph=True, mode=self._compile_mode) if compile
@@ -76,7 +76,7 @@ class FreeAdversarialTrainer(Trainer):
         for replay in range(self.replays):
             loss, logits, grad = self._train_step(inp, y, input_grad=True)
             # a step the scaler skips (inf/NaN) must leave delta unchanged too
-            step_now = step * self._gradient_ok() if self.scaler is not None else step
+            step_now = ops.vouch(step * self._gradient_ok()) if self.scaler is not None else step
             if replay + 1 < self.replays:
                 inp = self._update_and_make_input(delta, grad, x, step_now, eps, norm)
             else:  # the next minibatch makes its own input

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..common import check_int
 from ..trainer import Trainer, check_pixel_value
 from .registry import MethodSpec, register_method
 
@@ -17,11 +18,11 @@ class PGDTrainer(Trainer):
     method = "pgd"
 
     def __init__(self, model, optimizer, *, steps, epsilon, step_size, random_start=True, **kw):
-        if not (isinstance(steps, int) and steps >= 1):
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        check_pixel_value("epsilon", epsilon)
+        check_int("steps", steps, 1)
+        pixel_range = kw.get("pixel_range", (0.0, 1.0))
+        check_pixel_value("epsilon", epsilon, pixel_range)
         if step_size is not None:
-            check_pixel_value("step_size", step_size)
+            check_pixel_value("step_size", step_size, pixel_range)
         super().__init__(model, optimizer, **kw)
         self.steps, self.epsilon, self.step_size, self.random_start = steps, epsilon, step_size, random_start
         self._delta = None

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from ..common import register as add
+from ..common import check_int, register as add
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -17,8 +17,10 @@ def register(name: str):
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}: choose one of {', '.join(sorted(ARCHITECTURES))}")
+    if not isinstance(name, str) or name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r:.80}: choose one of {', '.join(sorted(ARCHITECTURES))}")
+    check_int("num_classes", num_classes, 1)
+    check_int("in_channels", in_channels, 1)
     return ARCHITECTURES[name](num_classes=num_classes, in_channels=in_channels)
 
 

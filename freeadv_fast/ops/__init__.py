@@ -9,8 +9,9 @@ looked up. Every backend runs one op of one schema (backends.py).
 """
 from . import reference
 from .backends import BackendUnavailableError, available_backends, resolve_backend
-from .perturb import (PIXEL_MODES, channel_param, check_mode, layout_of, make_input, random_init_,
-                      update_and_make_input_, update_delta_)
+from .perturb import (PIXEL_MODES, channel_param, check_mode, check_values, layout_of, make_input, random_init_,
+                      update_and_make_input_, update_delta_, vouch)
 
-__all__ = ["BackendUnavailableError", "PIXEL_MODES", "available_backends", "channel_param", "check_mode", "layout_of",
-           "make_input", "random_init_", "reference", "resolve_backend", "update_and_make_input_", "update_delta_"]
+__all__ = ["BackendUnavailableError", "PIXEL_MODES", "available_backends", "channel_param", "check_mode",
+           "check_values", "layout_of", "make_input", "random_init_", "reference", "resolve_backend",
+           "update_and_make_input_", "update_delta_", "vouch"]

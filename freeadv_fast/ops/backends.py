@@ -57,7 +57,10 @@ class BackendUnavailableError(ValueError):
 
 def _device(device) -> torch.device:
     """``device`` as a torch.device; an index-less "cuda" is the current GPU."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's message lists every device type there is
+        raise ValueError(f"not a device: {device!r:.80}") from None
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -112,7 +115,10 @@ def backend_op(backend: str, device) -> tuple[str, Callable]:
     """``(name, op)``: the backend ``backend`` ("auto" or a name) means on
     ``device`` and the op it runs. Checked once per (backend, device), then
     a dict lookup: no capability query, no list."""
-    hit = _resolved.get((backend, device))
+    try:
+        hit = _resolved.get((backend, device))
+    except TypeError:  # unhashable: not a name
+        raise ValueError(f"unknown backend {backend!r:.80}: choose auto, {', '.join(BACKENDS)}") from None
     if hit is None:
         hit = _resolve(backend, device)
     return hit

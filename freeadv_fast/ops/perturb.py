@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
@@ -26,6 +27,9 @@ _constants: dict = {}
 _checked: dict = {}
 _NUMBERS = (float, int)
 _PARAM_NAMES = {"step_size": "step", "epsilon": "eps", "mean": "mean", "std": "std"}
+# id(tensor) -> (weakref, version, level, values) of a tensor whose values were read and checked, or made
+# from checked values; level: 0 finite, 1 also non-negative, 2 also positive (what a rule needs, _level)
+_vetted: dict = {}
 
 
 def check_mode(mode):
@@ -66,46 +70,126 @@ def _check_out_dtype(dtype):
     return dtype
 
 
+def _level(values) -> int:
+    """What ``values`` satisfy: -1 not all finite, 0 finite, 1 also non-negative, 2 also positive."""
+    if not all(math.isfinite(v) for v in values):
+        return -1
+    return 2 if all(v > 0 for v in values) else 1 if all(v >= 0 for v in values) else 0
+
+
+def _version(t):
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter: it is taken as unchanged
+        return None
+
+
+def _remember(t: torch.Tensor, level: int, values=None) -> torch.Tensor:
+    key = id(t)
+
+    def forget(ref, key=key):
+        if _vetted.get(key, (None,))[0] is ref:
+            del _vetted[key]
+    _vetted[key] = (weakref.ref(t, forget), _version(t), level, values)
+    return t
+
+
+def _vetted_entry(t: torch.Tensor):
+    hit = _vetted.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == _version(t):
+        return hit
+    return None
+
+
+def vouch(t: torch.Tensor) -> torch.Tensor:
+    """``t``, made on the device from checked values so that it is finite and
+    non-negative (a checked step size times 0 or 1, or times 1.25), taken by
+    channel_param as it is: reading it back would synchronise the device on
+    every training step."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return t
+    return _remember(t, 1)
+
+
+def check_values(value, name: str, *, positive=False, signed=False):
+    """The values of a number, a sequence of numbers or a tensor, checked
+    (finite; non-negative, positive with ``positive``, of any sign with
+    ``signed``) and named when wrong; None for a tensor that cannot be read
+    here (while tracing or capturing a CUDA graph). A tensor is read once per
+    tensor and version (one sync on a device): the trainer's constants and
+    the tensors it passes each step are never read again."""
+    need = 2 if positive else 0 if signed else 1
+    if isinstance(value, torch.Tensor):
+        if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+            return None
+        hit = _vetted_entry(value)
+        if hit is not None and hit[2] >= need:
+            return hit[3]
+        if value.is_complex():
+            raise TypeError(f"{name} must hold real numbers, got a {value.dtype} tensor")
+        if value.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor: it has no values")
+        if value.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        values = tuple(value.detach().to("cpu", torch.float64).reshape(-1).tolist())
+    else:
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if not all(isinstance(v, numbers.Real) or isinstance(v, torch.Tensor) and v.numel() == 1 for v in items):
+            raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got {value!r:.80}")
+        try:
+            values = tuple(float(v) for v in items)
+        except OverflowError:  # an int beyond float's range
+            values = (math.inf,)
+    bad = [v for v in values if not math.isfinite(v) or (v <= 0 if positive else v < 0 and not signed)]
+    if bad:
+        rule = " and positive" if positive else "" if signed else " and non-negative"
+        raise ValueError(f"{name} must be finite{rule}, got {bad[0]}")
+    if isinstance(value, torch.Tensor):
+        _remember(value, _level(values), values)
+    return values
+
+
 def channel_param(value, name: str, channels: int, device, *, positive=False, signed=False) -> torch.Tensor:
     """A scalar, sequence or tensor as a contiguous float32 tensor of one value
-    per channel on ``device`` -- the form the kernels take. Python numbers are
-    checked (finite; non-negative, positive with ``positive``, of any sign
-    with ``signed``: a mean in a pixel range below 0) and cached,
-    so a training loop makes each constant once. A tensor is taken as it is,
-    its values unchecked: reading them would synchronise the device on every
-    call (the trainer passes tensors it made here from checked numbers)."""
+    per channel on ``device`` -- the form the kernels take. Values are
+    checked (check_values: finite; non-negative, positive with ``positive``,
+    of any sign with ``signed``: a mean in a pixel range below 0). Python
+    numbers are cached, so a training loop makes each constant once; a
+    tensor is read once per tensor and version, so the constants made here
+    and what is made from a checked tensor are not read again."""
+    tracing = torch.compiler.is_compiling() or is_in_torch_dispatch_mode()  # no real tensors from a cache
     if isinstance(value, torch.Tensor):
+        hit = None
+        if not tracing:  # the trace of a trainer's step holds tensors checked when it ran eagerly
+            hit = _vetted_entry(value)
+            if hit is None or hit[2] < (2 if positive else 0 if signed else 1):
+                check_values(value, name, positive=positive, signed=signed)
+                hit = _vetted_entry(value)
         if (value.dtype == torch.float32 and value.dim() == 1 and value.shape[0] == channels
                 and value.device == device and not value.requires_grad and value.is_contiguous()):
             return value  # what channel_param made (the trainer's constants): nothing to do
         t = value.detach().to(device=device, dtype=torch.float32).reshape(-1)
         if t.numel() not in (1, channels):
             raise ValueError(f"{name} has {t.numel()} values; expected 1 or {channels} (one per channel)")
-        return t.expand(channels).contiguous() if t.numel() == 1 else t.contiguous()
-    tracing = torch.compiler.is_compiling() or is_in_torch_dispatch_mode()  # no real tensors from a cache
+        t = t.expand(channels).contiguous() if t.numel() == 1 else t.contiguous()
+        return _remember(t, hit[2]) if hit is not None else t  # made from checked values: not read again
     fast_key = None
     if not tracing and (type(value) in _NUMBERS or type(value) is tuple and all(type(v) in _NUMBERS for v in value)):
         fast_key = (value, channels, device, positive, signed)
         hit = _checked.get(fast_key)
         if hit is not None:  # these very numbers were checked and made before
             return hit
-    items = value if isinstance(value, (tuple, list)) else (value,)
-    if not all(isinstance(v, numbers.Real) or isinstance(v, torch.Tensor) and v.numel() == 1 for v in items):
-        raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got {value!r:.80}")
-    values = tuple(float(v) for v in items)
+    values = check_values(value, name, positive=positive, signed=signed)
     if len(values) not in (1, channels):
         raise ValueError(f"{name} has {len(values)} values; expected 1 or {channels} (one per channel)")
-    bad = [v for v in values if not math.isfinite(v) or (v <= 0 if positive else v < 0 and not signed)]
-    if bad:
-        rule = " and positive" if positive else "" if signed else " and non-negative"
-        raise ValueError(f"{name} must be finite{rule}, got {bad[0]}")
     values = values * channels if len(values) == 1 else values
     device = torch.device(device)
     if tracing:
         return torch.tensor(values, dtype=torch.float32, device=device)
     key = (values, device)
     if key not in _constants:
-        _constants[key] = torch.tensor(values, dtype=torch.float32, device=device)
+        _constants[key] = _remember(torch.tensor(values, dtype=torch.float32, device=device), _level(values),
+                                    values)
     if fast_key is not None:
         _checked[fast_key] = _constants[key]
     return _constants[key]
@@ -155,11 +239,21 @@ def _params(x, **values):
 
 def _new_out(x, delta, out, out_dtype, memory_format):
     if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a tensor, got {type(out).__name__}")
         if out.shape != x.shape or out.device != x.device:
             raise ValueError(f"out must have x's shape {tuple(x.shape)} and device {x.device}, "
                              f"got {tuple(out.shape)} on {out.device}")
         _check_out_dtype(out.dtype)
+        # the kernels write out after delta, element by element: out in delta's memory would overwrite it
+        if (delta.numel() and not (torch.compiler.is_compiling() or is_in_torch_dispatch_mode())
+                and out.untyped_storage().data_ptr() == delta.untyped_storage().data_ptr()):
+            raise ValueError("out shares memory with delta: the input would overwrite the perturbation")
         return out
+    if memory_format not in (None, torch.contiguous_format, torch.channels_last) or (
+            memory_format == torch.channels_last and x.dim() != 4):
+        raise ValueError(f"memory_format must be None, torch.contiguous_format or (for 4-D x) "
+                         f"torch.channels_last, got {memory_format} for x of shape {tuple(x.shape)}")
     fmt = memory_format or layout_of(delta) or torch.contiguous_format
     return torch.empty(x.shape, dtype=_check_out_dtype(out_dtype), device=x.device, memory_format=fmt)
 
