@@ -8,9 +8,10 @@ ResNet-50 224 px that is the data gradient of the 7x7 stride-2 convolution
 from 64 channels back to 3. This times, on the conv1 shapes of the batch
 (bf16, channels_last on a GPU), the weight gradient alone (natural's
 backward of conv1) against the weight and input gradients, with the input
-gradient computed as autograd does (3 channels) and with the weight padded
+gradient computed as autograd does (3 channels), with the weight padded
 with zero channels to 4 and 8 (the gradient of the first 3 channels is the
-same sum), in channels_last and NCHW. Then it profiles one eager natural
+same sum), and as a sub-pixel stride-1 convolution to 12 channels
+(freeadv_fast/stem.py), in channels_last and NCHW. Then it profiles one eager natural
 step and one eager free-4 replay of the whole model and lists the kernels
 whose CUDA time differs most.
 """
@@ -25,6 +26,7 @@ from common import guarded, median_ms, parse, parser, write_json
 from freeadv_fast import FreeAdversarialTrainer, NaturalTrainer
 from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.models import create_model
+from freeadv_fast.stem import subpixel_input_grad
 
 
 def conv1_backward(gy, x, w, *, input_grad, weight_grad=True):
@@ -50,6 +52,13 @@ def conv1_timings(device, batch, size, dtype, reps):
                 gx = conv1_backward(gy, xc, wc, input_grad=True, weight_grad=False)[0]
                 return gx[:, :3].contiguous(memory_format=fmt)
             cases[f"weight grad + input grad via {c}-channel padded weight"] = padded
+        conv = torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False, device=device, dtype=dtype)
+        conv.weight.data.copy_(w)
+
+        def subpixel():
+            conv1_backward(gy, x, w, input_grad=False)
+            return subpixel_input_grad(conv, gy, tuple(x.shape)).contiguous(memory_format=fmt)
+        cases["weight grad + input grad via sub-pixel convolution (12 channels)"] = subpixel
         base = None
         for name, fn in cases.items():
             ms = median_ms(fn, device, reps, warmup=3)
@@ -98,17 +107,25 @@ def step_timings(device, batch, size, dtype, reps):
             gx = conv1_backward(caught["gy"], shape, w, input_grad=True, weight_grad=False)[0]
             return gx[:, :3].contiguous(memory_format=torch.channels_last)
         return run
+
+    def subpixel():
+        forward_backward(x)
+        return subpixel_input_grad(conv1, caught["gy"], tuple(x.shape))
     rows = []
     for name, fn in (("natural (weight gradients)", natural), ("+ input grad, autograd", autograd_input),
                      ("+ input grad, 4-channel padded dgrad", padded(4)),
-                     ("+ input grad, 8-channel padded dgrad", padded(8))):
+                     ("+ input grad, 8-channel padded dgrad", padded(8)),
+                     ("+ input grad, sub-pixel convolution", subpixel)):
         model.zero_grad(set_to_none=True)
         ms = median_ms(fn, device, reps, warmup=3)
         rows.append({"case": name, "ms": ms})
         print(f"  whole step {name:40s} {ms:8.3f} ms", flush=True)
-    g_auto, g8 = autograd_input(), padded(8)()
-    rows.append({"sign_agreement_autograd_vs_padded8": float((g_auto.sign() == g8.sign()).float().mean())})
-    print(f"  sign(input grad) agreement, autograd vs 8-channel padded: {rows[-1]['sign_agreement_autograd_vs_padded8']:.6f}")
+    g_auto, g8, gs = autograd_input(), padded(8)(), subpixel()
+    rows.append({"sign_agreement_autograd_vs_padded8": float((g_auto.sign() == g8.sign()).float().mean()),
+                 "sign_agreement_autograd_vs_subpixel": float((g_auto.sign() == gs.sign()).float().mean())})
+    print(f"  sign(input grad) agreement with autograd: 8-channel padded "
+          f"{rows[-1]['sign_agreement_autograd_vs_padded8']:.6f}, sub-pixel "
+          f"{rows[-1]['sign_agreement_autograd_vs_subpixel']:.6f}")
     return rows
 
 

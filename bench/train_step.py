@@ -5,6 +5,7 @@ the paper's own loop: one process, one model, one batch, one device.
                                [--batch-size B] [--precision fp32,bf16] [--quick] [--steps N]
                                [--variants eager,graph,compile,compile+graph] [--methods ...]
                                [--compile-mode default|max-autotune-no-cudagraphs] [--json PATH]
+                               [--stem-input-grad autograd,padded,subpixel]
 
 Every method trains the same architecture from the same initial weights on
 the same synthetic uint8 NHWC batch already on the device (loading is out of
@@ -35,11 +36,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import (InputError, best_step_rates, device_name, elapsed_s, guarded, parse, parser, positive, read_json,
-                    wall_clock, write_json)
+from common import (InputError, best_step_rates, device_name, elapsed_s, guarded, named_twice, parse, parser,
+                    positive, read_json, wall_clock, write_json)
 from freeadv_fast import FastTrainer, FreeAdversarialTrainer, NaturalTrainer, PGDTrainer
 from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.models import create_model
+from freeadv_fast.stem import INPUT_GRADS
 
 EPS = 4 / 255
 IMAGENET_TRAIN, CIFAR_TRAIN = 1_281_167, 50_000
@@ -140,6 +142,10 @@ def main(argv=None):
     p.add_argument("--steps", type=positive(int), help="timed calls per variant (default 20; --quick 2)")
     p.add_argument("--methods", default=",".join(METHOD_NAMES),
                    help="comma-separated subset of " + ",".join(METHOD_NAMES))
+    p.add_argument("--stem-input-grad", default="autograd",
+                   help="comma-separated: how free-m makes its input gradient, each measured (autograd, "
+                        + ", ".join(INPUT_GRADS) + "; freeadv_fast/stem.py); rows other than autograd's are "
+                        "named 'stem-<how>'")
     args = parse(p, argv)
     if args.project:
         doc = project(args.project, args.results)
@@ -164,7 +170,13 @@ def main(argv=None):
     unknown = [v for v in chosen if v not in known]
     if unknown:
         p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
+    if named_twice("--variants", chosen):
+        p.error(named_twice("--variants", chosen))
     variants = [known[v] for v in chosen]
+    stems = args.stem_input_grad.split(",")
+    unknown = [s for s in stems if s not in ("autograd", *INPUT_GRADS)]
+    if unknown:
+        p.error(f"--stem-input-grad: unknown {', '.join(unknown)} (choose from autograd, {', '.join(INPUT_GRADS)})")
     compiling = any("compile" in v for v in chosen)
     # a captured step needs 3 eager warm-up steps and the capture: 5 calls reach the steady state
     warmup, steps = (1 if args.quick else 5), args.steps or (2 if args.quick else 20)
@@ -250,11 +262,12 @@ def main(argv=None):
             if "natural" in methods:
                 safely(f"natural {precision}{suffix}", engine(NaturalTrainer, **common, **extra), batch, replays=1,
                        **info)
-            for m in (4, 8):
+            for m, stem in ((m, stem) for m in (4, 8) for stem in stems):
                 if f"free-{m}" in methods:
-                    safely(f"free-{m} {precision}{suffix}", engine(FreeAdversarialTrainer, replays=m, epsilon=EPS,
-                                                                 step_size=EPS, **common, **extra),
-                           batch * m, replays=m, **info)
+                    named = f"free-{m} {precision}{suffix}" + ("" if stem == "autograd" else f" stem-{stem}")
+                    safely(named, engine(FreeAdversarialTrainer, replays=m, epsilon=EPS, step_size=EPS,
+                                         stem_input_grad=stem, **common, **extra),
+                           batch * m, replays=m, stem_input_grad=stem, **info)
             if "pgd-7" in methods:
                 safely(f"pgd-7 {precision}{suffix}", engine(PGDTrainer, steps=7, epsilon=EPS, step_size=EPS / 4,
                                                           **common, **extra), batch, replays=1, attack_steps=7, **info)
@@ -301,9 +314,10 @@ def summarize(records, model_name):
         if not name.startswith("free-"):
             continue
         kind, rest = name.split(" ", 1)  # "free-4", "bf16 graph"
-        natural = by.get(f"natural {rest}")
+        natural_rest = rest.split(" stem-")[0]  # a stem-<how> row against the same variant of natural
+        natural = by.get(f"natural {natural_rest}")
         if natural:
-            ratios[f"{name} / natural {rest}"] = rate / natural
+            ratios[f"{name} / natural {natural_rest}"] = rate / natural
         if kind == "free-4":
             for official in officials:
                 ratios[f"{name} / {official}"] = rate / by[official]

@@ -46,8 +46,9 @@ def test_stem_grad_bench_runs_and_records_each_part(tmp_path):
     out = tmp_path / "stem.json"
     run("stem_grad.py", "--device", "cpu", "--quick", "--json", out)
     doc = json.loads(out.read_text())
-    assert {r["layout"] for r in doc["conv1"]} == {"channels_last", "nchw"} and len(doc["conv1"]) == 8
+    assert {r["layout"] for r in doc["conv1"]} == {"channels_last", "nchw"} and len(doc["conv1"]) == 10
     assert doc["whole_step"][-1]["sign_agreement_autograd_vs_padded8"] > 0.99
+    assert doc["whole_step"][-1]["sign_agreement_autograd_vs_subpixel"] > 0.99
     assert doc["profile"]["largest_differences"]
 
 

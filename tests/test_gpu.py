@@ -1,5 +1,7 @@
 """GPU-only behaviour: the GPU backends exist, and the fused ops can be
 captured in a CUDA graph. Skipped, with the reason shown, on CPU machines."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -85,8 +87,6 @@ def test_imagenet_sized_bf16_channels_last_batch_matches_the_reference(backend):
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_free_trainer_on_the_gpu_equals_the_official_loop(backend):
-    import copy
-
     from freeadv_fast import FreeAdversarialTrainer
     from helpers import EPS, MEAN as H_MEAN, STD as H_STD, STEP, sgd, small_cnn, toy_data
     from test_trainer import official_free_loop
@@ -195,9 +195,11 @@ def test_nvjpeg_decoding_processes_on_the_gpu_give_the_in_process_batches(tmp_pa
     spawned.close()
 
 
-def test_the_padded_stem_gradient_on_the_gpu_is_autograds():
+@pytest.mark.parametrize("how", ["padded", "subpixel"])
+def test_the_stem_gradient_on_the_gpu_is_autograds(how):
     """bf16 channels_last on the GPU (freeadv_fast/stem.py): the input gradient
-    from the stem's output gradient against autograd's, and a trainer using it."""
+    from the stem's output gradient against autograd's, and trainers using it,
+    eager and captured in a CUDA graph."""
     from freeadv_fast import FreeAdversarialTrainer
     from freeadv_fast.models import create_model
     from freeadv_fast.stem import StemInputGrad, stem_conv
@@ -205,7 +207,7 @@ def test_the_padded_stem_gradient_on_the_gpu_is_autograds():
     model = create_model("resnet50", 10).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(8, 3, 64, 64, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,), device="cuda")
-    stem = StemInputGrad(stem_conv(model))
+    stem = StemInputGrad(stem_conv(model), how)
     inp = x.clone().requires_grad_(True)
     stem.expect(inp)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -216,13 +218,18 @@ def test_the_padded_stem_gradient_on_the_gpu_is_autograds():
     assert (got.sign() == inp.grad.sign()).float().mean() > 0.999
     torch.testing.assert_close(got.float(), inp.grad.float(), rtol=2 ** -6, atol=1e-3 * inp.grad.abs().max().item())
 
-    t = FreeAdversarialTrainer(model, torch.optim.SGD(model.parameters(), lr=0.01), replays=2, epsilon=4 / 255,
-                               step_size=4 / 255, mean=MEAN, std=STD, precision="bf16", channels_last=True,
-                               stem_input_grad="padded")
     xb = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, device="cuda")
-    t.train_batch(xb, y)
-    t.train_batch(xb, y)
-    assert t._stem is not None and t._stem_proven and t.delta.abs().max() > 0
+    deltas = []
+    for graph in (False, True):
+        m = copy.deepcopy(model)
+        t = FreeAdversarialTrainer(m, torch.optim.SGD(m.parameters(), lr=0.01), replays=2, epsilon=4 / 255,
+                                   step_size=4 / 255, mean=MEAN, std=STD, precision="bf16", channels_last=True,
+                                   stem_input_grad=how, cuda_graph=graph)
+        for _ in range(6):  # past the eager warm-up steps and the capture
+            t.train_batch(xb, y)
+        assert t._stem is not None and t._stem_proven and t.delta.abs().max() > 0
+        deltas.append(t.delta.clone())
+    assert (deltas[0] == deltas[1]).float().mean() > 0.99
 
 
 def test_two_ranks_sharing_the_gpu_train_as_one_process_on_the_whole_batch(tmp_path, monkeypatch):
