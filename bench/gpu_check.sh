@@ -9,7 +9,8 @@
 # slow or failing step still leaves the others' results. With $OUT set (the
 # device tool), everything written is packed there as it is made. Named in
 # GPU_CHECK_ONLY only: kernel-variants (+ build-tuned), stem-grad (the
-# profile of free-m's extra cost at ResNet-50's stem) and the compare-* runs.
+# profile of free-m's extra cost at ResNet-50's stem), train-step-resnet50-stem
+# (free-4 with each way of making its input gradient) and the compare-* runs.
 # The whole run keeps to GPU_CHECK_BUDGET seconds (default 480 for the default
 # set, 590 when GPU_CHECK_ONLY names steps, under one device call's 600; 0: no
 # budget): a step gets at most what is left, and steps that find it spent are
@@ -35,7 +36,7 @@ publish() {  # results travel back even if a later step runs out of time: one ar
 export FREEADV_GIT_COMMIT=${FREEADV_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 only=${GPU_CHECK_ONLY:-}  # space-separated step names to run (a rerun of some steps); empty: the default set
 budget=${GPU_CHECK_BUDGET:-$([ -n "$only" ] && echo 590 || echo 480)}
-opt_in="kernel-variants stem-grad"
+opt_in="kernel-variants stem-grad train-step-resnet50-stem"
 step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs it, records its status
     local name=$1 limit=$2; shift 2
     if [ -n "$only" ] && [[ " $only " != *" $name "* ]]; then echo "=== $name: not in GPU_CHECK_ONLY"; return; fi
@@ -101,7 +102,7 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 rows = [r for r in rows if r["shape"].startswith("imagenet")]
 b = min(rows, key=lambda r: r["op_in_graph_ms"])
-print(" ".join(f"-DFREEADV_{k.upper()}={b[k]}" for k in ("full_grid", "f64_division", "rgb_steps", "streaming", "min_blocks")))
+print(" ".join(f"-DFREEADV_{k.upper()}={b.get(k, 0)}" for k in ("full_grid", "f64_division", "rgb_steps", "streaming", "min_blocks", "rgb_coalesced")))
 PYEOF
 )
 if [ -n "$best" ]; then
@@ -137,6 +138,10 @@ step train-step-preact-b128 70 $PY bench/train_step.py --model preact_resnet18 -
     --json "bench/results/train-step-preact_resnet18-b128-$gpu.json"
 step train-step-resnet50 120 $PY bench/train_step.py --model resnet50 --precision bf16 --steps 10 \
     --json "bench/results/train-step-resnet50-$gpu.json"
+# free-m's input gradient made three ways (freeadv_fast/stem.py) in the graphed step, against natural (opt-in)
+step train-step-resnet50-stem 100 $PY bench/train_step.py --model resnet50 --precision bf16 --steps 10 \
+    --methods natural,free-4 --variants graph --stem-input-grad autograd,subpixel,padded \
+    --json "bench/results/train-step-resnet50-stem-$gpu.json"
 step train-step-resnet50-fp32 60 $PY bench/train_step.py --model resnet50 --precision fp32 --steps 10 \
     --methods natural,free-4 --json "bench/results/train-step-resnet50-fp32-$gpu.json"
 step train-step-preact-b512 40 $PY bench/train_step.py --model preact_resnet18 --batch-size 512 --precision bf16 \

@@ -1,6 +1,6 @@
 // Times kernels/perturb.cu's update_and_make_input_ (uint8 x, fp32 delta,
 // bf16 grad and out, channels_last) built with one setting of its tuning
-// knobs (FREEADV_FULL_GRID, _F64_DIVISION, _RGB_STEPS, _STREAMING, _MIN_BLOCKS), beside a
+// knobs (FREEADV_FULL_GRID, _F64_DIVISION, _RGB_STEPS, _STREAMING, _MIN_BLOCKS, _RGB_COALESCED), beside a
 // device-to-device copy, both alone and 20 calls to a CUDA graph. No torch:
 // bench/kernel_variants.sh builds one binary per setting and runs them all.
 // Prints one JSON line per batch shape, with a checksum of delta and the
@@ -17,7 +17,7 @@
 #include "perturb.h"
 
 #if !defined(FREEADV_FULL_GRID) || !defined(FREEADV_F64_DIVISION) || !defined(FREEADV_RGB_STEPS) || \
-    !defined(FREEADV_STREAMING) || !defined(FREEADV_MIN_BLOCKS)
+    !defined(FREEADV_STREAMING) || !defined(FREEADV_MIN_BLOCKS) || !defined(FREEADV_RGB_COALESCED)
 #error "build with every knob set (-DFREEADV_FULL_GRID=... and the others), as bench/kernel_variants.sh does"
 #endif
 
@@ -124,11 +124,11 @@ void run(const char* name, int64_t n, int64_t c, int64_t h, int64_t w, cudaStrea
   const float op_ms = median_ms(op, s, 50), copy_ms = median_ms(copy, s, 50);
   const float op_g = in_graph_ms(op, s), copy_g = in_graph_ms(copy, s);
   const double bytes = 13.0 * numel, copy_bytes = 8.0 * numel;  // 1 + 4 + 2 read, 4 + 2 written
-  std::printf("{\"shape\": \"%s\", \"full_grid\": %d, \"f64_division\": %d, \"rgb_steps\": %d, \"streaming\": %d, \"min_blocks\": %d, \"op_ms\": %.5f, "
+  std::printf("{\"shape\": \"%s\", \"full_grid\": %d, \"f64_division\": %d, \"rgb_steps\": %d, \"streaming\": %d, \"min_blocks\": %d, \"rgb_coalesced\": %d, \"op_ms\": %.5f, "
               "\"op_in_graph_ms\": %.5f, \"copy_gbps\": %.1f, \"copy_in_graph_gbps\": %.1f, \"op_gbps\": %.1f, "
               "\"op_in_graph_gbps\": %.1f, \"checksum\": \"%016llx\"}\n",
               name, FREEADV_FULL_GRID, FREEADV_F64_DIVISION, FREEADV_RGB_STEPS, FREEADV_STREAMING, FREEADV_MIN_BLOCKS,
-              op_ms, op_g, copy_bytes / copy_ms / 1e6,
+              FREEADV_RGB_COALESCED, op_ms, op_g, copy_bytes / copy_ms / 1e6,
               copy_bytes / copy_g / 1e6, bytes / op_ms / 1e6, bytes / op_g / 1e6, (unsigned long long)sum);
   for (void* p : {(void*)x, (void*)delta, (void*)delta0, (void*)grad, (void*)out, (void*)src, (void*)dst,
                   (void*)consts})

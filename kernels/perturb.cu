@@ -49,6 +49,7 @@ constexpr int kThreads = 256;
 constexpr int kMaxSharedChannels = 64;  // more channels read their constants from global memory
 constexpr int kRgbPixels = 4;           // pixels a thread takes per step on the RGB channels_last path
 constexpr int kRgbElems = 3 * kRgbPixels;
+constexpr int kWarp = 32;
 
 // Tuning knobs, measured with bench/kernel_variants.sh (one binary per
 // setting; bench/results/kernel-variants-<gpu>.jsonl). The defaults are the
@@ -73,6 +74,15 @@ constexpr int kRgbElems = 3 * kRgbPixels;
 #endif
 #ifndef FREEADV_RGB_STEPS  // steps of 12 elements a thread loads before computing (RGB path)
 #define FREEADV_RGB_STEPS 2
+#endif
+// 0: a thread's 12 elements of a step are contiguous, so a warp's access
+// strides 48 bytes of delta between lanes and each access instruction touches
+// three times the sectors it uses; 1: a step is a warp's 32 x 12 contiguous
+// elements, lane-interleaved in packs of 4, so each access of a warp is
+// contiguous (the layout Inductor's kernels use). Unmeasured: 0 stays the
+// default until bench/kernel_variants.sh has timed 1 on a GPU.
+#ifndef FREEADV_RGB_COALESCED
+#define FREEADV_RGB_COALESCED 0
 #endif
 
 // x / 255 for uint8 x, correctly rounded: q = x * RN(1/255) is within an ulp,
@@ -213,9 +223,16 @@ __device__ __forceinline__ float element(float lo, float hi, const Channel& k, f
   return normalize<kF64Division>(v, k);
 }
 
-// The RGB channels_last path: a step is kRgbElems consecutive elements from
-// a multiple of kRgbElems, so element j has channel j % 3. The caller checks
-// channels == 3, channel_stride == 1 and the pointers' alignment.
+// The RGB channels_last path. A unit of work is kRgbUnit consecutive
+// elements from a multiple of kRgbUnit (a multiple of 3): a thread's 12, or
+// with FREEADV_RGB_COALESCED a warp's 32 x 12, where access a of lane l
+// covers elements a*128 + 4*l .. +3. Either way the channel of element j of
+// access a is (a * kAccessStride + l * 4 + j) % 3 = (a * kAccessStride + j +
+// l) % 3 (4 = 1 mod 3), so with the constants rotated by the lane once, the
+// index is a compile-time constant. The caller checks channels == 3,
+// channel_stride == 1 and the pointers' alignment.
+constexpr int kRgbLanes = FREEADV_RGB_COALESCED ? kWarp : 1;  // threads that share a unit
+constexpr int64_t kRgbUnit = int64_t(kRgbLanes) * kRgbElems;
 #if FREEADV_MIN_BLOCKS > 0
 #define FREEADV_RGB_BOUNDS __launch_bounds__(kThreads, FREEADV_MIN_BLOCKS)
 #else
@@ -228,13 +245,15 @@ __global__ void FREEADV_RGB_BOUNDS
                        OT* __restrict__ out, Params p, int64_t steps) {
   constexpr int kV = 4;  // elements per access
   constexpr int kAccesses = kRgbElems / kV;
+  constexpr int kAccessStride = kRgbLanes * kV;  // elements between a lane's accesses
   constexpr bool kGrad = !std::is_same_v<GT, NoTensor>;
   constexpr bool kOut = !std::is_same_v<OT, NoTensor>;
+  const int lane = threadIdx.x % kRgbLanes;  // kThreads is a multiple of the warp
   Channel k[3];
 #pragma unroll
-  for (int c = 0; c < 3; ++c) k[c] = channel_at<kF64Division>(p, c);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t s0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s0 < steps;
+  for (int c = 0; c < 3; ++c) k[c] = channel_at<kF64Division>(p, (c + lane) % 3);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * (blockDim.x / kRgbLanes);  // in units
+  for (int64_t s0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kRgbLanes; s0 < steps;
        s0 += stride * FREEADV_RGB_STEPS) {
     Pack<XT, kV> xp[FREEADV_RGB_STEPS][kAccesses];
     Pack<float, kV> dp[FREEADV_RGB_STEPS][kAccesses];
@@ -244,7 +263,7 @@ __global__ void FREEADV_RGB_BOUNDS
     int taken = 0;
 #pragma unroll
     for (int u = 0; u < FREEADV_RGB_STEPS; ++u) {
-      bases[u] = (s0 + u * stride) * kRgbElems;
+      bases[u] = (s0 + u * stride) * kRgbUnit + lane * kV;
       taken += s0 + u * stride < steps;
     }
     // every load of the step(s) first, then the arithmetic
@@ -253,7 +272,7 @@ __global__ void FREEADV_RGB_BOUNDS
       if (u >= taken) break;
 #pragma unroll
       for (int a = 0; a < kAccesses; ++a) {
-        const int64_t i = bases[u] + a * kV;
+        const int64_t i = bases[u] + a * kAccessStride;
         xp[u][a] = load_pack<XT, kV>(x + i);
         dp[u][a] = load_pack<float, kV>(delta + i);
         if constexpr (kGrad) gp[u][a] = load_pack<GT, kV>(grad + i);
@@ -264,11 +283,11 @@ __global__ void FREEADV_RGB_BOUNDS
       if (u >= taken) break;
 #pragma unroll
       for (int a = 0; a < kAccesses; ++a) {
-        const int64_t i = bases[u] + a * kV;
+        const int64_t i = bases[u] + a * kAccessStride;
         Pack<OT, kV> op;
 #pragma unroll
         for (int j = 0; j < kV; ++j) {
-          const float o = element<kUpdate, kMode, kF64Division>(p.lo, p.hi, k[(a * kV + j) % 3],
+          const float o = element<kUpdate, kMode, kF64Division>(p.lo, p.hi, k[(a * kAccessStride + j) % 3],
                                                                 pixel(xp[u][a].v[j]), dp[u][a].v[j], gp[u][a].v[j]);
           if constexpr (kOut) op.v[j] = from_float<OT>(o);
         }
@@ -442,14 +461,14 @@ void launch(const PerturbArgs& a, const void* grad, void* out, cudaStream_t stre
                    aligned(a.delta, pack_alignment<float, 4>()) && aligned(grad, pack_alignment<GT, 4>()) &&
                    aligned(out, pack_alignment<OT, 4>()) && (!FREEADV_F64_DIVISION || fast_fp64());
   if (rgb) {
-    const int64_t steps = a.numel / kRgbElems;
+    const int64_t steps = a.numel / kRgbUnit;
     if (steps > 0) {
-      const int64_t work = (steps + FREEADV_RGB_STEPS - 1) / FREEADV_RGB_STEPS;
+      const int64_t work = (steps + FREEADV_RGB_STEPS - 1) / FREEADV_RGB_STEPS * kRgbLanes;  // threads
       constexpr auto kernel = perturb_rgb_kernel<XT, GT, OT, kUpdate, kMode, bool(FREEADV_F64_DIVISION)>;
       kernel<<<blocks_for<kernel>(work), kThreads, 0, stream>>>(xs, a.delta, gs, os, p, steps);
       check_launch();
     }
-    begin = steps * kRgbElems;
+    begin = steps * kRgbUnit;
     if (begin == a.numel) return;
   }
   const bool vectorized = !rgb && aligned(a.x, pack_alignment<XT, kVec>()) &&
