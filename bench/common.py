@@ -69,6 +69,13 @@ def positive(kind=float, zero=False):
     return convert
 
 
+def named_twice(flag: str, values) -> str | None:
+    """Why a list flag's values cannot be used, or None: a value named twice
+    would be measured twice, two rows of one thing in the tables."""
+    twice = sorted({str(v) for i, v in enumerate(values) if v in values[:i]})
+    return f"{flag}: {', '.join(twice)} named twice" if twice else None
+
+
 def _device(text: str) -> torch.device:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"{text!r}: choose cpu, cuda or cuda:N")
@@ -248,10 +255,37 @@ def write_text(path: Path, text: str, *, results: bool = False):
     problem = (not_results if results else unwritable)(path)
     if problem:
         raise InputError(f"{path}: {problem}; {NOT_WRITTEN}")
+    earlier = replaces(path)
     try:
         write_result(path, text)
     except OSError as exc:
         raise InputError(f"{path}: cannot be written ({exc.strerror or exc}); {NOT_WRITTEN}") from None
+    wrote(path, earlier)
+
+
+# the files this process wrote: rewriting one of them (a run that saves after every row) replaces nothing of
+# anyone's, so only the first write over a file that was already there is said
+_WRITTEN: set = set()
+
+
+def replaces(path) -> str | None:
+    """What an earlier file at ``path`` was, said in a few words, or None
+    where writing there replaces nothing this process did not write."""
+    path = Path(path)
+    if os.path.realpath(path) in _WRITTEN or not path.is_file() or not path.stat().st_size:
+        return None
+    try:
+        return f"it held results of {str(json.loads(path.read_text())['meta']['date'])[:10]}"
+    except Exception:  # a table, a plot, results without a date: still an earlier run's output
+        return "it was there before this run"
+
+
+def wrote(path, earlier: str | None):
+    """Records that this process wrote ``path``, saying what it replaced
+    (``earlier``, from replaces): no results file goes without a word."""
+    _WRITTEN.add(os.path.realpath(path))
+    if earlier:
+        print(f"{Path(sys.argv[0]).name}: replaced {path}: {earlier}", file=sys.stderr, flush=True)
 
 
 # what a write that failed after the measuring says: nothing measured is in the file

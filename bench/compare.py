@@ -59,8 +59,8 @@ from pathlib import Path
 
 import torch
 
-from common import (NOT_WRITTEN, InputError, device_name, guarded, parse, parser, positive, unwritable, wall_clock,
-                    write_json, write_text)
+from common import (NOT_WRITTEN, InputError, device_name, guarded, named_twice, parse, parser, positive, replaces,
+                    unwritable, wall_clock, write_json, write_text, wrote)
 from freeadv_fast.config import ConfigError, RunConfig, check, pixel_value
 from freeadv_fast.data import DATASETS
 from freeadv_fast.data.datasets import build_data
@@ -118,8 +118,8 @@ def parse_args(argv):
                                                       "round up; default 1, --quick the dataset's quick epochs / 15)")
     p.add_argument("--arch")
     p.add_argument("--epochs", type=positive(), help="equal-steps: epochs-equivalent budget of every method")
-    p.add_argument("--replays", type=int, default=8, help="m of free-m")
-    p.add_argument("--pgd-steps", type=int, default=7, help="k of PGD-k training")
+    p.add_argument("--replays", type=positive(int), default=8, help="m of free-m")
+    p.add_argument("--pgd-steps", type=positive(int), default=7, help="k of PGD-k training")
     p.add_argument("--epsilon", help="L-inf budget (default 8/255; fashion-mnist 0.1)")
     p.add_argument("--batch-size", type=positive(int))
     p.add_argument("--lr", type=positive(), default=0.2, help="equal-steps: peak LR of every method (Fast-AT's 0.2)")
@@ -146,20 +146,25 @@ def parse_args(argv):
         if getattr(args, name) is None:
             setattr(args, name, value)
     try:
-        args.eval_steps = [int(s) for s in (args.eval_steps or steps).split(",")]
+        args.eval_steps = whole_numbers("--eval-steps", args.eval_steps or steps)
         if any(s < 1 for s in args.eval_steps):
             raise ValueError(f"--eval-steps: each must be >= 1, got {','.join(map(str, args.eval_steps))}")
         args.methods = [m for m in args.methods.split(",") if m]
         bad = [m for m in args.methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"unknown method(s) {', '.join(bad)}: choose from {', '.join(METHODS)}")
+        if bad:  # quoted: a name with a space (after "natural, ") is not the name it looks like
+            raise ValueError(f"unknown method(s) {', '.join(map(repr, bad))}: choose from {', '.join(METHODS)}")
         args.frontier_methods = [m for m in args.frontier_methods.split(",") if m]
         bad = [m for m in args.frontier_methods if m not in FRONTIER]
         if bad:
-            raise ValueError(f"--frontier-methods: unknown {', '.join(bad)}: choose from {', '.join(FRONTIER)}")
-        args.sweep_replays = [int(m) for m in args.sweep_replays.split(",")] if args.sweep_replays else []
+            raise ValueError(f"--frontier-methods: unknown {', '.join(map(repr, bad))}: choose from "
+                             f"{', '.join(FRONTIER)}")
+        args.sweep_replays = whole_numbers("--sweep-replays", args.sweep_replays) if args.sweep_replays else []
         if any(m < 1 for m in args.sweep_replays):
             raise ValueError("--sweep-replays: each m must be >= 1")
+        for flag, values in (("--methods", args.methods), ("--frontier-methods", args.frontier_methods),
+                             ("--sweep-replays", args.sweep_replays), ("--eval-steps", args.eval_steps)):
+            if named_twice(flag, values):  # an attack named twice is also run twice, for one column
+                raise ValueError(named_twice(flag, values))
         if not (args.methods or args.sweep_replays or args.frontier and args.frontier_methods):
             raise ValueError("nothing to run: no --methods, --sweep-replays or --frontier (with --frontier-methods)")
     except ValueError as exc:
@@ -182,28 +187,67 @@ def parse_args(argv):
     return args
 
 
+def whole_numbers(flag: str, text: str) -> list[int]:
+    """A comma-separated list of whole numbers, or a ValueError naming ``flag``."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: not a comma-separated list of whole numbers: {text!r}") from None
+
+
 def beside(path: Path, sweep=True) -> dict:
-    """The files write_outputs writes beside the results file at ``path``."""
+    """The files write_outputs writes beside the results file at ``path``
+    (the sweep plot where ``sweep`` is not False)."""
     files = {"table": path.with_suffix(".md"), "plot": path.with_suffix(".png")}
-    if sweep:
+    if sweep is not False:
         files["sweep plot"] = path.with_name(path.stem + "-sweep.png")
     return files
 
 
+# how this script's own table and plots begin: a file beside the results file that begins otherwise is someone's
+# (notes, a figure), kept as not_results keeps a file that is not a results file
+TABLE_HEAD = b"| method | group | passes | train time | clean |"
+PNG_HEAD = b"\x89PNG\r\n\x1a\n"
+
+
+def not_ours(what: str, path: Path) -> str | None:
+    """Why the file at ``path`` is not an earlier run's ``what`` (table or
+    plot) and must not be replaced, or None (also where there is no file)."""
+    if not path.is_file() or not path.stat().st_size:
+        return None
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    # matplotlib names itself in a text chunk right after the PNG header
+    ours = head.startswith(TABLE_HEAD) if what == "table" else head.startswith(PNG_HEAD) and b"Matplotlib" in head
+    return None if ours else f"exists and is not a bench/compare.py {what}: not replaced, name another file"
+
+
 def beside_problem(path: Path, sweep=True) -> str | None:
     """Why the table and plot(s) written beside the results file at ``path``
-    cannot be (one of them would be the results file itself, or cannot be
-    written), or None: said before anything is trained, not after."""
+    cannot be (one of them would be the results file itself, cannot be
+    written, or would replace a file that is not an earlier run's), or None:
+    said before anything is trained, not after. ``sweep``: whether the run
+    has a sweep (None: not known yet); a run without one refuses a sweep plot
+    of an earlier run, which would stand beside results it does not show."""
     for what, other in beside(path, sweep).items():
         same = other.name.lower() == path.name.lower() or other.resolve() == path.resolve() or (
             other.exists() and path.exists() and os.path.samefile(other, path))
         if same:
             return (f"the {what} is written beside the results file as {other.name}, which is the results file "
                     "itself: name the results file .json")
-        problem = unwritable(other)
+        problem = unwritable(other) or not_ours(what, other)
         if problem:
             return f"its {what} {other} {problem}"
+    stale = beside(path)["sweep plot"]
+    if sweep is False and (stale.exists() or stale.is_symlink()):
+        return (f"{stale} is an earlier run's sweep plot, and this run has no sweep: it would stand beside results "
+                "it does not show; move it away or name another file")
     return None
+
+
+def written(path: Path, sweep: bool) -> str:
+    """The files write_outputs wrote, for the last line of a run."""
+    return ", ".join(map(str, [path, *beside(path, sweep).values()]))
 
 
 def row_specs(args) -> list[dict]:
@@ -265,7 +309,12 @@ def run_row(args, spec, cfg, data, log):
     _, seconds = wall_clock(lambda: trainer.fit(data.train, passes, log_every=max(1, len(data.train) // 2),
                                                 on_log=on_log), args.device)
     images = passes * getattr(data.train, "num_samples", len(data.train) * cfg.batch_size)
-    log(f"   trained in {seconds:.1f} s; evaluating on {args.eval_samples or 'all'} held-out images")
+    held_out = getattr(data.val, "num_samples", None)
+    evaluating = f"{args.eval_samples or 'all'} held-out images"
+    if held_out is not None and (args.eval_samples == 0 or args.eval_samples >= held_out):  # all: how many
+        evaluating = f"all {held_out} held-out images" + (
+            f" (--eval-samples {args.eval_samples}: the test set has no more)" if args.eval_samples > held_out else "")
+    log(f"   trained in {seconds:.1f} s; evaluating on {evaluating}")
     t0 = time.perf_counter()
     common = dict(mean=data.mean, std=data.std, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
                   limit=args.eval_samples, precision=cfg.precision, seed=args.seed)
@@ -331,14 +380,22 @@ def _figure(draw, path, xlabel, ylabel, title):
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
+    earlier = replaces(path)
     try:
         fig.savefig(path, dpi=120)
     except OSError as exc:
         raise InputError(f"{path}: cannot be written ({exc.strerror or exc}); {NOT_WRITTEN}") from None
     finally:
         plt.close(fig)
+    wrote(path, earlier)
+
+
+def _nothing(ax, text):
+    """An empty plot that says why it is empty, not a blank frame that looks like a failed run."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=ax.transAxes)
 
 
 def plot(rows, key, path, title):
@@ -352,6 +409,8 @@ def plot(rows, key, path, title):
         for label, group in by_label.items():
             group = sorted(group, key=lambda r: r["train_seconds"])
             _errorbar(ax, [r["train_seconds"] / 60 for r in group], group, key, label)
+        if not by_label:  # a sweep-only run: its rows are in the sweep plot
+            _nothing(ax, f"no recipe or frontier rows: the sweep's rows are in {beside(path)['sweep plot'].name}")
         ax.set_xlim(left=0)
     _figure(draw, path, "training time (minutes)", f"{key.upper()} accuracy (%)", title)
 
@@ -362,7 +421,10 @@ def plot_sweep(rows, key, path, title):
 
     def draw(ax):
         for metric, name in (("clean_top1", "clean"), (key, key.upper())):
-            _errorbar(ax, [r["replays"] for r in sweep], sweep, metric, name)
+            if sweep:
+                _errorbar(ax, [r["replays"] for r in sweep], sweep, metric, name)
+        if not sweep:  # the rows before the sweep's: an earlier run's sweep plot is not left standing meanwhile
+            _nothing(ax, "no sweep row measured yet")
     _figure(draw, path, "m (replays of each minibatch)", "accuracy (%)", title)
 
 
@@ -377,18 +439,25 @@ def summarize(rows, key) -> dict:
     return summary
 
 
-def write_outputs(path: Path, rows, meta, device, title):
-    """The JSON, and the .md table and .png plot(s) beside it."""
+def write_outputs(path: Path, rows, meta, device, title, sweep=None):
+    """The JSON, and beside it the .md table, the .png plot and, where the
+    run has a sweep (``sweep``; default: where a row is the sweep's), the
+    sweep plot: every file or none refused (beside_problem) before the first
+    is written."""
     keys = attack_keys(rows)
     main_key = next((k for k in keys if "x" in k), keys[0])  # the restarted PGD when there is one
     summary = summarize(rows, main_key)
     table = markdown(rows, keys)
-    files = beside(path, any(r.get("group") == "sweep" for r in rows))
+    sweep = any(r.get("group") == "sweep" for r in rows) if sweep is None else sweep
+    files = beside(path, sweep)
     try:
+        problem = beside_problem(path, sweep)  # again: a file may have appeared there while training
+        if problem:
+            raise InputError(f"{path}: {problem}; {NOT_WRITTEN}")
         write_json(path, device, meta, compare=rows, summary=summary)
         write_text(files["table"], table + "\n")
         plot(rows, main_key, files["plot"], title)
-        if "sweep plot" in files:
+        if sweep:
             plot_sweep(rows, main_key, files["sweep plot"], title)
     except InputError:
         print(table, flush=True)  # the figures, which the file that failed would have held
@@ -432,11 +501,11 @@ def main(argv=None) -> int:
         else:
             rows.append(trained.setdefault(key, run_row(args, spec, row_cfg, data, log)))
         meta["eval_samples"] = rows[0]["eval"]["samples"]
-        table, summary = write_outputs(args.json, rows, meta, args.device, title)
+        table, summary = write_outputs(args.json, rows, meta, args.device, title, sweep=bool(args.sweep_replays))
     print(table)
     for key, value in summary.items():
         print(f"{key}: {value:.3f}")
-    log(f"wrote {args.json} and its .md and .png")
+    log(f"wrote {written(args.json, bool(args.sweep_replays))}")
     return 0
 
 

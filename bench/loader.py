@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from common import best_step_rates, guarded, parse, parser, positive, sync, wall_clock, write_json
+from common import best_step_rates, guarded, named_twice, parse, parser, positive, sync, wall_clock, write_json
 from freeadv_fast.cli import int_list
 from freeadv_fast.data.folder import ImageFolderLoader, dali_available, find_split, scan_image_folder
 from freeadv_fast.data.nvjpeg import nvjpeg_available
@@ -62,6 +62,10 @@ def main(argv=None):
     p.add_argument("--train-step", action="append", default=[], metavar="FILE",
                    help="bench/train_step.py results to set the loader rates beside (repeatable)")
     args = parse(p, argv)
+    for flag, values in (("--loader", args.loader or []), ("--image-size", args.image_size),
+                         ("--decode-processes", args.decode_processes)):
+        if named_twice(flag, values):
+            p.error(named_twice(flag, values))
     loaders = args.loader or (["dali"] * dali_available() + ["nvjpeg"] * nvjpeg_available(args.device) + ["torch"])
     steps = best_step_rates(args.train_step, ("natural", "free-4"))
     split = find_split(args.data, args.split)

@@ -85,6 +85,13 @@ def main(argv=None) -> int:
     p.add_argument("--grain", type=positive(zero=True), default=0.0, help="noise sigma in 8-bit levels (default 0: none)")
     p.add_argument("--limit", type=positive(int, zero=True), default=0, help="images per split (0: all)")
     args = p.parse_args(argv)
+    if not args.source.exists():
+        p.error(f"{args.source}: no such file or directory")
+    if args.source.is_dir() and args.out.resolve().is_relative_to(args.source.resolve()):
+        # written after the scan, its images would still join the source's for the next reader of SOURCE
+        p.error(f"{args.out} is inside {args.source}: its images would be added to the source's; name a folder "
+                "outside it")
+    existed = args.out.exists()
     if args.out.exists() and not args.out.is_dir():
         p.error(f"{args.out} is not a directory")
     if args.out.exists() and any(args.out.iterdir()):
@@ -127,7 +134,14 @@ def main(argv=None) -> int:
             if failed:
                 print(f"{split}: skipped {len(failed)} source image(s) that could not be decoded, e.g. "
                       f"{failed[0][0]}: {failed[0][1]}", file=sys.stderr, flush=True)
-    mean_kb = total / max(count, 1) / 1024
+    if not count:  # no average of nothing: the folders made for the images go, the run fails
+        for folder, _, _ in sorted(os.walk(args.out), key=lambda w: -len(w[0])):
+            if not os.listdir(folder) and (existed is False or Path(folder) != args.out):
+                os.rmdir(folder)
+        print(f"{Path(sys.argv[0]).name}: error: no source image could be decoded: nothing written to {args.out}",
+              file=sys.stderr)
+        return 2
+    mean_kb = total / count / 1024
     print(f"wrote {count} JPEGs to {args.out}: {args.size[0]}x{args.size[1]}, q{args.quality}, grain "
           f"{args.grain:g}, {mean_kb:.1f} KB a file on average (ImageNet's: about {IMAGENET_MEAN_KB} KB); "
           "upscaled photos, not ImageNet")

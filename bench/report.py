@@ -115,39 +115,40 @@ def demo_section(path, data):
                          [(m, f"{c[m]['clean_acc']:.1%}", f"{c[m]['robust_acc']:.1%}") for m in ("natural", "free")])
 
 
-def compare_section() -> str:
+def results() -> list:
+    """(path, document) of every results file in RESULTS, a file that is not
+    one (a stray note, a cut-off write) named in one line, not a traceback."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import read_json
+    return [(path, read_json(path, "a results file (one JSON document with a \"meta\")"))
+            for path in sorted(RESULTS.glob("*.json"))]
+
+
+def incomplete(path, what):
+    """A context in which a results file short of what its section reads is
+    an InputError naming the file, not a KeyError from deep in a table."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as exc:
+            from common import InputError
+            raise InputError(f"{path}: not a complete {what} ({type(exc).__name__}: {exc}); fix it or move it "
+                             f"out of {RESULTS}") from None
+    return guard()
+
+
+def compare_section(docs=None) -> str:
     """One table of every bench/compare.py result: a row per method and run,
     naming its data and device."""
     rows, runs, steps_seen = [], [], set()
-    for path in sorted(RESULTS.glob("*.json")):
-        data = json.loads(path.read_text())
+    for path, data in results() if docs is None else docs:
         if "compare" not in data:
             continue
-        meta = data["meta"]
-        if meta.get("recipe", "equal-steps") == "equal-steps":
-            budget = (f"{meta['epochs_equivalent']:g} epochs-equivalent, batch {meta['batch_size']}, "
-                      f"{meta['precision']}, peak LR {meta['lr']:g}"
-                      + (f" (free: {meta['free_lr']:g})" if meta.get("free_lr", meta["lr"]) != meta["lr"] else ""))
-        else:
-            budget = (f"recipe {meta['recipe']} with every budget x{meta['budget_scale']:.3g}, batch "
-                      f"{meta['batch_size']} (its peak LRs x{meta['recipe_lr_scale']:.3g}), {meta['precision']}")
-        runs.append(f"`{path.name}`: {meta['data']}, {meta['train_images']:,} training images, {meta['arch']}, "
-                    f"{budget}, eps {meta['epsilon'] * 255:.3g}/255, {meta['eval_samples']:,} test images "
-                    f"attacked; {meta['device']}, {str(meta['date'])[:10]}"
-                    + (" (`--quick`)" if meta.get("quick") else ""))
-        steps = meta["eval_steps"][0]
-        steps_seen.add(steps)
-        for r in data["compare"]:
-            if "same_run_as" in r:  # the run of an earlier row (its recipe row), listed once
-                continue
-            e = r["eval"]
-
-            def cell(key):
-                lo, hi = e[key + "_ci95"]
-                return f"{e[key]:.1%} ({lo:.1%}-{hi:.1%})"
-            label = r["label"] + (f" [{r['group']}]" if r.get("group") else "")
-            rows.append((meta["data"], meta["device"], label, r["passes"], f"{r['train_seconds'] / 60:.1f} min",
-                         cell("clean_top1"), steps, cell(f"pgd-{steps}"), cell(f"cw-{steps}"), f"`{path.name}`"))
+        with incomplete(path, "bench/compare.py result"):
+            steps_seen.add(compare_rows(path, data, rows, runs))
     if not rows:
         return "No comparison committed yet (run bench/compare.py).\n"
     head = ["data", "device", "method", "passes", "training time", "clean", "k", "PGD-k", "CW-k", "file"]
@@ -160,9 +161,40 @@ def compare_section() -> str:
     return "\n".join(lines + ["", "Runs:", ""] + [f"- {r}" for r in runs]) + "\n"
 
 
+def compare_rows(path, data, rows, runs) -> int:
+    """Adds a bench/compare.py result's table rows to ``rows`` and its run's
+    line to ``runs``; returns the k of its PGD-k and CW-k columns."""
+    meta = data["meta"]
+    if meta.get("recipe", "equal-steps") == "equal-steps":
+        budget = (f"{meta['epochs_equivalent']:g} epochs-equivalent, batch {meta['batch_size']}, "
+                  f"{meta['precision']}, peak LR {meta['lr']:g}"
+                  + (f" (free: {meta['free_lr']:g})" if meta.get("free_lr", meta["lr"]) != meta["lr"] else ""))
+    else:
+        budget = (f"recipe {meta['recipe']} with every budget x{meta['budget_scale']:.3g}, batch "
+                  f"{meta['batch_size']} (its peak LRs x{meta['recipe_lr_scale']:.3g}), {meta['precision']}")
+    runs.append(f"`{path.name}`: {meta['data']}, {meta['train_images']:,} training images, {meta['arch']}, "
+                f"{budget}, eps {meta['epsilon'] * 255:.3g}/255, {meta['eval_samples']:,} test images "
+                f"attacked; {meta['device']}, {str(meta['date'])[:10]}"
+                + (" (`--quick`)" if meta.get("quick") else ""))
+    steps = meta["eval_steps"][0]
+    for r in data["compare"]:
+        if "same_run_as" in r:  # the run of an earlier row (its recipe row), listed once
+            continue
+        e = r["eval"]
+
+        def cell(key):
+            lo, hi = e[key + "_ci95"]
+            return f"{e[key]:.1%} ({lo:.1%}-{hi:.1%})"
+        label = r["label"] + (f" [{r['group']}]" if r.get("group") else "")
+        rows.append((meta["data"], meta["device"], label, r["passes"], f"{r['train_seconds'] / 60:.1f} min",
+                     cell("clean_top1"), steps, cell(f"pgd-{steps}"), cell(f"cw-{steps}"), f"`{path.name}`"))
+    return steps
+
+
 KNOB_NAMES = {"pack_bytes": "x bytes a pack", "full_grid": "one thread a pack (else grid-stride)",
               "u8_lut": "uint8 table", "f64_division": "fp64 division", "rgb_steps": "RGB steps a thread",
-              "streaming": "streaming hints", "min_blocks": "min. blocks per SM"}
+              "streaming": "streaming hints", "min_blocks": "min. blocks per SM",
+              "rgb_coalesced": "a warp's RGB elements contiguous"}
 
 
 def kernel_variants_section(path):
@@ -176,28 +208,26 @@ def kernel_variants_section(path):
                            f"{r['op_in_graph_gbps'] / r['copy_in_graph_gbps']:.0%}") for r in rows])
 
 
-def render() -> str:
+def render(docs=None) -> str:
+    docs = results() if docs is None else docs
     sections = []
-    for path in sorted(RESULTS.glob("*.json")):
-        data = json.loads(path.read_text())
+    for path, data in docs:
         if "compare" in data:
             continue  # in the comparison section
-        if "ratios" in data:
-            sections.append(train_step_section(path, data))
-        elif "comparison" in data:
-            sections.append(demo_section(path, data))
-        elif "probe" in data:
-            sections.append(clamp_probe_section(path, data))
-        elif "projection" in data:
-            sections.append(projection_section(path, data))
-        elif data.get("records") and "op" in data["records"][0]:
-            sections.append(kernels_section(path, data))
-        elif data.get("records") and "loader" in data["records"][0]:
-            sections.append(loader_section(path, data))
-    sections += [kernel_variants_section(path) for path in sorted(RESULTS.glob("kernel-variants-*.jsonl"))]
+        records = data.get("records")
+        first = records[0] if isinstance(records, list) and records and isinstance(records[0], dict) else {}
+        section = (train_step_section if "ratios" in data else demo_section if "comparison" in data else
+                   clamp_probe_section if "probe" in data else projection_section if "projection" in data else
+                   kernels_section if "op" in first else loader_section if "loader" in first else None)
+        if section:  # other kinds (bench/stem_grad.py's) have no section
+            with incomplete(path, section.__name__.replace("_section", "").replace("_", "-") + " result"):
+                sections.append(section(path, data))
+    for path in sorted(RESULTS.glob("kernel-variants-*.jsonl")):
+        with incomplete(path, "bench/kernel_variants.sh result"):
+            sections.append(kernel_variants_section(path))
     if not sections:
         return "No results committed yet."
-    gpu = any("CPU" not in json.loads(p.read_text())["meta"].get("device", "CPU") for p in RESULTS.glob("*.json"))
+    gpu = any("CPU" not in str(data["meta"].get("device", "CPU")) for _, data in docs)
     head = [] if gpu else ["No GPU result has been committed yet: every figure below was measured on a CPU.", ""]
     return "\n".join(head + ["\n".join(s) + "\n" for s in sections]).rstrip() + "\n"
 
@@ -205,8 +235,21 @@ def render() -> str:
 # what rows of bench/compare.py runs must share to stand in one table: the data, model, precision, device
 # and the same attacks on the same test images
 ROW_KEYS = ("label", "method", "passes", "replays", "train_seconds", "eval")
-MERGE_KEYS = ("data", "dataset", "arch", "precision", "device", "epsilon", "eval_step_size", "eval_steps",
-              "restart_steps", "restarts", "eval_samples", "batch_size")
+MERGE_KEYS = ("data", "dataset", "train_images", "arch", "precision", "device", "epsilon", "eval_step_size",
+              "eval_steps", "restart_steps", "restarts", "eval_samples", "batch_size", "schedule", "cuda_graph",
+              "compile")
+
+
+def merge_view(meta) -> dict:
+    """What of a run's meta its merged rows must share: MERGE_KEYS, and the
+    budget the README's line of the run states, which is the first file's
+    (recipe and budget scale; equal-steps: epochs and LRs)."""
+    recipe = meta.get("recipe", "equal-steps")  # the files written before recipes are equal-steps runs
+    budget = ("epochs_equivalent", "lr") if recipe == "equal-steps" else ("budget_scale",)
+    view = {k: meta.get(k) for k in MERGE_KEYS + budget}
+    if recipe == "equal-steps":
+        view["free_lr"] = meta.get("free_lr", meta.get("lr"))
+    return {"recipe": recipe, **view}
 
 
 def merge(paths: list[Path], out: Path) -> int:
@@ -215,7 +258,10 @@ def merge(paths: list[Path], out: Path) -> int:
     what MERGE_KEYS names."""
     sys.path.insert(0, str(ROOT / "bench"))
     from common import InputError, read_json
-    from compare import write_outputs
+    from compare import write_outputs, written
+    inputs = [p for p in paths if p.resolve() == out.resolve()]
+    if inputs:  # its rows would be replaced by the merge, and merged_from would name a file that no longer holds them
+        raise InputError(f"--out {out} is one of the files merged: name another file")
     twice = [p for i, p in enumerate(paths) if p.resolve() in {q.resolve() for q in paths[:i]}]
     if twice:
         raise InputError(f"{twice[0]} is named twice: its rows would stand in the table twice")
@@ -227,10 +273,14 @@ def merge(paths: list[Path], out: Path) -> int:
                 for r in rows):
             raise InputError(f"{path}: its \"compare\" is not a list of bench/compare.py rows (each with "
                              f"{', '.join(ROW_KEYS)})")
+        for r in rows:  # the meta's eval_samples heads the table: a row attacked on other images does not belong
+            if r["eval"].get("samples") != doc["meta"].get("eval_samples") or not r["eval"].get("samples"):
+                raise InputError(f"{path}: its row {r['label']!r} was attacked on {r['eval'].get('samples')!r} "
+                                 f"test images, its meta says {doc['meta'].get('eval_samples')!r}; not merged")
     base = docs[0]["meta"]
     for path, doc in zip(paths[1:], docs[1:]):
-        diff = [f"{k} ({doc['meta'].get(k)!r}, not {base.get(k)!r})" for k in MERGE_KEYS
-                if doc["meta"].get(k) != base.get(k)]
+        mine, first = merge_view(doc["meta"]), merge_view(base)
+        diff = [f"{k} ({mine[k]!r}, not {first.get(k)!r})" for k in mine if mine[k] != first.get(k)]
         if diff:
             raise InputError(f"{path} differs from {paths[0]} in {', '.join(diff)}; not merged")
     rows, seen = [], {}
@@ -247,7 +297,7 @@ def merge(paths: list[Path], out: Path) -> int:
     table, _ = write_outputs(out, rows, meta, torch.device("cpu"),
                              f"{base['data']}, {base['arch']}, eps {base['epsilon'] * 255:.3g}/255 ({base['device']})")
     print(table)
-    print(f"wrote {out} and its .md and .png from {len(paths)} files")
+    print(f"wrote {written(out, any(r.get('group') == 'sweep' for r in rows))} from {len(paths)} files")
     return 0
 
 
@@ -265,7 +315,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(ROOT / "bench"))
         from common import InputError, not_results
         from compare import beside_problem
-        problem = not_results(args.out) or beside_problem(args.out, sweep=False)  # the sweep plot: at writing
+        problem = not_results(args.out) or beside_problem(args.out, sweep=None)  # a stale sweep plot: at writing
         if problem:
             p.error(f"--out {args.out}: {problem}")
         try:
@@ -277,8 +327,16 @@ def main(argv=None) -> int:
         text = args.readme.read_text()
     except OSError as exc:
         p.error(f"--readme {args.readme}: {exc.strerror}")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import InputError
+    try:
+        docs = results()
+        bodies = (compare_section(docs), render(docs))
+    except InputError as exc:  # a stray or broken file in bench/results: named, the README left as it is
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
     new = text
-    for name, body in zip(SECTIONS, (compare_section(), render())):
+    for name, body in zip(SECTIONS, bodies):
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
         if start not in new or end not in new:
             print(f"{args.readme}: no {start} ... {end} section", file=sys.stderr)

@@ -149,6 +149,7 @@ def test_loader_bench_names_unreadable_data_and_step_files(tmp_path, files, caps
 
 def test_train_step_refuses_what_it_cannot_measure_or_project(tmp_path, files, capsys):
     for argv, message in [(["--methods", "natural,free-2"], "--methods: unknown free-2"),
+                          (["--stem-input-grad", "autograd,fast"], "--stem-input-grad: unknown fast"),
                           (["--steps", "-1"], "argument --steps: must be positive"),
                           (["--batch-size", "0"], "argument --batch-size: must be positive, got 0"),
                           (["--image-size", "-5"], "argument --image-size: must be positive"),
@@ -309,3 +310,149 @@ def test_a_plot_that_cannot_be_written_is_named_in_one_line(tmp_path, files, cap
     out = tmp_path / "merged.json"
     _, line = failed_write(report, ["--merge", files["compare"], "--out", out], capsys)
     assert f"{out.with_suffix('.png')}: cannot be written ({os.strerror(errno.EROFS)})" in line, line
+
+
+def test_list_flags_name_the_flag_and_refuse_a_value_named_twice(tmp_path, files, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "build_data", lambda *a, **k: pytest.fail("data loaded for a refused run"))
+    base = ["--data", tmp_path, "--quick", "--json", files["keep"]]
+    for argv, message in [(["--sweep-replays", "a"], "--sweep-replays: not a comma-separated list of whole numbers"),
+                          (["--eval-steps", "2,,3"], "--eval-steps: not a comma-separated list of whole numbers"),
+                          (["--methods", "natural,natural"], "--methods: natural named twice"),
+                          (["--sweep-replays", "2,4,2"], "--sweep-replays: 2 named twice"),
+                          (["--eval-steps", "3,3"], "--eval-steps: 3 named twice"),
+                          (["--frontier", "--frontier-methods", "pgd,pgd"], "--frontier-methods: pgd named twice"),
+                          (["--methods", "natural, free"], "unknown method(s) ' free'"),
+                          (["--replays", "0"], "argument --replays: must be positive, got 0"),
+                          (["--pgd-steps", "-7"], "argument --pgd-steps: must be positive")]:
+        refused(compare, base + argv, capsys, message)
+    write_folder(tmp_path / "img" / "train", per_class=2)
+    data = ["--data", tmp_path / "img", "--device", "cpu", "--loader", "torch", "--image-size", "32"]
+    refused(loader, data[:-1] + ["32,48,32"], capsys, "--image-size: 32 named twice")
+    refused(loader, data + ["--loader", "torch"], capsys, "--loader: torch named twice")
+    refused(loader, data + ["--decode-processes", "4,4"], capsys, "--decode-processes: 4 named twice")
+    refused(train_step, ["--device", "cpu", "--quick", "--variants", "eager,eager"], capsys,
+            "--variants: eager named twice")
+    assert files["keep"].read_text() == KEEP
+
+
+def test_compare_keeps_a_table_or_plot_beside_its_json_that_it_did_not_write(tmp_path, files, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "build_data", lambda *a, **k: pytest.fail("trained before the siblings were checked"))
+    notes, photo = tmp_path / "run.md", tmp_path / "run.png"
+    notes.write_text("free-8 diverged at lr 0.2\n")
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG, not one of ours
+    argv = ["--data", tmp_path, "--quick", "--json", tmp_path / "run.json"]
+    refused(compare, argv, capsys, f"its table {notes} exists and is not a bench/compare.py table: not replaced")
+    notes.unlink()
+    refused(compare, argv, capsys, f"its plot {photo} exists and is not a bench/compare.py plot: not replaced")
+    refused(report, ["--merge", files["compare"], "--out", tmp_path / "run.json"], capsys,
+            "is not a bench/compare.py plot")
+    assert photo.read_bytes().endswith(b"\0" * 64) and not (tmp_path / "run.json").exists()
+    # a sweep plot of an earlier run, beside results without a sweep, would show rows that are not in them
+    (tmp_path / "old-sweep.png").write_bytes(b"")
+    refused(compare, ["--data", tmp_path, "--quick", "--json", tmp_path / "old.json"], capsys,
+            "old-sweep.png is an earlier run's sweep plot, and this run has no sweep")
+
+
+def compare_rows(path, groups):
+    """The rows of a fake bench/compare.py result, in ``groups``."""
+    rows = json.loads(fake_result(path, rows=("natural", "free")).read_text())["compare"]
+    return [{**r, "group": g} for r, g in zip(rows, groups)]
+
+
+def test_compare_outputs_say_what_they_replace_and_never_draw_an_empty_plot(tmp_path, capsys, monkeypatch):
+    import re
+    import warnings
+
+    import torch
+    out = tmp_path / "c.json"
+    rows = compare_rows(tmp_path / "src.json", ("sweep", "sweep"))
+    rows[1]["replays"] = 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" over a blank frame
+        compare.write_outputs(out, rows, {"eval_samples": 100}, torch.device("cpu"), "t", sweep=True)
+    assert "replaced" not in capsys.readouterr().err
+    assert compare.not_ours("plot", out.with_suffix(".png")) is None and out.with_name("c-sweep.png").exists()
+    compare.write_outputs(out, rows, {}, torch.device("cpu"), "t", sweep=True)
+    compare.write_outputs(out, rows, {}, torch.device("cpu"), "t", sweep=True)  # this run's own file: said once
+    assert compare.written(out, True) == f"{out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}, " \
+                                         f"{out.with_name('c-sweep.png')}"
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(common, "_WRITTEN", set())  # another process: what this one wrote is an earlier run's
+    compare.write_outputs(out, rows, {}, torch.device("cpu"), "t", sweep=True)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and re.search(rf"replaced {re.escape(str(out))}: it held results of \d{{4}}-", err[0]), err
+    assert err[1].endswith(f"replaced {out.with_suffix('.md')}: it was there before this run"), err
+
+
+def test_compare_says_how_many_test_images_it_attacks_and_what_it_wrote(tmp_path, capsys):
+    from test_datasets import write_cifar_folders
+    write_cifar_folders(tmp_path / "cifar", per_class=(2, 1))
+    out = tmp_path / "c.json"
+    argv = ["--data", tmp_path / "cifar", "--device", "cpu", "--quick", "--arch", "small_cnn_bn", "--recipe",
+            "equal-steps", "--methods", "natural", "--epochs", 1, "--batch-size", 10, "--eval-steps", 1,
+            "--restarts", 1, "--eval-samples", 1000, "--json", out]
+    rc, err = status(compare, argv, capsys)
+    assert rc == 0 and "evaluating on all 10 held-out images (--eval-samples 1000: the test set has no more)" in err
+    assert err.strip().splitlines()[-1] == f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}", err
+    assert json.loads(out.read_text())["meta"]["eval_samples"] == 10
+
+
+def test_report_merge_refuses_rows_of_other_data_budgets_or_test_images(tmp_path, capsys):
+    a = fake_result(tmp_path / "a.json", rows=("natural",))
+    b = fake_result(tmp_path / "b.json", rows=("free",))
+    doc = json.loads(b.read_text())
+
+    def variant(name, meta=None, samples=None):
+        d = json.loads(json.dumps(doc))
+        d["meta"].update(meta or {})
+        if samples is not None:
+            d["compare"][0]["eval"]["samples"] = samples
+        (tmp_path / name).write_text(json.dumps(d))
+        return tmp_path / name
+    for path, message in [(variant("subset.json", {"train_images": 5000}), "train_images (5000, not 50000)"),
+                          (variant("recipe.json", {"recipe": "fast-at", "budget_scale": 1.0}),
+                           "recipe ('fast-at', not 'equal-steps')"),
+                          (variant("lr.json", {"lr": 0.1}), "lr (0.1, not 0.2)"),
+                          (variant("graph.json", {"cuda_graph": True}), "cuda_graph (True, not None)"),
+                          (variant("none.json", samples=0), "its row 'free' was attacked on 0 test images"),
+                          (variant("fewer.json", samples=50), "attacked on 50 test images, its meta says 100")]:
+        refused(report, ["--merge", a, path, "--out", tmp_path / "m.json"], capsys, message)
+    refused(report, ["--merge", a, b, "--out", a], capsys, f"--out {a} is one of the files merged")
+    assert json.loads(a.read_text())["compare"][0]["method"] == "natural" and not (tmp_path / "m.json").exists()
+    rc, _ = status(report, ["--merge", a, b, "--out", tmp_path / "m.json"], capsys)
+    assert rc == 0
+
+
+def test_report_names_a_stray_or_broken_file_in_the_results_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("".join(f"<!-- {n}:start -->\n<!-- {n}:end -->\n" for n in report.SECTIONS))
+    assert report.main(["--readme", str(readme)]) == 0
+    (tmp_path / "notes.json").write_text("to do: rerun free-8\n")
+    refused(report, ["--check", "--readme", readme], capsys, f"{tmp_path / 'notes.json'}: not JSON")
+    (tmp_path / "notes.json").unlink()
+    step = json.loads((ROOT / "bench" / "results" / "train-step-cpu-2core-quick.json").read_text())
+    del step["meta"]["batch_size"]
+    (tmp_path / "step.json").write_text(json.dumps(step))
+    refused(report, ["--readme", readme], capsys,
+            "step.json: not a complete train-step result (KeyError: 'batch_size')")
+    (tmp_path / "compare.json").write_text(json.dumps({"meta": {}, "compare": []}))
+    (tmp_path / "step.json").unlink()
+    refused(report, ["--readme", readme], capsys, "compare.json: not a complete bench/compare.py result")
+    assert "<!-- compare-report:start -->\nNo comparison" in readme.read_text()  # left as the good run wrote it
+
+
+def test_make_imagenet_like_refuses_a_missing_source_an_out_inside_it_and_writes_no_empty_folder(tmp_path, capsys):
+    for split in ("train", "val"):
+        write_folder(tmp_path / "src" / split, classes=("n01",), per_class=1)
+    small = ["--size", "20x16"]
+    refused(make_imagenet_like, [tmp_path / "nowhere", tmp_path / "o"] + small, capsys,
+            f"{tmp_path / 'nowhere'}: no such file or directory")
+    refused(make_imagenet_like, [tmp_path / "src", tmp_path / "src" / "train" / "n02"] + small, capsys,
+            "is inside")
+    assert sorted(p.name for p in (tmp_path / "src" / "train").iterdir()) == ["n01"]
+    for image in (tmp_path / "src").rglob("*.JPEG"):  # passes the quick check, fails to decode
+        image.write_bytes(image.read_bytes()[:200] + b"\xff\xd9")
+    rc, err = status(make_imagenet_like, [tmp_path / "src", tmp_path / "out"] + small, capsys)
+    assert rc == 2 and "no source image could be decoded: nothing written" in err and "0.0 KB" not in err
+    assert not (tmp_path / "out").exists()  # a rerun is not refused as "not empty"
