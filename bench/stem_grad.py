@@ -17,6 +17,7 @@ whose CUDA time differs most.
 """
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -26,7 +27,7 @@ from common import guarded, median_ms, parse, parser, write_json
 from freeadv_fast import FreeAdversarialTrainer, NaturalTrainer
 from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.models import create_model
-from freeadv_fast.stem import subpixel_input_grad
+from freeadv_fast.stem import subpixel_input_grad, use_fast_input_grad
 
 
 def conv1_backward(gy, x, w, *, input_grad, weight_grad=True):
@@ -52,12 +53,9 @@ def conv1_timings(device, batch, size, dtype, reps):
                 gx = conv1_backward(gy, xc, wc, input_grad=True, weight_grad=False)[0]
                 return gx[:, :3].contiguous(memory_format=fmt)
             cases[f"weight grad + input grad via {c}-channel padded weight"] = padded
-        conv = torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False, device=device, dtype=dtype)
-        conv.weight.data.copy_(w)
-
         def subpixel():
             conv1_backward(gy, x, w, input_grad=False)
-            return subpixel_input_grad(conv, gy, tuple(x.shape)).contiguous(memory_format=fmt)
+            return subpixel_input_grad(w, gy, (2, 2), (3, 3), tuple(x.shape)).contiguous(memory_format=fmt)
         cases["weight grad + input grad via sub-pixel convolution (12 channels)"] = subpixel
         base = None
         for name, fn in cases.items():
@@ -71,8 +69,10 @@ def conv1_timings(device, batch, size, dtype, reps):
 def step_timings(device, batch, size, dtype, reps):
     """Forward and backward of the whole model (autocast, channels_last): the
     weight gradients only (natural), plus the input gradient from autograd,
-    and plus the input gradient made from conv1's output gradient (caught by
-    a hook) with the weight padded to 4 or 8 channels."""
+    plus the input gradient made from conv1's output gradient (caught by a
+    hook) with the weight padded to 4 or 8 channels, and through the stem's
+    own backward (freeadv_fast/stem.py: StemConv2d, "subpixel" and "padded",
+    what free-m's stem_input_grad uses)."""
     torch.manual_seed(0)
     model = create_model("resnet50", 1000).to(device).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -85,9 +85,9 @@ def step_timings(device, batch, size, dtype, reps):
             output.register_hook(lambda g: caught.__setitem__("gy", g))
     conv1.register_forward_hook(catch)
 
-    def forward_backward(inp):
+    def forward_backward(inp, net=model):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = F.cross_entropy(model(inp), y)
+            loss = F.cross_entropy(net(inp), y)
         loss.backward()
 
     def natural():
@@ -108,14 +108,22 @@ def step_timings(device, batch, size, dtype, reps):
             return gx[:, :3].contiguous(memory_format=torch.channels_last)
         return run
 
-    def subpixel():
-        forward_backward(x)
-        return subpixel_input_grad(conv1, caught["gy"], tuple(x.shape))
+    def stem(how):
+        net = copy.deepcopy(model)
+        use_fast_input_grad(net, how)
+
+        def run():
+            inp = x.detach().requires_grad_(True)
+            forward_backward(inp, net)
+            return inp.grad
+        return run
+    subpixel = stem("subpixel")
     rows = []
     for name, fn in (("natural (weight gradients)", natural), ("+ input grad, autograd", autograd_input),
                      ("+ input grad, 4-channel padded dgrad", padded(4)),
                      ("+ input grad, 8-channel padded dgrad", padded(8)),
-                     ("+ input grad, sub-pixel convolution", subpixel)):
+                     ("+ input grad, StemConv2d sub-pixel", subpixel),
+                     ("+ input grad, StemConv2d padded", stem("padded"))):
         model.zero_grad(set_to_none=True)
         ms = median_ms(fn, device, reps, warmup=3)
         rows.append({"case": name, "ms": ms})

@@ -5,22 +5,26 @@ free-m also needs d loss / d input, the data gradient of that convolution
 back to 3 channels. cuDNN's kernel for 3 channels is slow: at ResNet-50 224
 px bf16 on an H100 it cost 3.6 ms of a 65 ms forward and backward
 (bench/stem_grad.py; its printed figures are in
-bench/results/gpu-check-h100/runs.txt). The same gradient from the convolution's
-output gradient with the weight padded with zero input channels to 4 cost
-1.9 ms, and gave the same signs. ``StemInputGrad`` does that: a hook keeps the
-stem's output gradient during the one backward, and ``input_grad`` turns it
-into the input gradient, by one of INPUT_GRADS: "padded" (the above) or
-"subpixel" (a stride-s data gradient as one stride-1 convolution to s*s*3
-channels and a pixel shuffle, which widens cuDNN's GEMM from 3 to 12 at
-ResNet-50's stride 2; exact against autograd, unmeasured on a GPU).
+bench/results/gpu-check-h100/runs.txt), nearly all of free-4's 5% gap to
+natural training.
 
-It applies when the model's first 3-channel convolution is what the input
-goes into (checked on every step: the hook compares the tensor it sees with
-the input handed in). Both are opt-in (``stem_input_grad=``): "padded", in the
-training step itself (bench/train_step.py, graphed free-4 against natural on
-the same H100) it did not pay: 0.93 of natural with it, against 0.95 with
-autograd in the run before; why the saving measured alone does not reach the
-step is still to be profiled.
+``use_fast_input_grad(model, how)`` gives the model's stem convolution a
+backward of its own (``StemConv2d``: the same forward, the same weight and
+bias gradients, the same state_dict) whose input gradient is made one of
+INPUT_GRADS ways:
+
+- "padded": cuDNN's data gradient with the weight padded with zero input
+  channels to 4. Timed alone it took 1.9 ms instead of 3.6, but in the
+  graphed training step (then made from a hook on the stem's output) it did
+  not pay: 0.934 of natural against 0.947 with autograd, never explained.
+- "subpixel": a stride-s data gradient as one stride-1 convolution of the
+  output gradient to 3*s*s channels (one per input-pixel phase) and a pixel
+  shuffle, which widens cuDNN's GEMM from 3 to 12 at ResNet-50's stride 2.
+
+Both equal autograd's gradient up to the order of the sums (exactly in
+float64, tests/test_stem.py), and autograd carries it on through whatever
+comes before the stem, so any model is right. Neither has been measured in
+this form on a GPU, so both are opt-in (``stem_input_grad=``).
 """
 from __future__ import annotations
 
@@ -32,24 +36,23 @@ PADDED_CHANNELS = 4
 
 
 def stem_conv(model: nn.Module) -> nn.Conv2d | None:
-    """The first 3-channel 2-D convolution of ``model`` if it is one that
-    INPUT_GRADS handle (ungrouped, undilated, zero padding given in pixels)."""
+    """The first 3-channel 2-D convolution of ``model`` if StemConv2d can
+    take its place: a plain nn.Conv2d (not a subclass with a forward of its
+    own), ungrouped, undilated, zero padding given in pixels."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and m.in_channels == 3:
-            plain = (m.groups == 1 and m.padding_mode == "zeros" and tuple(m.dilation) == (1, 1)
-                     and not isinstance(m.padding, str))
+            plain = (type(m) in (nn.Conv2d, StemConv2d) and m.groups == 1 and m.padding_mode == "zeros"
+                     and tuple(m.dilation) == (1, 1) and not isinstance(m.padding, str))
             return m if plain else None
     return None
 
 
-def padded_input_grad(conv: nn.Conv2d, gy: torch.Tensor, size) -> torch.Tensor:
-    """cuDNN's data gradient with the weight padded with zero input channels
+def padded_input_grad(weight, gy, stride, padding, size) -> torch.Tensor:
+    """cuDNN's data gradient with ``weight`` padded with zero input channels
     to PADDED_CHANNELS (the first 3 channels' sums are unchanged)."""
-    w = conv.weight.detach().to(gy.dtype)
-    w = F.pad(w, (0, 0, 0, 0, 0, PADDED_CHANNELS - w.shape[1]))
+    w = F.pad(weight, (0, 0, 0, 0, 0, PADDED_CHANNELS - weight.shape[1]))
     g = torch.nn.grad.conv2d_input((size[0], PADDED_CHANNELS, *size[2:]),
-                                   w.contiguous(memory_format=torch.channels_last), gy, conv.stride, conv.padding,
-                                   conv.dilation, conv.groups)
+                                   w.contiguous(memory_format=torch.channels_last), gy, stride, padding)
     return g[:, :size[1]]
 
 
@@ -63,19 +66,17 @@ def _phases(k: int, s: int, p: int):
     return jmin, max(q for q, _, taps in phases if taps) - jmin + 1, phases
 
 
-def subpixel_input_grad(conv: nn.Conv2d, gy: torch.Tensor, size) -> torch.Tensor:
+def subpixel_input_grad(weight, gy, stride, padding, size) -> torch.Tensor:
     """The data gradient of a stride-s convolution as one stride-1 convolution
     of ``gy`` with s*s*3 output channels (each input-pixel phase is a
-    correlation with a subset of the taps), then a pixel shuffle. The GEMM's
-    narrow side grows from 3 to 3*s*s, which is what makes cuDNN's 3-channel
-    data gradient slow. Slices, not index tensors, build the weight: nothing
-    is copied from the host, so it can be captured in a CUDA graph."""
-    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    correlation with a subset of the taps), then a pixel shuffle. Slices, not
+    index tensors, build the weight: nothing is copied from the host, so it
+    can be captured in a CUDA graph."""
+    (kh, kw), (sh, sw), (ph, pw) = weight.shape[2:], stride, padding
     n, c, h, w = size
     uh, uw = -(-h // sh), -(-w // sw)  # input pixels per phase
     gh, gw = gy.shape[2:]
     (jh, lh, phases_h), (jw, lw, phases_w) = _phases(kh, sh, ph), _phases(kw, sw, pw)
-    weight = conv.weight.detach().to(gy.dtype)
     sub = gy.new_zeros(c, sh, sw, weight.shape[0], lh, lw)
     for ah, (qh, rh, th) in enumerate(phases_h):
         for aw, (qw, rw, tw) in enumerate(phases_w):
@@ -99,30 +100,64 @@ def subpixel_input_grad(conv: nn.Conv2d, gy: torch.Tensor, size) -> torch.Tensor
 INPUT_GRADS = {"padded": padded_input_grad, "subpixel": subpixel_input_grad}
 
 
-class StemInputGrad:
-    def __init__(self, conv: nn.Conv2d, how: str = "padded"):
-        self.conv = conv
-        self._make = INPUT_GRADS[how]
-        self._expect = None  # the input tensor of the current step
-        self._grad_out = None
-        conv.register_forward_hook(self._catch)
+class _Conv(torch.autograd.Function):
+    """conv2d whose backward makes the input gradient by INPUT_GRADS[how].
+    Autocast is applied here by hand (what it would do to conv2d: both
+    operands in its dtype), so that the backward has the operands the
+    forward used."""
 
-    def _catch(self, module, inputs, output):
-        if self._expect is not None and inputs[0] is self._expect and output.requires_grad:
-            output.register_hook(self._keep)
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, how):
+        kind = x.device.type
+        cast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        xc, wc, bc = (t.to(cast) if cast is not None and t is not None else t for t in (x, weight, bias))
+        with torch.autocast(kind, enabled=False):
+            y = F.conv2d(xc, wc, bc, stride, padding)
+        ctx.save_for_backward(xc, wc)
+        ctx.conv = (stride, padding, how, x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
 
-    def _keep(self, grad):
-        self._grad_out = grad
+    @staticmethod
+    def backward(ctx, gy):
+        xc, wc = ctx.saved_tensors
+        stride, padding, how, x_dtype, w_dtype, b_dtype = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = gb = None
+        if need_w or need_b:
+            _, gw, gb = torch.ops.aten.convolution_backward(
+                gy, xc, wc, [wc.shape[0]] if b_dtype is not None else None, list(stride), list(padding), [1, 1],
+                False, [0, 0], 1, [False, need_w, need_b])
+            gw = gw.to(w_dtype) if need_w else None
+            gb = gb.to(b_dtype) if need_b else None
+        if need_x:
+            gx = INPUT_GRADS[how](wc, gy, stride, padding, tuple(xc.shape)).to(x_dtype)
+            channels_last = xc.is_contiguous(memory_format=torch.channels_last) and not xc.is_contiguous()
+            gx = gx.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return gx, gw, gb, None, None, None
 
-    def expect(self, inp: torch.Tensor):
-        """Call before the forward: the hook watches for this input."""
-        self._expect, self._grad_out = inp, None
 
-    def input_grad(self, inp: torch.Tensor) -> torch.Tensor | None:
-        """After the backward: d loss / d ``inp`` (None if the stem never saw it)."""
-        gy, self._expect, self._grad_out = self._grad_out, None, None
-        if gy is None:
-            return None
-        g = self._make(self.conv, gy, tuple(inp.shape))
-        fmt = torch.channels_last if inp.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        return g.to(inp.dtype).contiguous(memory_format=fmt)
+class StemConv2d(nn.Conv2d):
+    """nn.Conv2d whose input gradient comes from INPUT_GRADS[self.input_grad]
+    (the module's class is swapped in place: parameters, hooks and
+    state_dict stay as they are)."""
+    input_grad = "autograd"
+
+    def forward(self, x):
+        if self.input_grad == "autograd":
+            return super().forward(x)
+        return _Conv.apply(x, self.weight, self.bias, tuple(self.stride), tuple(self.padding), self.input_grad)
+
+
+def use_fast_input_grad(model: nn.Module, how: str) -> bool:
+    """Makes ``model``'s stem convolution (stem_conv) a StemConv2d with input
+    gradients made by ``how`` ("autograd" undoes it); False if the model has
+    no such convolution."""
+    if how != "autograd" and how not in INPUT_GRADS:
+        raise ValueError(f"stem input gradient must be autograd or one of {', '.join(INPUT_GRADS)}, got {how!r}")
+    conv = stem_conv(model)
+    if conv is None:
+        return False
+    if how != "autograd" or isinstance(conv, StemConv2d):
+        conv.__class__ = StemConv2d
+        conv.input_grad = how
+    return True

@@ -26,7 +26,7 @@ from .data.errors import DataError
 from .evaluate import pairs
 from .graphs import Static, StepGraph
 from .messages import say_once
-from .stem import INPUT_GRADS, StemInputGrad, stem_conv
+from .stem import INPUT_GRADS, use_fast_input_grad
 
 
 class NonFiniteError(RuntimeError):
@@ -145,8 +145,7 @@ class Trainer:
         self._compile_mode = None if compile in (True, "default") else compile
         self._forward = (torch.compile(self._forward_eager, mode=self._compile_mode) if compile
                          else self._forward_eager)
-        self._stem = self._stem_input_grad(stem_input_grad)
-        self._stem_proven = False  # the stem's first step uses autograd and checks the stem sees the input
+        self._use_stem_input_grad(stem_input_grad)
         self.cuda_graph = cuda_graph and self._graphs_apply()
         self._graph: StepGraph | None = None
         self._graph_key = None
@@ -193,21 +192,15 @@ class Trainer:
             say_once(why)
         return why is None
 
-    def _stem_input_grad(self, choice) -> StemInputGrad | None:
+    def _use_stem_input_grad(self, choice):
         """How the input gradient is made: "autograd", or one of
-        stem.INPUT_GRADS from the stem convolution's output gradient (where
-        the model has a 3-channel stem convolution)."""
+        stem.INPUT_GRADS by the stem convolution's own backward."""
         choices = ("autograd", *INPUT_GRADS)
         if choice not in choices:
             raise ValueError(f"stem_input_grad must be one of {', '.join(choices)}, got {choice!r}")
-        if choice == "autograd":
-            return None
-        conv = stem_conv(distributed.unwrap(self.model))
-        if conv is None or self.compiled:
-            say_once(f"stem_input_grad={choice!r} needs an uncompiled model whose first 3-channel convolution is "
-                     "ungrouped, undilated and zero-padded; the input gradient comes from autograd")
-            return None
-        return StemInputGrad(conv, choice)
+        if not use_fast_input_grad(distributed.unwrap(self.model), choice) and choice != "autograd":
+            say_once(f"stem_input_grad={choice!r} needs a model whose first 3-channel convolution is a plain "
+                     "nn.Conv2d (ungrouped, undilated, zero-padded); the input gradient comes from autograd")
 
     def _zeros(self, shape):
         """A float32 zero buffer in the trainer's memory format."""
@@ -392,28 +385,13 @@ class Trainer:
 
     def _train_step(self, inp, y, *, input_grad):
         """Forward, mean cross-entropy, zero grads, one backward; returns the
-        loss, the logits and (when ``input_grad``) the input gradient: from
-        autograd, or from the stem's output gradient (freeadv_fast.stem) once
-        a step has shown that the stem takes this input."""
-        stem = self._stem if input_grad else None
-        if stem is not None:
-            stem.expect(inp)
-        if input_grad and not (stem is not None and self._stem_proven):  # autograd makes this step's gradient
+        loss, the logits and (when ``input_grad``) the input gradient."""
+        if input_grad:
             inp.requires_grad_(True)
         loss, logits = self._forward(inp, y)
         self.optimizer.zero_grad(set_to_none=True)
         self._scaled(loss).backward()
-        if stem is None:
-            return loss, logits, (inp.grad if input_grad else None)
-        grad = stem.input_grad(inp)
-        if self._stem_proven:
-            return loss, logits, grad
-        if grad is None:  # the first step: the stem must have seen the input
-            say_once("the model's first 3-channel convolution does not take the input; free-m's input "
-                     "gradient comes from autograd")
-            self._stem = None
-        self._stem_proven = grad is not None
-        return loss, logits, inp.grad
+        return loss, logits, (inp.grad if input_grad else None)
 
     def _record(self, loss, logits, y):
         """Metrics and the non-finite-loss streak, on the device."""
