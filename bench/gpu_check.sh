@@ -10,7 +10,8 @@
 # device tool), everything written is packed there as it is made. Named in
 # GPU_CHECK_ONLY only: kernel-variants (+ build-tuned), stem-grad (the
 # profile of free-m's extra cost at ResNet-50's stem), train-step-resnet50-stem
-# (free-4 with each way of making its input gradient) and the compare-* runs.
+# and -stem-compile (free-4 with each way of making its input gradient, graphed,
+# and compiled + graphed) and the compare-* runs.
 # The whole run keeps to GPU_CHECK_BUDGET seconds (default 480 for the default
 # set, 590 when GPU_CHECK_ONLY names steps, under one device call's 600; 0: no
 # budget): a step gets at most what is left, and steps that find it spent are
@@ -36,7 +37,7 @@ publish() {  # results travel back even if a later step runs out of time: one ar
 export FREEADV_GIT_COMMIT=${FREEADV_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 only=${GPU_CHECK_ONLY:-}  # space-separated step names to run (a rerun of some steps); empty: the default set
 budget=${GPU_CHECK_BUDGET:-$([ -n "$only" ] && echo 590 || echo 480)}
-opt_in="kernel-variants stem-grad train-step-resnet50-stem"
+opt_in="kernel-variants stem-grad train-step-resnet50-stem train-step-resnet50-stem-compile"
 step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs it, records its status
     local name=$1 limit=$2; shift 2
     if [ -n "$only" ] && [[ " $only " != *" $name "* ]]; then echo "=== $name: not in GPU_CHECK_ONLY"; return; fi
@@ -142,6 +143,9 @@ step train-step-resnet50 120 $PY bench/train_step.py --model resnet50 --precisio
 step train-step-resnet50-stem 100 $PY bench/train_step.py --model resnet50 --precision bf16 --steps 10 \
     --methods natural,free-4 --variants graph --stem-input-grad autograd,subpixel,padded \
     --json "bench/results/train-step-resnet50-stem-$gpu.json"
+step train-step-resnet50-stem-compile 240 $PY bench/train_step.py --model resnet50 --precision bf16 --steps 10 \
+    --methods natural,free-4 --variants compile+graph --stem-input-grad autograd,subpixel \
+    --json "bench/results/train-step-resnet50-stem-compile-$gpu.json"
 step train-step-resnet50-fp32 60 $PY bench/train_step.py --model resnet50 --precision fp32 --steps 10 \
     --methods natural,free-4 --json "bench/results/train-step-resnet50-fp32-$gpu.json"
 step train-step-preact-b512 40 $PY bench/train_step.py --model preact_resnet18 --batch-size 512 --precision bf16 \
