@@ -292,7 +292,9 @@ def config_for(args, method, *, epochs=None, lr=None, step_size=None, pixel_mode
                            weight_decay=5e-4, precision=args.precision, channels_last=True,
                            loader=args.loader, train_subset=args.train_subset, seed=args.seed,
                            cuda_graph=args.cuda_graph, compile=args.compile,
-                           eval_step_size=args.eval_step_size))
+                           eval_step_size=args.eval_step_size,
+                           # the evaluation this script runs (its restarts are --restarts, beside these)
+                           final_eval_samples=args.eval_samples, final_eval_steps=list(args.eval_steps)))
 
 
 def run_row(args, spec, cfg, data, log):

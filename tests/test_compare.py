@@ -44,6 +44,7 @@ def test_every_method_is_trained_timed_and_attacked_alike(tmp_path):
         e = r["eval"]
         assert r["train_seconds"] > 0 and r["images_per_s"] > 0 and e["samples"] == 20
         assert r["group"] == "equal-steps" and r["config"]["method"] == r["method"]
+        assert r["config"]["final_eval_samples"] == 20 and r["config"]["final_eval_steps"] == [2, 3]
         for key in ("clean_top1", "pgd-2", "pgd-3", "cw-2", "cw-3", "pgd-2x2"):
             lo, hi = e[key + "_ci95"]
             assert 0 <= lo <= e[key] <= hi <= 1
