@@ -385,9 +385,11 @@ def bad_direct_calls(device, backend):
     op = backends.OPS[backend]
     calls = [("grad", lambda: op(x, delta, grad[:1].expand_as(grad), None, p, p, p, p, 0.0, 1.0, 0, True)),
              ("mode", lambda: op(x, delta, grad, None, p, p, p, p, 0.0, 1.0, 3, True)),
+             # the CUDA op crashed on the next-but-one call once: a view first (no new tensor, no kernel run
+             # before the call), then a fresh tensor, tells a message printing the device from the rest
+             ("step", lambda: op(x, delta, grad, None, p[:2], p, p, p, 0.0, 1.0, 0, True)),
              ("step", lambda: op(x, delta, grad, None, torch.full((2,), 0.1, device=device), p, p, p, 0.0, 1.0, 0,
                                  True)),
-             ("step", lambda: op(x, delta, grad, None, p[:2], p, p, p, 0.0, 1.0, 0, True)),  # a view of p
              ("eps", lambda: op(x, delta, grad, None, p, p.double(), p, p, 0.0, 1.0, 0, True)),
              ("std", lambda: op(x, delta, grad, None, p, p, p, p[:1].expand(3), 0.0, 1.0, 0, True))]
     if torch.device(device).type == "cuda":  # messages that print a device, from both kinds of check
