@@ -187,7 +187,12 @@ def read_checkpoint(path) -> dict:
                               "and containers, which are not loaded (that could run code from the file)") from exc
     except Exception as exc:  # truncation, zip errors
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
-    if not isinstance(outer, dict) or outer.get("format") != FORMAT or not isinstance(outer.get("payload"), bytes):
+    written = outer.get("format") if isinstance(outer, dict) else None
+    if isinstance(written, str) and written.startswith(FORMAT.rsplit("/", 1)[0] + "/") and written != FORMAT:
+        # ours, from another version: "not a freeadv_fast checkpoint" would send the user looking for another file
+        raise CheckpointError(f"checkpoint {path} was written in format {written[:60]!r} by another version of "
+                              f"freeadv_fast; this one reads {FORMAT!r} only (use the version that wrote it)")
+    if not isinstance(outer, dict) or written != FORMAT or not isinstance(outer.get("payload"), bytes):
         raise CheckpointError(f"{path} is not a freeadv_fast checkpoint")
     if hashlib.sha256(outer["payload"]).hexdigest() != outer.get("sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupted (SHA-256 mismatch)")

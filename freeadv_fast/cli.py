@@ -104,6 +104,9 @@ def use_log_level(level: str | None):
     if level:
         os.environ["FREEADV_LOG_LEVEL"] = level
     messages.set_level(level)
+    inherited = os.environ.get("FREEADV_LOG_LEVEL")
+    if not level and inherited and inherited.lower() not in messages.LEVELS:  # else silently info
+        messages.warning(f"FREEADV_LOG_LEVEL={inherited[:40]!r} is not one of {', '.join(messages.LEVELS)}: using info")
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -185,9 +185,27 @@ def _apply(cfg: RunConfig, values: dict, source: str) -> RunConfig:
     return dataclasses.replace(cfg, **values)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader reading floats as YAML 1.2 does: ``1e-3`` (no dot)
-    is the number a user wrote, not the string YAML 1.1 makes of it."""
+    is the number a user wrote, not the string YAML 1.1 makes of it; a key
+    given twice in one mapping is refused (PyYAML keeps the last one, so a
+    pasted-in line would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            # merged keys (<<: *anchor) may be overridden: that is what merging is for
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise _DuplicateKey(f"key {key_node.value!r} is given twice (lines {seen[key_node.value]} and "
+                                        f"{line}); keep one")
+                seen[key_node.value] = line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -221,11 +239,20 @@ def load_yaml(path) -> dict:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    if not values:  # an unsaved or truncated file, most likely: the run would silently be the defaults'
+        say_once(f"note: config file {path} holds no settings")
     bad = [k for k in values if not isinstance(k, str)]
     if bad:
         raise ConfigError(f"config file {path}: keys must be setting names, got {bad[0]!r}")
+    named = {}
+    for key in values:  # batch-size and batch_size are one setting: which would win is an accident
+        other = named.setdefault(key.replace("-", "_"), key)
+        if other != key:
+            raise ConfigError(f"config file {path}: {other} and {key} are the same setting; keep one")
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 
@@ -239,9 +266,15 @@ def build_config(*, dataset=None, preset=None, file=None, flags=None) -> RunConf
         raise ConfigError(f"dataset must be a string, got {dataset!r} ({type(dataset).__name__})")
     if preset is None and dataset in DATASETS:
         preset = DATASETS[dataset].preset
+    if dataset is None and preset is None and file is not None:
+        say_once(f"note: no dataset named (DATASET, --preset or dataset: in {file}): training {RunConfig.dataset} "
+                 "with the defaults of every setting the file and flags leave out, not with its preset")
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        made_for = PRESETS[preset].get("dataset")
+        if dataset is not None and made_for not in (None, dataset):
+            say_once(f"note: preset {preset} was made for {made_for}; training {dataset} with its settings")
         cfg = _apply(cfg, PRESETS[preset], f"preset {preset}")
     cfg = _apply(cfg, file_values, f"config file {file}")
     cfg = _apply(cfg, flags, "flags")
@@ -308,6 +341,11 @@ def check(cfg: RunConfig, names: dict | None = None) -> RunConfig:
         cfg.arch = DATASETS[cfg.dataset].default_arch
     for f in fields(RunConfig):
         _check_field(f, getattr(cfg, f.name))
+    unique = list(dict.fromkeys(cfg.final_eval_steps))
+    if unique != cfg.final_eval_steps:  # each attack would run twice, the second result replacing the first
+        say_once(f"note: {names.get('final_eval_steps', 'final-eval-steps')} {','.join(map(str, cfg.final_eval_steps))}"
+                 f" names a step count twice; running {','.join(map(str, unique))}")
+        cfg.final_eval_steps = unique
     method = METHODS[cfg.method]
     cfg.replays = method.replays(cfg)
     if cfg.step_size is None:
@@ -347,6 +385,19 @@ def check(cfg: RunConfig, names: dict | None = None) -> RunConfig:
             raise ConfigError(f"{name} must not be empty (leave it out for the default)")
         if value is not None and ("\0" in value or any(len(part.encode()) > 255 for part in value.split("/"))):
             raise ConfigError(f"{name} {value[:80]!r} cannot be a path (a NUL byte, or a name over 255 bytes)")
+    spec = DATASETS[cfg.dataset]
+    if cfg.data is not None and not spec.reads_data:  # e.g. `train --data DIR` without the dataset's name
+        readers = ", ".join(n for n, s in DATASETS.items() if s.reads_data)
+        raise ConfigError(f"{names.get('data', 'data')} {cfg.data}: {cfg.dataset} reads no data folder (its images "
+                          f"come with it); name the dataset that folder holds ({readers})")
+    ignored = [f"{flag_name(k)} {v}" for k, v, default in (("loader", cfg.loader, "auto"), ("workers", cfg.workers, None),
+                                                           ("decode_processes", cfg.decode_processes, 0)) if v != default]
+    if ignored and not spec.in_folders:  # a user tuning the loader of a dataset that has none would see no effect
+        say_once(f"note: {', '.join(ignored)}: only image folders read during training have a loader; "
+                 f"{cfg.dataset} has none (its images are on the device), so this is ignored")
+    if cfg.train_subset and cfg.dataset == "synthetic":
+        say_once(f"note: train-subset {cfg.train_subset} is ignored: synthetic data has no training split to take it "
+                 "from (synthetic-batches sets a pass)")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard: the tensorboard package is not installed "
                           "(pip install 'freeadv_fast[tensorboard]')")

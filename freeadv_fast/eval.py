@@ -71,6 +71,7 @@ def settings(args) -> dict:
                           f"{args.dataset}'s normalisation and labels")
             if not DATASETS[args.dataset].resizable:  # the training run's sizes do not apply here
                 saved = {k: v for k, v in saved.items() if k not in ("image_size", "source_size", "phases")}
+            saved.pop("data", None)  # the training run's folder holds the other dataset: --data says where this is
     cfg = RunConfig(**saved)
     own = dict(eval_restarts=1, final_eval_samples=0, seed=0)  # this command's defaults, not the run's
     cfg = check(dataclasses.replace(cfg, **{**own, **given}), names={k: f"--{v}" for k, v in FLAGS.items()})
@@ -90,7 +91,7 @@ def settings(args) -> dict:
         if problem:
             raise ConfigError(f"--json {args.json} {problem}; not overwriting it")
     return {"config": cfg, "epsilon": cfg.epsilon, "step_size": step,
-            "steps": given.get("final_eval_steps", steps), "attacks": args.attack or ["pgd"],
+            "steps": cfg.final_eval_steps if "final_eval_steps" in given else steps, "attacks": args.attack or ["pgd"],
             "restarts": cfg.eval_restarts, "limit": cfg.final_eval_samples, "seed": cfg.seed,
             "checkpoint": str(args.checkpoint), "json": str(args.json) if args.json else None}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import json
 import math
 import os
@@ -102,6 +103,7 @@ def resolve_resume(cfg: RunConfig, resume, world: int = 1) -> Path | None:
     else:
         path = Path(resume)
         state = read_checkpoint(path)
+        check_not_behind_last(path, state, Path(cfg.out))
     saved = state.get("config", {})
     for key in ("arch", "dataset", "method"):
         if key in saved and saved[key] != getattr(cfg, key):
@@ -109,6 +111,22 @@ def resolve_resume(cfg: RunConfig, resume, world: int = 1) -> Path | None:
     check_same_run(saved, cfg, path)
     check_world(path, state, world)  # said once here, not by every worker
     return path
+
+
+def check_not_behind_last(path: Path, state: dict, out: Path):
+    """Refuses to resume an older checkpoint of --out's run (its best, its
+    .prev) into that run: its first checkpoint would replace the newer
+    checkpoint-last.pt, and the next one the .prev that kept it."""
+    last = out / "checkpoint-last.pt"
+    if path.absolute().parent != out.absolute() or not last.is_file() or path.resolve() == last.resolve():
+        return
+    try:
+        newer = read_checkpoint(last).get("step", 0)
+    except CheckpointError:  # a damaged last checkpoint holds nothing to lose
+        return
+    if newer > state.get("step", 0):
+        raise ConfigError(f"{path} (step {state.get('step', 0)}) is older than {last} (step {newer}): resuming it in "
+                          f"{out} would replace that run's newer checkpoints; resume it with another --out")
 
 
 def fault_injection(rank: int):
@@ -141,6 +159,45 @@ OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 def _kept(cfg) -> str:
     last = Path(cfg.out) / "checkpoint-last.pt"
     return f"the last good checkpoint, {last}, is kept" if last.exists() else "no checkpoint had been written"
+
+
+LOCK_NAME = ".lock"
+_held_lock: list[int] = []
+
+
+def hold_run_lock(out: Path):
+    """Rank 0 holds an exclusive lock on the run directory while it trains: a
+    second start into the same --out (the command run twice, a --resume auto
+    in another terminal) would interleave its checkpoints and metrics with
+    this one's. A POSIX record lock: it goes with the process, however it
+    ends, and forked loader processes do not inherit it, so a crashed run
+    never leaves its directory locked (and torchrun's restarts find it free).
+    Closing any other descriptor of the file in this process would drop the
+    lock: nothing else here opens it."""
+    if _held_lock:
+        return
+    path = out / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # an unwritable folder is named where the run first writes
+        return
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):  # a filesystem without locks: run as before
+            return
+        raise ConfigError(f"{out} is in use by another training process{f' (pid {holder})' if holder else ''}; "
+                          "wait for it to end, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_lock.append(fd)
+
+
+def release_run_lock():
+    while _held_lock:
+        os.close(_held_lock.pop())
 
 
 def train_worker(cfg: RunConfig, resume: str | None, cpu: bool):
@@ -179,6 +236,7 @@ def train_worker(cfg: RunConfig, resume: str | None, cpu: bool):
         else:
             raise
     finally:
+        release_run_lock()
         try:
             distributed.teardown()
         except Exception:  # the group may be broken already; exiting is what matters
@@ -306,8 +364,18 @@ def build_trainer(cfg: RunConfig, data, device, dist=None, phase_data=None):
                                   milestones=cfg.milestones, phase_starts=starts,
                                   phase_scales=[c.batch_size / cfg.batch_size for c in phase_configs(cfg)])
     else:
+        total = len(data.train) * replays * passes
         schedule = build_schedule(cfg.schedule, optimizer, steps_per_pass=len(data.train) * replays, passes=passes,
                                   replays=replays, milestones=cfg.milestones)
+    # milestones are optimizer steps: a run shortened from a preset's, or milestones given in epochs, would
+    # otherwise train at one LR throughout without a word
+    if cfg.schedule != "multistep" and cfg.milestones:
+        messages.say_once(f"note: milestones {cfg.milestones} apply to the multistep schedule only; the {cfg.schedule} "
+                          "schedule ignores them")
+    elif cfg.schedule == "multistep" and max(cfg.milestones) >= total:
+        late = [m for m in cfg.milestones if m >= total]
+        messages.say_once(f"note: milestone(s) {late} come at or after the run's last optimizer step ({total} steps "
+                          "in all): the LR never falls there (milestones count optimizer steps, not epochs)")
     rank = dist.rank if dist is not None else 0
     common = dict(mean=data.mean, std=data.std, precision=cfg.precision, channels_last=cfg.channels_last,
                   compile=cfg.compile and cfg.compile_mode, cuda_graph=cfg.cuda_graph, scheduler=schedule,
@@ -331,6 +399,8 @@ def tensorboard_writer(out: Path):
 
 def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     out = Path(cfg.out)
+    if d.is_main and out.is_dir():  # before anything here reads or repairs the run's files
+        hold_run_lock(out)
     torch.manual_seed(cfg.seed)
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -358,7 +428,10 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
         state["best_robust"] = saved.get("best_robust", -1.0)
         phase = phase_of(ends, trainer.epoch)
         data = phase_data[phase]
-        if d.is_main:
+        if d.is_main and trainer.epoch >= passes:  # stopped during (or before) the final evaluation
+            messages.info(f"resumed from {path}: its training is complete ({passes} passes, step {trainer.step}); "
+                          "running the final evaluation")
+        elif d.is_main:
             messages.info(f"resumed from {path}: pass {trainer.epoch + 1}/{passes}, "
                 f"batch {trainer.batch_in_epoch}, step {trainer.step}")
 
@@ -459,6 +532,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
 
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        hold_run_lock(out)
         (out / "config.yaml").write_text(to_yaml(cfg))
         spans = list(zip([0] + ends, ends, phase_data))
         steps = sum((e - s) * len(p.train) for s, e, p in spans) * replays
@@ -507,7 +581,8 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
         if d.is_main:
             last = out / "checkpoint-last.pt"
             messages.warning(f"stopped by {signal.Signals(stop.signum).name} during the final evaluation; training "
-                f"is complete and saved in {last}. Evaluate it with: python -m freeadv_fast.eval {last}")
+                f"is complete and saved in {last}. Evaluate it with: python -m freeadv_fast.eval {last} (or run the "
+                f"same command plus --resume auto, and --out {out}, for the run's own final evaluation and final.json)")
         return 128 + stop.signum
     if d.is_main:
         (out / "final.json").write_text(json.dumps(final, indent=1) + "\n")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def plan_processes(args) -> tuple[int, bool]:
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.gpus:
         if args.gpus > available:
-            raise ConfigError(f"--gpus {args.gpus} asked for, but this machine has {available} GPU(s)"
+            hidden = os.environ.get("CUDA_VISIBLE_DEVICES")  # the machine may have more than this process sees
+            where = f" visible to this process (CUDA_VISIBLE_DEVICES={hidden[:80]!r})" if hidden is not None else ""
+            raise ConfigError(f"--gpus {args.gpus} asked for, but this machine has {available} GPU(s){where}"
                               + ("; use --cpu to train on the CPU" if not available else ""))
         return args.gpus, False
     return 1, available == 0
@@ -85,6 +88,30 @@ def check_out_dir(out: Path, resume):
     if Path(resume).absolute().parent != out.absolute():
         raise ConfigError(f"{out} holds another run, which resuming {resume} there would overwrite; choose another "
                           "--out (or --resume auto to continue that run)")
+
+
+# the folders the image-folder layouts read (Data in README.md); a run directory in one becomes a class of images
+DATA_SPLITS = ("train", "val", "test")
+
+
+def check_out_outside_data(out: Path, data):
+    """Refuses an --out inside a split folder of --data: the run's folder
+    would be read as a class without images by every later run and eval."""
+    if data is None:
+        return
+    out, data = out.resolve(), Path(data).resolve()
+    for split in DATA_SPLITS:
+        if out == data / split or (data / split) in out.parents:
+            raise ConfigError(f"--out {out} is inside the data's {split}/ folder ({data / split}): the run's folder "
+                              "would be read as a class of images; choose an --out outside it")
+
+
+def latest_runs(cfg) -> list[Path]:
+    """Run directories that the default --out made for this dataset and method, newest first."""
+    runs = Path("runs")
+    found = [p for p in runs.glob(f"{cfg.dataset}-{cfg.method}-*") if (p / "checkpoint-last.pt").exists()
+             or (p / "checkpoint-last.pt.prev").exists()] if runs.is_dir() else []
+    return sorted(found, key=lambda p: p.name, reverse=True)
 
 
 def run_training(cfg, resume, nproc, cpu) -> int:
@@ -146,9 +173,18 @@ def main(argv=None) -> int:
         rank, torchrun_world, _ = distributed.launch_env()
         nproc, cpu = plan_processes(args)
         demo = args.dataset is None and args.preset is None and args.config is None
+        if demo and args.method is not None:  # the demo trains both of its methods whatever --method says
+            raise ConfigError(f"the embedded default compares natural and free training, so --method {args.method} "
+                              f"would be ignored; name the dataset to train one method ({PROG} {EMBEDDED_DEFAULT} "
+                              f"--method {args.method})")
         dataset = EMBEDDED_DEFAULT if demo else args.dataset
         cfg = build_config(dataset=dataset, preset=args.preset, file=args.config, flags=config_flags(args))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        if cfg.out is None and args.resume == "auto":  # a new default directory holds nothing to continue
+            runs = [] if demo else latest_runs(cfg)
+            newest = f" (the newest of the {len(runs)} {cfg.method} run(s) of {cfg.dataset} in runs/: {runs[0]})" \
+                if runs else ""
+            raise ConfigError(f"--resume auto continues the run in --out; give --out DIR{newest}")
         if cfg.out is None:
             if torchrun_world > 1:  # every node must write to the same run directory
                 raise ConfigError("under torchrun, give --out DIR (the same on every node)")
@@ -157,6 +193,7 @@ def main(argv=None) -> int:
         first = rank == 0  # under torchrun, the other ranks stay quiet
         if first:
             check_out_dir(Path(cfg.out), args.resume)
+            check_out_outside_data(Path(cfg.out), cfg.data)
             messages.info(f"configuration ({'embedded default: natural and free' if demo else cfg.method} training):\n"
                           + "".join(f"  {line}\n" for line in to_yaml(cfg).splitlines()))
         if demo:

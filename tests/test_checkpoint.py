@@ -161,3 +161,13 @@ def test_a_load_that_fails_in_the_per_process_state_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="the trainer state lacks optimizer"):
         other.load_state_dict({k: v for k, v in trainer.state_dict().items() if k != "optimizer"})
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("written", ["freeadv_fast.checkpoint/1", "freeadv_fast.checkpoint/3"])
+def test_a_checkpoint_of_another_format_version_is_named_as_such(tmp_path, written):
+    """It was called "not a freeadv_fast checkpoint", which sent the user looking for another file."""
+    path = tmp_path / "old.pt"
+    torch.save({"format": written, "sha256": "0" * 64, "payload": b"abc", "model": {}}, path)
+    with pytest.raises(CheckpointError, match=f"written in format '{written}' by another version of freeadv_fast; "
+                                              f"this one reads '{FORMAT}' only"):
+        read_checkpoint(path)

@@ -75,3 +75,36 @@ def test_an_epsilon_of_half_the_pixel_range_or_more_is_noted(capfd):
     assert "epsilon 0.75 is half the pixel range or more" in capfd.readouterr().err
     build_config(dataset="digits", flags={"epsilon": 0.3})  # MNIST's budget: said nothing
     assert "half the pixel range" not in capfd.readouterr().err
+
+
+def test_settings_a_run_ignores_are_noted(tmp_path, capfd):
+    """Each was accepted without a word while the run did something else than asked."""
+    (tmp_path / "empty.yaml").write_text("")
+    cfg = build_config(file=tmp_path / "empty.yaml")
+    assert cfg.dataset == "digits" and cfg.epochs == RunConfig.epochs  # the defaults, not digits-demo
+    build_config(dataset="digits", preset="cifar10-fast")
+    build_config(dataset="digits", flags={"loader": "nvjpeg", "workers": 4})
+    build_config(dataset="synthetic", flags={"train_subset": 10})
+    err = capfd.readouterr().err
+    assert f"config file {tmp_path / 'empty.yaml'} holds no settings" in err
+    assert "no dataset named (DATASET, --preset or dataset: in" in err and "not with its preset" in err
+    assert "preset cifar10-fast was made for cifar10; training digits with its settings" in err
+    assert "loader nvjpeg, workers 4: only image folders read during training have a loader" in err
+    assert "train-subset 10 is ignored: synthetic data has no training split" in err
+    build_config(dataset="imagenet", flags={"data": "/x", "loader": "torch", "workers": 2})  # a loader to set
+    assert "note" not in capfd.readouterr().err
+
+
+def test_milestones_the_run_never_reaches_or_its_schedule_ignores_are_noted(capfd):
+    from freeadv_fast.data.datasets import build_data
+    from freeadv_fast.run import build_trainer
+    flags = dict(method="natural", epochs=1, train_subset=128, batch_size=64)  # 2 optimizer steps
+    for extra in (dict(schedule="multistep", milestones=[1, 5]), dict(schedule="cosine", milestones=[1])):
+        cfg = build_config(dataset="digits", flags={**flags, **extra})
+        build_trainer(cfg, build_data(cfg), "cpu")
+    err = capfd.readouterr().err
+    assert "milestone(s) [5] come at or after the run's last optimizer step (2 steps in all)" in err
+    assert "milestones [1] apply to the multistep schedule only; the cosine schedule ignores them" in err
+    cfg = build_config(dataset="digits", flags={**flags, "schedule": "multistep", "milestones": [1]})
+    build_trainer(cfg, build_data(cfg), "cpu")
+    assert "milestone" not in capfd.readouterr().err

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,11 +59,27 @@ def test_any_yaml_config_is_accepted_or_refused_by_name(tmp_path, values):
     ("dataset: digits\nimage_size: 64", "image-size and source-size apply to datasets whose loader resizes"),
     ("dataset: cifar10\nsource_size: 40", "cifar10 is held at one size"),
     ("dataset: imagenet\nepochs: 1\nphases: ['1:16:0']", "batch_size must be an integer >= 1, got 0"),
+    # PyYAML keeps the last of two equal keys: a pasted-in line silently won
+    ("lr: 0.1\nepochs: 2\nlr: 0.5", "key 'lr' is given twice (lines 1 and 3); keep one"),
+    ("batch-size: 3\nbatch_size: 4", "batch-size and batch_size are the same setting"),
+    # digits and synthetic read no folder: the run trained on them instead of the folder's dataset
+    ("data: /tmp", "data /tmp: digits reads no data folder"),
+    ("dataset: synthetic\ndata: /tmp", "synthetic reads no data folder"),
 ])
 def test_the_reported_config_mistakes_are_named(tmp_path, text, expected):
     path = tmp_path / "c.yaml"
     path.write_text(text + "\n")
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        build_config(file=path)
+
+
+def test_yaml_merge_keys_may_be_overridden_and_nested_duplicates_are_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: digits\n<<: {lr: 0.2, epochs: 1}\nlr: 0.3\n")  # overriding a merged key is merging
+    cfg = build_config(file=path)
+    assert (cfg.lr, cfg.epochs) == (0.3, 1)
+    path.write_text("dataset: imagenet\nepochs: 1\nphases:\n  - {until: 1, image_size: 16, image_size: 32}\n")
+    with pytest.raises(ConfigError, match="key 'image_size' is given twice"):
         build_config(file=path)
 
 
@@ -145,6 +162,9 @@ def assert_refused_here(main, argv, capfd, expected):
     (["--step-size", "0", "--out", "{tmp}/r"], "step size 0 with epsilon 0.15: the perturbation would never move"),
     (["--eval-step-size", "0", "--out", "{tmp}/r"], "eval step size 0 with epsilon 0.15"),
     (["--batch-size", "5000", "--out", "{tmp}/r"], "has 1348 images, fewer than one batch of 5000"),
+    (["--data", "{tmp}"], "digits reads no data folder"),
+    # the default --out is a new directory each time: it silently started a new run
+    (["--resume", "auto"], "--resume auto continues the run in --out; give --out DIR"),
 ])
 def test_train_refuses_in_one_line(tmp_path, capfd, args, expected):
     file = tmp_path / "a-file"
@@ -488,6 +508,7 @@ def test_sigterm_during_an_evaluation_stops_within_a_batch(tmp_path, during):
     assert "Traceback" not in rest and not (out / "final.json").exists() and (out / "checkpoint-last.pt").exists()
     if during == "final":
         assert "during the final evaluation" in rest and "python -m freeadv_fast.eval" in rest
+        assert f"plus --resume auto, and --out {out}, for the run's own final evaluation and final.json" in rest
     else:
         assert "the evaluation after pass 1 was stopped" in rest and "--resume auto" in rest
 
@@ -676,3 +697,111 @@ def test_eval_refuses_an_image_folder_whose_classes_are_not_the_checkpoints(tmp_
                                      "3", "--loader", "torch", "--workers", "0", "--eval-every", "0",
                                      "--final-eval-steps", "1", "--out", tmp_path / "r", "--resume", "auto"], capfd,
                         "was trained on other class folders")
+
+
+@pytest.mark.parametrize("args,expected", [
+    # the embedded default (no DATASET) trained digits, twice, whatever these said
+    (["--data", "{tmp}/data"], "data {tmp}/data: digits reads no data folder"),
+    (["--method", "pgd"], "the embedded default compares natural and free training, so --method pgd would be "
+                          "ignored"),
+    (["--resume", "auto"], "--resume auto continues the run in --out"),
+])
+def test_the_embedded_default_refuses_settings_it_would_ignore(tmp_path, capfd, args, expected):
+    from freeadv_fast.train import main
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert_refused_here(main, ["--cpu", *args], capfd, expected.format(tmp=tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out", ["data/train/run", "data/val", "data/val/x/y"])
+def test_an_out_inside_the_datas_split_folders_is_refused(tmp_path, capfd, out):
+    """A run directory in train/ became a class folder without images: the
+    next run and every eval of the first one stopped on the dataset."""
+    from freeadv_fast.train import main
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "a").mkdir(parents=True)
+    assert_refused_here(main, ["--cpu", "imagenet", "--data", tmp_path / "data", "--out", tmp_path / out], capfd,
+                        "is inside the data's")
+    assert sorted(p.name for p in (tmp_path / "data" / "train").iterdir()) == ["a"]
+
+
+def test_an_out_beside_the_data_splits_is_not_refused():
+    from freeadv_fast.train import check_out_outside_data
+    check_out_outside_data(Path("/data/imagenet/runs/x"), "/data/imagenet")
+    check_out_outside_data(Path("/data/imagenet"), "/data/imagenet")
+    check_out_outside_data(Path("/data/imagenet/training"), "/data/imagenet")
+
+
+def test_a_second_start_into_a_run_in_progress_is_refused(tmp_path, capfd):
+    """Two processes training into one --out (the command started twice, a
+    --resume auto in another terminal) interleaved checkpoints and metrics."""
+    from freeadv_fast.train import main
+    out = tmp_path / "r"
+    out.mkdir()
+    # the first run's rank 0 holds this lock while it trains
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(out / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "os.write(fd, b'4242\\n'); fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert_refused_here(main, ["--cpu", "digits", "--method", "natural", "--epochs", "1", "--eval-every", "0",
+                                   "--out", out], capfd, f"{out} is in use by another training process (pid 4242)")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_resuming_a_run_stopped_in_its_final_evaluation_says_so_and_finishes(checkpoint, tmp_path, capfd):
+    from freeadv_fast.train import main
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(checkpoint, run)  # a finished training whose final evaluation was stopped
+    status = main(["--cpu", "--preset", "digits-demo", "--method", "natural", "--epochs", "1", "--eval-every", "0",
+                   "--final-eval-samples", "8", "--final-eval-steps", "1", "--out", str(run), "--resume", "auto"])
+    err = capfd.readouterr().err
+    assert status == 0, err[-2000:]
+    assert "its training is complete (1 passes, step 22); running the final evaluation" in err  # was "pass 2/1"
+    assert (run / "final.json").exists() and (run / "checkpoint-best.pt").exists()
+
+
+def test_eval_on_another_dataset_does_not_read_the_training_runs_folder(checkpoint, tmp_path, capfd):
+    from freeadv_fast.checkpoint import atomic_save, read_checkpoint
+    from freeadv_fast.eval import main
+    state = read_checkpoint(checkpoint)
+    state["config"].update(dataset="cifar10", data=str(tmp_path / "cifar"))
+    atomic_save(state, tmp_path / "cifar.pt")
+    assert_refused_here(main, [tmp_path / "cifar.pt", "imagenet", "--cpu"], capfd, "imagenet needs --data DIR")
+
+
+def test_eval_runs_each_step_count_once(checkpoint, capfd):
+    from freeadv_fast.eval import parser, settings
+    job = settings(parser().parse_args([str(checkpoint), "--steps", "5,5,1,5"]))
+    assert job["steps"] == [5, 1]  # pgd-5 ran twice, the second result replacing the first
+    assert "--steps 5,5,1,5 names a step count twice; running 5,1" in capfd.readouterr().err
+    assert build_config(flags={"final_eval_steps": [20, 20]}).final_eval_steps == [20]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="hides the GPUs only where torch has not seen them")
+def test_gpus_hidden_by_cuda_visible_devices_are_named(monkeypatch, capfd):
+    from freeadv_fast.train import main
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert_refused_here(main, ["--gpus", "1", "digits"], capfd,
+                        "this machine has 0 GPU(s) visible to this process (CUDA_VISIBLE_DEVICES='')")
+
+
+def test_resuming_an_older_checkpoint_into_its_own_run_is_refused(checkpoint, tmp_path, capfd):
+    """Its first checkpoint replaced the run's newer checkpoint-last.pt, the second the .prev that kept it."""
+    from freeadv_fast.checkpoint import atomic_save, read_checkpoint
+    from freeadv_fast.train import main
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint.parent, run)
+    older = read_checkpoint(checkpoint)
+    older.update(step=10, batch_in_epoch=10, epoch=0)  # a best checkpoint from mid-run
+    atomic_save(older, run / "checkpoint-best.pt", keep_previous=False)
+    before = (run / "checkpoint-last.pt").read_bytes()
+    assert_refused_here(main, ["--cpu", "--preset", "digits-demo", "--method", "natural", "--epochs", "1",
+                               "--eval-every", "0", "--out", run, "--resume", run / "checkpoint-best.pt"], capfd,
+                        "(step 10) is older than")
+    assert (run / "checkpoint-last.pt").read_bytes() == before

@@ -51,3 +51,14 @@ def test_ranks_other_than_0_say_warnings_only(monkeypatch, capsys):
 
 def test_the_logger_is_stdlib_logging():
     assert logging.getLogger("freeadv_fast") is messages.logger
+
+
+def test_an_unknown_log_level_in_the_environment_is_said(monkeypatch, capsys):
+    from freeadv_fast.cli import use_log_level
+    monkeypatch.setenv("FREEADV_LOG_LEVEL", "bogus")  # was info without a word
+    use_log_level(None)
+    assert "FREEADV_LOG_LEVEL='bogus' is not one of debug, info, warning, error: using info" in capsys.readouterr().err
+    assert messages.logger.level == logging.INFO
+    monkeypatch.setenv("FREEADV_LOG_LEVEL", "WARNING")
+    use_log_level(None)
+    assert capsys.readouterr().err == "" and messages.logger.level == logging.WARNING

@@ -39,4 +39,4 @@ def build(cfg, rank, world_size, device):
 
 
 register_dataset(DatasetSpec("digits", "scikit-learn digits", build, MEAN, STD, IMAGE_SIZE, "small_cnn", channels=1,
-                             preset="digits-demo"))
+                             preset="digits-demo", reads_data=False))

@@ -34,4 +34,4 @@ def check_layout(cfg):
 register_dataset(DatasetSpec(
     "imagenet", "ImageNet", build, MEAN, STD, IMAGE_SIZE, "resnet50", preset="imagenet-free4-eps4",
     data_help="holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG", check_layout=check_layout, epsilon="4/255",
-    eval_attack=([10, 50, 100], 1 / 255), resizable=True))
+    eval_attack=([10, 50, 100], 1 / 255), resizable=True, in_folders=True))

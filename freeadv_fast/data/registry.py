@@ -43,6 +43,8 @@ class DatasetSpec:
     eval_attack: tuple | None = None  # (PGD steps, step size) of the paper's evaluation, when it has one
     compare: dict = field(default_factory=dict)  # bench/compare.py's "full" and "quick" settings
     resizable: bool = False  # its loader makes any --image-size (and so can run phases)
+    reads_data: bool = True  # it reads --data (False: its images come from elsewhere; a --data there is a slip)
+    in_folders: bool = False  # its images are read from files during training (--loader and --workers apply)
 
     def check(self, cfg, layout: bool = True):
         """That --data is given where needed and (``layout``) that the data's

@@ -49,4 +49,4 @@ def build(cfg, rank, world_size, device):
 
 
 register_dataset(DatasetSpec("synthetic", "synthetic (random pixels)", build, MEAN, STD, IMAGE_SIZE, "resnet50",
-                             resizable=True))
+                             resizable=True, reads_data=False))

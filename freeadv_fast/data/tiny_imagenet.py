@@ -130,7 +130,7 @@ def build(cfg, rank, world_size, device):
 
 register_dataset(DatasetSpec(
     "tiny-imagenet", "Tiny-ImageNet", build, MEAN, STD, IMAGE_SIZE, "preact_resnet18",
-    data_help="holding train/<wnid>/ and val/", check_layout=lambda cfg: find_root(cfg.data), resizable=True,
+    data_help="holding train/<wnid>/ and val/", check_layout=lambda cfg: find_root(cfg.data), resizable=True, in_folders=True,
     compare=dict(full=("preact_resnet18", 15, 128, 0, 0, "20,100"), quick=("small_cnn_bn", 16, 50, 500, 200, "20"))))
 
 __all__ = ["ANNOTATIONS", "IMAGE_SIZE", "MEAN", "STD", "find_root", "read_annotations", "scan", "scan_val"]
