@@ -163,8 +163,8 @@ def parse_args(argv):
             raise ValueError("--sweep-replays: each m must be >= 1")
         for flag, values in (("--methods", args.methods), ("--frontier-methods", args.frontier_methods),
                              ("--sweep-replays", args.sweep_replays), ("--eval-steps", args.eval_steps)):
-            if named_twice(flag, values):  # an attack named twice is also run twice, for one column
-                raise ValueError(named_twice(flag, values))
+            if twice := named_twice(flag, values):  # an attack named twice is also run twice, for one column
+                raise ValueError(twice)
         if not (args.methods or args.sweep_replays or args.frontier and args.frontier_methods):
             raise ValueError("nothing to run: no --methods, --sweep-replays or --frontier (with --frontier-methods)")
     except ValueError as exc:

@@ -64,8 +64,8 @@ def main(argv=None):
     args = parse(p, argv)
     for flag, values in (("--loader", args.loader or []), ("--image-size", args.image_size),
                          ("--decode-processes", args.decode_processes)):
-        if named_twice(flag, values):
-            p.error(named_twice(flag, values))
+        if twice := named_twice(flag, values):
+            p.error(twice)
     loaders = args.loader or (["dali"] * dali_available() + ["nvjpeg"] * nvjpeg_available(args.device) + ["torch"])
     steps = best_step_rates(args.train_step, ("natural", "free-4"))
     split = find_split(args.data, args.split)

@@ -11,12 +11,16 @@ names the device it was measured on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))  # the scripts' shared helpers, wherever this runs from
+
+from common import InputError, not_results, read_json  # noqa: E402
 SECTIONS = ("compare-report", "bench-report")
 
 
@@ -118,26 +122,19 @@ def demo_section(path, data):
 def results() -> list:
     """(path, document) of every results file in RESULTS, a file that is not
     one (a stray note, a cut-off write) named in one line, not a traceback."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from common import read_json
     return [(path, read_json(path, "a results file (one JSON document with a \"meta\")"))
             for path in sorted(RESULTS.glob("*.json"))]
 
 
+@contextlib.contextmanager
 def incomplete(path, what):
     """A context in which a results file short of what its section reads is
     an InputError naming the file, not a KeyError from deep in a table."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as exc:
-            from common import InputError
-            raise InputError(f"{path}: not a complete {what} ({type(exc).__name__}: {exc}); fix it or move it "
-                             f"out of {RESULTS}") from None
-    return guard()
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as exc:
+        raise InputError(f"{path}: not a complete {what} ({type(exc).__name__}: {exc}); fix it or move it "
+                         f"out of {RESULTS}") from None
 
 
 def compare_section(docs=None) -> str:
@@ -256,8 +253,6 @@ def merge(paths: list[Path], out: Path) -> int:
     """The rows of several bench/compare.py results (runs split over GPU
     sessions) in one JSON, table and plot, refusing results that differ in
     what MERGE_KEYS names."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from common import InputError, read_json
     from compare import write_outputs, written
     inputs = [p for p in paths if p.resolve() == out.resolve()]
     if inputs:  # its rows would be replaced by the merge, and merged_from would name a file that no longer holds them
@@ -312,8 +307,6 @@ def main(argv=None) -> int:
     if bool(args.merge) != bool(args.out):
         p.error("--merge and --out go together")
     if args.merge:
-        sys.path.insert(0, str(ROOT / "bench"))
-        from common import InputError, not_results
         from compare import beside_problem
         problem = not_results(args.out) or beside_problem(args.out, sweep=None)  # a stale sweep plot: at writing
         if problem:
@@ -327,8 +320,6 @@ def main(argv=None) -> int:
         text = args.readme.read_text()
     except OSError as exc:
         p.error(f"--readme {args.readme}: {exc.strerror}")
-    sys.path.insert(0, str(ROOT / "bench"))
-    from common import InputError
     try:
         docs = results()
         bodies = (compare_section(docs), render(docs))

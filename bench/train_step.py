@@ -170,8 +170,8 @@ def main(argv=None):
     unknown = [v for v in chosen if v not in known]
     if unknown:
         p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
-    if named_twice("--variants", chosen):
-        p.error(named_twice("--variants", chosen))
+    if twice := named_twice("--variants", chosen):
+        p.error(twice)
     variants = [known[v] for v in chosen]
     stems = args.stem_input_grad.split(",")
     unknown = [s for s in stems if s not in ("autograd", *INPUT_GRADS)]

@@ -364,8 +364,9 @@ def build_trainer(cfg: RunConfig, data, device, dist=None, phase_data=None):
                                   milestones=cfg.milestones, phase_starts=starts,
                                   phase_scales=[c.batch_size / cfg.batch_size for c in phase_configs(cfg)])
     else:
-        total = len(data.train) * replays * passes
-        schedule = build_schedule(cfg.schedule, optimizer, steps_per_pass=len(data.train) * replays, passes=passes,
+        steps_per_pass = len(data.train) * replays
+        total = steps_per_pass * passes
+        schedule = build_schedule(cfg.schedule, optimizer, steps_per_pass=steps_per_pass, passes=passes,
                                   replays=replays, milestones=cfg.milestones)
     # milestones are optimizer steps: a run shortened from a preset's, or milestones given in epochs, would
     # otherwise train at one LR throughout without a word
