@@ -26,7 +26,10 @@ $(VENV)/.deps: pyproject.toml
 
 $(VENV)/.built: $(VENV)/.deps $(EXT_SOURCES)
 	@echo "== building freeadv_fast._C$(if $(CUDA_HOME), with CUDA from $(CUDA_HOME),) (minutes on 2 cores: with CUDA, nvcc builds the kernels for every architecture it has)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dali]"
+	@$(PY) -m pip install -q --no-build-isolation -e ".[dev,dali]" || { \
+		echo "== the build failed (above). Disk, memory and the kernel log, then one serial retry (MAX_JOBS=1):"; \
+		df -h . "$${TMPDIR:-/tmp}"; free -m; dmesg 2>/dev/null | tail -n 5; \
+		MAX_JOBS=1 $(PY) -m pip install --no-build-isolation -e ".[dev,dali]"; }
 	@touch $@
 
 ## env: the virtual environment with the package and its compiled extension
