@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from freeadv_fast.checkpoint import not_a_results_file, write_result
+from freeadv_fast.cli import comma_list
 from freeadv_fast.common import PRECISIONS
 from freeadv_fast.config import ConfigError
 from freeadv_fast.data.errors import DataError
@@ -82,14 +83,6 @@ def _device(text: str) -> torch.device:
     return torch.device(text)
 
 
-def _precisions(text: str) -> list[str]:
-    names = text.split(",")
-    unknown = [n for n in names if n not in PRECISIONS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}: choose from {', '.join(PRECISIONS)}")
-    return names
-
-
 def parser(doc: str, *, device=True, quick=None, precision=None, several=False, json="write the results here"):
     """A parser described by ``doc``'s first paragraph with --device (a
     torch.device) and --json (a Path), and --quick and --precision where
@@ -102,7 +95,7 @@ def parser(doc: str, *, device=True, quick=None, precision=None, several=False, 
     if quick:
         p.add_argument("--quick", action="store_true", help=quick)
     if precision and several:
-        p.add_argument("--precision", type=_precisions, metavar="{" + ",".join(PRECISIONS) + "}[,...]", help=precision)
+        p.add_argument("--precision", type=comma_list(choices=PRECISIONS, distinct=True), metavar="{" + ",".join(PRECISIONS) + "}[,...]", help=precision)
     elif precision:
         p.add_argument("--precision", choices=list(PRECISIONS), help=precision)
     if json:

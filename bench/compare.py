@@ -59,8 +59,9 @@ from pathlib import Path
 
 import torch
 
-from common import (NOT_WRITTEN, InputError, device_name, guarded, named_twice, parse, parser, positive, replaces,
+from common import (NOT_WRITTEN, InputError, device_name, guarded, parse, parser, positive, replaces,
                     unwritable, wall_clock, write_json, write_text, wrote)
+from freeadv_fast.cli import comma_list
 from freeadv_fast.config import ConfigError, RunConfig, check, pixel_value
 from freeadv_fast.data import DATASETS
 from freeadv_fast.data.datasets import build_data
@@ -94,6 +95,8 @@ EVAL_BATCH = 250
 # the datasets with comparison settings: (arch, epochs, batch, train subset, eval samples, eval steps) of a
 # full run and of --quick, each in its dataset's spec (DatasetSpec.compare)
 COMPARABLE = {name: spec for name, spec in DATASETS.items() if spec.compare}
+# the PGD / CW steps of the one-start attacks: one named twice would run twice, for one column
+eval_steps = comma_list(int, minimum=1, distinct=True)
 
 
 def parse_args(argv):
@@ -106,13 +109,15 @@ def parse_args(argv):
                                        "'CIFAR-10 (JPEG q75 copy)')")
     p.add_argument("--recipe", default="fast-at", choices=list(RECIPES),
                    help="what each method trains for (default fast-at: each at its published recipe)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
+    p.add_argument("--methods", default=",".join(METHODS), type=comma_list(choices=METHODS, distinct=True, empty_ok=True),
+                   help="comma-separated subset of " + ",".join(METHODS)
                    + " for the recipe rows ('' for none)")
-    p.add_argument("--sweep-replays", help="also free-m at each m (comma-separated) on --sweep-epochs")
+    p.add_argument("--sweep-replays", type=comma_list(int, minimum=1, distinct=True), default=[], help="also free-m at each m (comma-separated) on --sweep-epochs")
     p.add_argument("--sweep-epochs", type=positive(), help="epochs-equivalent of every m of the sweep (default: the "
                                                       "fast-at free-8's 80, times --budget-scale)")
     p.add_argument("--frontier", action="store_true", help="also each method at three budgets (FRONTIER)")
     p.add_argument("--frontier-methods", default=",".join(FRONTIER),
+                   type=comma_list(choices=FRONTIER, distinct=True, empty_ok=True),
                    help="the methods of the frontier (comma-separated; one GPU run may not hold all four)")
     p.add_argument("--budget-scale", type=positive(), help="multiplies every recipe, sweep and frontier budget (passes "
                                                       "round up; default 1, --quick the dataset's quick epochs / 15)")
@@ -129,7 +134,7 @@ def parse_args(argv):
     p.add_argument("--schedule", default="onecycle")
     p.add_argument("--train-subset", type=positive(int, zero=True), help="train on this many images (0: all)")
     p.add_argument("--eval-samples", type=positive(int, zero=True), help="held-out images attacked (0: all)")
-    p.add_argument("--eval-steps", help="PGD / CW steps of the one-start attacks, comma-separated")
+    p.add_argument("--eval-steps", type=eval_steps, help="PGD / CW steps of the one-start attacks, comma-separated")
     p.add_argument("--restart-steps", type=positive(int), help="steps of the PGD with restarts (default 50; --quick 5)")
     p.add_argument("--restarts", type=positive(int), help="restarts of that PGD (default 10; --quick 2; 1: none)")
     p.add_argument("--eval-step-size", help="default epsilon / 4")
@@ -145,30 +150,9 @@ def parse_args(argv):
     for name, value in defaults.items():  # a flag given as 0 is refused by its type, never replaced
         if getattr(args, name) is None:
             setattr(args, name, value)
-    try:
-        args.eval_steps = whole_numbers("--eval-steps", args.eval_steps or steps)
-        if any(s < 1 for s in args.eval_steps):
-            raise ValueError(f"--eval-steps: each must be >= 1, got {','.join(map(str, args.eval_steps))}")
-        args.methods = [m for m in args.methods.split(",") if m]
-        bad = [m for m in args.methods if m not in METHODS]
-        if bad:  # quoted: a name with a space (after "natural, ") is not the name it looks like
-            raise ValueError(f"unknown method(s) {', '.join(map(repr, bad))}: choose from {', '.join(METHODS)}")
-        args.frontier_methods = [m for m in args.frontier_methods.split(",") if m]
-        bad = [m for m in args.frontier_methods if m not in FRONTIER]
-        if bad:
-            raise ValueError(f"--frontier-methods: unknown {', '.join(map(repr, bad))}: choose from "
-                             f"{', '.join(FRONTIER)}")
-        args.sweep_replays = whole_numbers("--sweep-replays", args.sweep_replays) if args.sweep_replays else []
-        if any(m < 1 for m in args.sweep_replays):
-            raise ValueError("--sweep-replays: each m must be >= 1")
-        for flag, values in (("--methods", args.methods), ("--frontier-methods", args.frontier_methods),
-                             ("--sweep-replays", args.sweep_replays), ("--eval-steps", args.eval_steps)):
-            if twice := named_twice(flag, values):  # an attack named twice is also run twice, for one column
-                raise ValueError(twice)
-        if not (args.methods or args.sweep_replays or args.frontier and args.frontier_methods):
-            raise ValueError("nothing to run: no --methods, --sweep-replays or --frontier (with --frontier-methods)")
-    except ValueError as exc:
-        p.error(str(exc))
+    args.eval_steps = args.eval_steps or eval_steps(steps)
+    if not (args.methods or args.sweep_replays or args.frontier and args.frontier_methods):
+        p.error("nothing to run: no --methods, --sweep-replays or --frontier (with --frontier-methods)")
     for flag, text in (("--epsilon", args.epsilon), ("--eval-step-size", args.eval_step_size)):
         try:
             zero = text is not None and pixel_value(text) == 0
@@ -185,14 +169,6 @@ def parse_args(argv):
     if problem:
         p.error(f"--json {args.json}: {problem}")
     return args
-
-
-def whole_numbers(flag: str, text: str) -> list[int]:
-    """A comma-separated list of whole numbers, or a ValueError naming ``flag``."""
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag}: not a comma-separated list of whole numbers: {text!r}") from None
 
 
 def beside(path: Path, sweep=True) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from common import best_step_rates, guarded, named_twice, parse, parser, positive, sync, wall_clock, write_json
-from freeadv_fast.cli import int_list
+from freeadv_fast.cli import comma_list
 from freeadv_fast.data.folder import ImageFolderLoader, dali_available, find_split, scan_image_folder
 from freeadv_fast.data.nvjpeg import nvjpeg_available
 from report import loader_label
@@ -54,18 +54,16 @@ def main(argv=None):
     p.add_argument("--loader", choices=["dali", "nvjpeg", "torch"], action="append")
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=positive(int), default=256)
-    p.add_argument("--image-size", type=int_list(16), default=[224], metavar="S[,S...]")
+    p.add_argument("--image-size", type=comma_list(int, minimum=16, distinct=True), default=[224], metavar="S[,S...]")
     p.add_argument("--batches", type=positive(int, zero=True), default=0, help="batches of the timed pass (0: the whole pass)")
     p.add_argument("--workers", type=positive(int, zero=True), default=os.cpu_count() or 1)
-    p.add_argument("--decode-processes", type=int_list(0), default=[0], metavar="P[,P...]",
+    p.add_argument("--decode-processes", type=comma_list(int, minimum=0, distinct=True), default=[0], metavar="P[,P...]",
                    help="the nvjpeg loader's decoding processes, one run per value (0: this process)")
     p.add_argument("--train-step", action="append", default=[], metavar="FILE",
                    help="bench/train_step.py results to set the loader rates beside (repeatable)")
     args = parse(p, argv)
-    for flag, values in (("--loader", args.loader or []), ("--image-size", args.image_size),
-                         ("--decode-processes", args.decode_processes)):
-        if twice := named_twice(flag, values):
-            p.error(twice)
+    if twice := named_twice("--loader", args.loader or []):
+        p.error(twice)
     loaders = args.loader or (["dali"] * dali_available() + ["nvjpeg"] * nvjpeg_available(args.device) + ["torch"])
     steps = best_step_rates(args.train_step, ("natural", "free-4"))
     split = find_split(args.data, args.split)

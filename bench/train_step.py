@@ -36,9 +36,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import (InputError, best_step_rates, device_name, elapsed_s, guarded, named_twice, parse, parser,
+from common import (InputError, best_step_rates, device_name, elapsed_s, guarded, parse, parser,
                     positive, read_json, wall_clock, write_json)
 from freeadv_fast import FastTrainer, FreeAdversarialTrainer, NaturalTrainer, PGDTrainer
+from freeadv_fast.cli import comma_list
 from freeadv_fast.data.imagenet import MEAN, STD
 from freeadv_fast.models import create_model
 from freeadv_fast.stem import INPUT_GRADS
@@ -79,6 +80,7 @@ def official_free_step(model, optimizer, x, y, noise, mean, std, replays, step, 
 OTHER_IMAGENET_RUNS = ("the paper's free-4, 90 epochs: 2 days on 4 P100s", "Fast-AT's free run: 52 h",
                        "Fast-AT's FGSM run: 12 h")
 METHOD_NAMES = ("natural", "free-4", "free-8", "pgd-7", "fgsm-rs", "official")
+VARIANTS = ("eager", "graph", "compile", "compile+graph")  # how each method's step runs (main's `known`)
 PROJECTED_METHOD = {"free": "free-{replays}", "fast": "fgsm-rs", "natural": "natural", "pgd": "pgd-7"}
 
 
@@ -135,14 +137,15 @@ def main(argv=None):
     p.add_argument("--model", default=None, choices=["resnet50", "preact_resnet18", "wide_resnet32_10"])
     p.add_argument("--batch-size", type=positive(int))
     p.add_argument("--image-size", type=positive(int))
-    p.add_argument("--variants", help="comma-separated subset of eager,graph,compile,compile+graph (default: "
+    p.add_argument("--variants", type=comma_list(choices=VARIANTS, distinct=True), help="comma-separated subset of eager,graph,compile,compile+graph (default: "
                                       "eager,graph on a GPU, eager on CPU; compiling costs minutes)")
     p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the compile variants and of the compiled official loop")
     p.add_argument("--steps", type=positive(int), help="timed calls per variant (default 20; --quick 2)")
-    p.add_argument("--methods", default=",".join(METHOD_NAMES),
+    p.add_argument("--methods", default=",".join(METHOD_NAMES), type=comma_list(choices=METHOD_NAMES, distinct=True),
                    help="comma-separated subset of " + ",".join(METHOD_NAMES))
     p.add_argument("--stem-input-grad", default="autograd",
+                   type=comma_list(choices=("autograd", *INPUT_GRADS), distinct=True),
                    help="comma-separated: how free-m makes its input gradient, each measured (autograd, "
                         + ", ".join(INPUT_GRADS) + "; freeadv_fast/stem.py); rows other than autograd's are "
                         "named 'stem-<how>'")
@@ -159,24 +162,13 @@ def main(argv=None):
     size = args.image_size or (224 if model_name == "resnet50" else 32)
     batch = args.batch_size or (8 if args.quick else (256 if model_name == "resnet50" else 128))
     precisions = args.precision or (["fp32", "bf16"] if gpu else ["fp32"])
-    methods = set(args.methods.split(","))
-    unknown = sorted(methods - set(METHOD_NAMES))
-    if unknown:
-        p.error(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHOD_NAMES)})")
+    methods = set(args.methods)
     known = {"eager": ("", {}), "graph": (" graph", dict(cuda_graph=True)),
              "compile": (" compile", dict(compile=args.compile_mode)),
              "compile+graph": (" compile+graph", dict(compile=args.compile_mode, cuda_graph=True))}
-    chosen = (args.variants or ("eager,graph" if gpu else "eager")).split(",")
-    unknown = [v for v in chosen if v not in known]
-    if unknown:
-        p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
-    if twice := named_twice("--variants", chosen):
-        p.error(twice)
+    chosen = args.variants or (["eager", "graph"] if gpu else ["eager"])
     variants = [known[v] for v in chosen]
-    stems = args.stem_input_grad.split(",")
-    unknown = [s for s in stems if s not in ("autograd", *INPUT_GRADS)]
-    if unknown:
-        p.error(f"--stem-input-grad: unknown {', '.join(unknown)} (choose from autograd, {', '.join(INPUT_GRADS)})")
+    stems = args.stem_input_grad
     compiling = any("compile" in v for v in chosen)
     # a captured step needs 3 eager warm-up steps and the capture: 5 calls reach the steady state
     warmup, steps = (1 if args.quick else 5), args.steps or (2 if args.quick else 20)

@@ -39,21 +39,34 @@ def pixel(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def int_list(minimum: int):
+def comma_list(kind=str, *, minimum=None, choices=None, distinct=False, empty_ok=False):
+    """An argparse type: a comma-separated list (spaces around items allowed),
+    each item converted by ``kind`` and at least ``minimum`` or one of
+    ``choices``; ``distinct``: an item named twice is refused (a benchmark
+    would measure it twice); ``empty_ok``: '' is the empty list. An empty
+    item ('32,,48') is refused: it is a typo, not a value."""
     def parse(text):
+        if not text.strip():
+            if empty_ok:
+                return []
+            raise argparse.ArgumentTypeError("empty: name at least one")
+        items = [v.strip() for v in text.split(",")]
+        if "" in items:
+            raise argparse.ArgumentTypeError(f"an empty item in {text!r}")
         try:
-            values = [int(v) for v in text.split(",") if v.strip()]
+            values = [kind(v) for v in items]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
-        if not values or min(values) < minimum:
-            raise argparse.ArgumentTypeError(f"must be integers >= {minimum}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of {parse.__name__}: {text!r}") from None
+        if choices is not None and (unknown := [v for v in values if v not in choices]):
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}: choose from "
+                                             f"{', '.join(map(str, choices))}")
+        if minimum is not None and min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"each must be >= {minimum}, got {text!r}")
+        if distinct and (twice := sorted({str(v) for i, v in enumerate(values) if v in values[:i]})):
+            raise argparse.ArgumentTypeError(f"{', '.join(twice)} named twice")
         return values
-    parse.__name__ = "comma-separated integers"
+    parse.__name__ = "integers" if kind is int else "numbers" if kind is float else "names"
     return parse
-
-
-def str_list(text):
-    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _flag_type(f):
@@ -62,7 +75,7 @@ def _flag_type(f):
     if f.metadata.get("pixel"):
         return pixel
     if kinds == "list":
-        return str_list if f.metadata.get("strings") else int_list(low if low is not None else 0)
+        return comma_list(empty_ok=True) if f.metadata.get("strings") else comma_list(int, minimum=low or 0)
     if kinds.startswith("int"):
         return int_at_least(low) if low is not None else int
     return float if kinds.startswith("float") else str

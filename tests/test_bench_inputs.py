@@ -148,8 +148,8 @@ def test_loader_bench_names_unreadable_data_and_step_files(tmp_path, files, caps
 
 
 def test_train_step_refuses_what_it_cannot_measure_or_project(tmp_path, files, capsys):
-    for argv, message in [(["--methods", "natural,free-2"], "--methods: unknown free-2"),
-                          (["--stem-input-grad", "autograd,fast"], "--stem-input-grad: unknown fast"),
+    for argv, message in [(["--methods", "natural,free-2"], "--methods: unknown 'free-2': choose from natural, free-4"),
+                          (["--stem-input-grad", "autograd,fast"], "--stem-input-grad: unknown 'fast': choose from autograd"),
                           (["--steps", "-1"], "argument --steps: must be positive"),
                           (["--batch-size", "0"], "argument --batch-size: must be positive, got 0"),
                           (["--image-size", "-5"], "argument --image-size: must be positive"),
@@ -315,13 +315,14 @@ def test_a_plot_that_cannot_be_written_is_named_in_one_line(tmp_path, files, cap
 def test_list_flags_name_the_flag_and_refuse_a_value_named_twice(tmp_path, files, capsys, monkeypatch):
     monkeypatch.setattr(compare, "build_data", lambda *a, **k: pytest.fail("data loaded for a refused run"))
     base = ["--data", tmp_path, "--quick", "--json", files["keep"]]
-    for argv, message in [(["--sweep-replays", "a"], "--sweep-replays: not a comma-separated list of whole numbers"),
-                          (["--eval-steps", "2,,3"], "--eval-steps: not a comma-separated list of whole numbers"),
+    for argv, message in [(["--sweep-replays", "a"], "--sweep-replays: not a comma-separated list of integers"),
+                          (["--eval-steps", "2,,3"], "--eval-steps: an empty item in '2,,3'"),
                           (["--methods", "natural,natural"], "--methods: natural named twice"),
                           (["--sweep-replays", "2,4,2"], "--sweep-replays: 2 named twice"),
                           (["--eval-steps", "3,3"], "--eval-steps: 3 named twice"),
                           (["--frontier", "--frontier-methods", "pgd,pgd"], "--frontier-methods: pgd named twice"),
-                          (["--methods", "natural, free"], "unknown method(s) ' free'"),
+                          (["--methods", "natural, free,magic"], "--methods: unknown 'magic'"),  # spaces allowed
+                          (["--sweep-replays", "0,2"], "--sweep-replays: each must be >= 1"),
                           (["--replays", "0"], "argument --replays: must be positive, got 0"),
                           (["--pgd-steps", "-7"], "argument --pgd-steps: must be positive")]:
         refused(compare, base + argv, capsys, message)

@@ -1,7 +1,9 @@
 """The training and evaluation commands end to end, on tiny datasets in the
 real formats, and every expected mistake as one clear line with status 2."""
+import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import torch
 import yaml
 
 from freeadv_fast import train
+from freeadv_fast.cli import comma_list
 from freeadv_fast.checkpoint import read_checkpoint
 from test_data import write_cifar, write_folder
 
@@ -146,6 +149,8 @@ def test_every_expected_mistake_is_one_line_and_status_2(tmp_path, capsys):
         "unrecognized arguments: --bogus": ["digits", "--bogus", "1"],
         "unknown key(s) learning_rate": ["digits", "--config", config_file(tmp_path, learning_rate=0.1)],
         "unknown precision 'fp8'": ["digits", "--precision", "fp8"],
+        "--milestones: an empty item in '30,,60'": ["digits", "--milestones", "30,,60"],
+        "--final-eval-steps: not a comma-separated list of integers": ["digits", "--final-eval-steps", "10,x"],
     }
     if torch.cuda.is_available():
         cases.pop("--gpus 2 asked for, but this machine has")
@@ -154,6 +159,19 @@ def test_every_expected_mistake_is_one_line_and_status_2(tmp_path, capsys):
         assert expected in line, (argv, line)
     assert not (tmp_path / "never").exists()  # nothing was started or written
     assert cifar_dir.exists()
+
+
+def test_comma_lists_convert_check_and_name_what_they_refuse():
+    ints = comma_list(int, minimum=1, distinct=True)
+    assert ints(" 2, 4,8 ") == [2, 4, 8]
+    names = comma_list(choices=("natural", "free"), empty_ok=True)
+    assert names("") == [] and names("free,natural,free") == ["free", "natural", "free"]
+    for parse, text, message in [(ints, "2,,4", "an empty item in '2,,4'"), (ints, "2,", "an empty item"),
+                                 (ints, "", "empty: name at least one"), (ints, "2,x", "list of integers"),
+                                 (ints, "0,2", "each must be >= 1"), (ints, "4,2,4", "4 named twice"),
+                                 (names, "natural,pgd", "unknown 'pgd': choose from natural, free")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            parse(text)
 
 
 def test_checkpoint_and_run_directory_mistakes(tmp_path, capsys):

@@ -87,7 +87,7 @@ def test_mistakes_end_with_one_line(tmp_path):
     run = compare("--data", tmp_path / "nowhere", "--json", tmp_path / "x.json")
     assert run.returncode == 2 and "no such directory" in run.stderr and "Traceback" not in run.stderr
     run = compare("--data", tmp_path, "--methods", "natural,magic")
-    assert run.returncode == 2 and "unknown method(s) 'magic'" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 2 and "--methods: unknown 'magic'" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "x.json").exists()
 
 
