@@ -45,14 +45,19 @@ class InputError(Exception):
 
 def guarded(main):
     """``main(argv)`` with every InputError, ConfigError and DataError said in
-    one line on stderr (status 2) instead of a traceback."""
+    one line on stderr (status 2) instead of a traceback, and Ctrl-C (or
+    gpu_check.sh's time limit, which sends SIGINT) in one line, status 130."""
     @functools.wraps(main)
     def run(argv=None) -> int:
+        name = Path(sys.argv[0]).name
         try:
             return main(argv)
         except (InputError, ConfigError, DataError) as exc:
-            print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr, flush=True)
+            print(f"{name}: error: {exc}", file=sys.stderr, flush=True)
             return 2
+        except KeyboardInterrupt:
+            print(f"{name}: interrupted", file=sys.stderr, flush=True)
+            return 130
     return run
 
 

@@ -312,6 +312,14 @@ def test_a_plot_that_cannot_be_written_is_named_in_one_line(tmp_path, files, cap
     assert f"{out.with_suffix('.png')}: cannot be written ({os.strerror(errno.EROFS)})" in line, line
 
 
+def test_ctrl_c_in_a_benchmark_is_one_line_and_status_130(tmp_path, files, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare, "build_data", interrupt)
+    rc, err = status(compare, ["--data", tmp_path, "--quick", "--json", tmp_path / "c.json"], capsys)
+    assert rc == 130 and err.strip().splitlines()[-1].endswith(": interrupted") and "Traceback" not in err, err
+
+
 def test_list_flags_name_the_flag_and_refuse_a_value_named_twice(tmp_path, files, capsys, monkeypatch):
     monkeypatch.setattr(compare, "build_data", lambda *a, **k: pytest.fail("data loaded for a refused run"))
     base = ["--data", tmp_path, "--quick", "--json", files["keep"]]
