@@ -109,10 +109,11 @@ def parse_args(argv):
                                        "'CIFAR-10 (JPEG q75 copy)')")
     p.add_argument("--recipe", default="fast-at", choices=list(RECIPES),
                    help="what each method trains for (default fast-at: each at its published recipe)")
-    p.add_argument("--methods", default=",".join(METHODS), type=comma_list(choices=METHODS, distinct=True, empty_ok=True),
-                   help="comma-separated subset of " + ",".join(METHODS)
-                   + " for the recipe rows ('' for none)")
-    p.add_argument("--sweep-replays", type=comma_list(int, minimum=1, distinct=True), default=[], help="also free-m at each m (comma-separated) on --sweep-epochs")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   type=comma_list(choices=METHODS, distinct=True, empty_ok=True),
+                   help="comma-separated subset of " + ",".join(METHODS) + " for the recipe rows ('' for none)")
+    p.add_argument("--sweep-replays", type=comma_list(int, minimum=1, distinct=True), default=[],
+                   help="also free-m at each m (comma-separated) on --sweep-epochs")
     p.add_argument("--sweep-epochs", type=positive(), help="epochs-equivalent of every m of the sweep (default: the "
                                                       "fast-at free-8's 80, times --budget-scale)")
     p.add_argument("--frontier", action="store_true", help="also each method at three budgets (FRONTIER)")

@@ -54,10 +54,12 @@ def main(argv=None):
     p.add_argument("--loader", choices=["dali", "nvjpeg", "torch"], action="append")
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=positive(int), default=256)
-    p.add_argument("--image-size", type=comma_list(int, minimum=16, distinct=True), default=[224], metavar="S[,S...]")
+    p.add_argument("--image-size", type=comma_list(int, minimum=16, distinct=True), default=[224],
+                   metavar="S[,S...]")
     p.add_argument("--batches", type=positive(int, zero=True), default=0, help="batches of the timed pass (0: the whole pass)")
     p.add_argument("--workers", type=positive(int, zero=True), default=os.cpu_count() or 1)
-    p.add_argument("--decode-processes", type=comma_list(int, minimum=0, distinct=True), default=[0], metavar="P[,P...]",
+    p.add_argument("--decode-processes", type=comma_list(int, minimum=0, distinct=True), default=[0],
+                   metavar="P[,P...]",
                    help="the nvjpeg loader's decoding processes, one run per value (0: this process)")
     p.add_argument("--train-step", action="append", default=[], metavar="FILE",
                    help="bench/train_step.py results to set the loader rates beside (repeatable)")

@@ -137,8 +137,9 @@ def main(argv=None):
     p.add_argument("--model", default=None, choices=["resnet50", "preact_resnet18", "wide_resnet32_10"])
     p.add_argument("--batch-size", type=positive(int))
     p.add_argument("--image-size", type=positive(int))
-    p.add_argument("--variants", type=comma_list(choices=VARIANTS, distinct=True), help="comma-separated subset of eager,graph,compile,compile+graph (default: "
-                                      "eager,graph on a GPU, eager on CPU; compiling costs minutes)")
+    p.add_argument("--variants", type=comma_list(choices=VARIANTS, distinct=True),
+                   help="comma-separated subset of " + ",".join(VARIANTS) + " (default: eager,graph on a GPU, eager "
+                        "on CPU; compiling costs minutes)")
     p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the compile variants and of the compiled official loop")
     p.add_argument("--steps", type=positive(int), help="timed calls per variant (default 20; --quick 2)")
