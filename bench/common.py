@@ -203,10 +203,23 @@ def in_graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
     return elapsed_s(graph.replay, torch.device("cuda"), reps) * 1e3 / (reps * calls)
 
 
+def cpu_name() -> str:
+    """The host CPU's model (/proc/cpuinfo), else its architecture: CPU
+    results differ by model (another vector unit rounds otherwise, and a
+    short training run then ends elsewhere), so a result names it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    model = model or platform.processor() or platform.machine()
+    return model if "CPU" in model else f"{model} CPU"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def _version(name: str):

@@ -44,7 +44,7 @@ name, a markdown table (.md) and a plot (.png: robust accuracy against
 training time, a line per method; with a sweep, a second plot of accuracy
 against m), so a --json named .md or .png is refused, as is one onto a file
 that is not a JSON results file. ``--quick``: a small CNN on a subset with the dataset's quick
-budgets (CIFAR-10: 3/15 of each recipe's), for CI: with the sweep and the
+budgets (CIFAR-10: 4/15 of each recipe's), for CI: with the sweep and the
 frontier about 5 minutes on two CPU cores. Models are channels_last on every
 device (1.5x faster for the small CNN on two CPU cores too).
 """

@@ -26,13 +26,13 @@ of its own, each with its own GPU decoder).
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from common import best_step_rates, guarded, named_twice, parse, parser, positive, sync, wall_clock, write_json
+from common import (best_step_rates, cpu_name, guarded, named_twice, parse, parser, positive, sync, wall_clock,
+                    write_json)
 from freeadv_fast.cli import comma_list
 from freeadv_fast.data.folder import ImageFolderLoader, dali_available, find_split, scan_image_folder
 from freeadv_fast.data.nvjpeg import nvjpeg_available
@@ -44,7 +44,7 @@ def loader_machine(device):
     cores = f"{os.cpu_count()} cores"
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {cores}"
-    return f"{platform.processor() or platform.machine()} CPU, {cores}"
+    return f"{cpu_name()}, {cores}"
 
 
 @guarded

@@ -71,9 +71,9 @@ def test_fashion_mnist_from_the_debian_package():
 
 def test_free_training_on_real_cifar10_beats_natural_under_attack(cifar10_jpeg, tmp_path):
     """A short real-data run of bench/compare.py: free-8 against natural training
-    at --quick's fast-at recipe (800 CIFAR-10 images, ~100 optimizer steps of
-    natural training, 2 passes of free-8 at Fast-AT's LR scaled to the batch),
-    PGD-10 on 400 held-out images. The same rows as CI's whole --quick run, so
+    at --quick's fast-at recipe (800 CIFAR-10 images, 128 optimizer steps of
+    natural training, 3 passes of free-8 at Fast-AT's LR scaled to the batch),
+    PGD-10 on 1,000 held-out images. The same rows as CI's whole --quick run, so
     the README's test command checks the claim on real data by itself."""
     out = tmp_path / "cmp"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--data", str(cifar10_jpeg),
