@@ -136,8 +136,8 @@ def parse_args(argv):
     p.add_argument("--train-subset", type=positive(int, zero=True), help="train on this many images (0: all)")
     p.add_argument("--eval-samples", type=positive(int, zero=True), help="held-out images attacked (0: all)")
     p.add_argument("--eval-steps", type=eval_steps, help="PGD / CW steps of the one-start attacks, comma-separated")
-    p.add_argument("--restart-steps", type=positive(int), help="steps of the PGD with restarts (default 50; --quick 5)")
-    p.add_argument("--restarts", type=positive(int), help="restarts of that PGD (default 10; --quick 2; 1: none)")
+    p.add_argument("--restart-steps", type=positive(int), help="steps of the PGD with restarts (default 50)")
+    p.add_argument("--restarts", type=positive(int), help="restarts of that PGD (default 10; --quick 1; 1: none)")
     p.add_argument("--eval-step-size", help="default epsilon / 4")
     p.add_argument("--loader", default="auto", help="image folders: dali, nvjpeg, torch or auto")
     p.add_argument("--cuda-graph", action="store_true", help="capture every method's training step as a CUDA graph")
@@ -147,7 +147,7 @@ def parse_args(argv):
     arch, epochs, batch, subset, samples, steps = COMPARABLE[args.dataset].compare["quick" if args.quick else "full"]
     defaults = dict(arch=arch, epsilon=COMPARABLE[args.dataset].epsilon, epochs=epochs, batch_size=batch,
                     train_subset=subset, eval_samples=samples, budget_scale=epochs / 15 if args.quick else 1.0,
-                    restart_steps=5 if args.quick else 50, restarts=2 if args.quick else 10)
+                    restart_steps=50, restarts=1 if args.quick else 10)
     for name, value in defaults.items():  # a flag given as 0 is refused by its type, never replaced
         if getattr(args, name) is None:
             setattr(args, name, value)
