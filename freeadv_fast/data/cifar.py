@@ -207,6 +207,6 @@ for _name, _title, _preset in (("cifar10", "CIFAR-10", "cifar10-free8"), ("cifar
         # images in batches of 25 (LR scaled with the batch), so each row makes ~130 optimizer steps or more,
         # attacked on 1,000 test images. At 3/15 and 400 the models stayed near chance and natural training's
         # PGD interval overlapped an adversarial method's on some CPUs and seeds; at 4/15 and 1,000 five seeds
-        # kept them apart by 3 points or more (AMD EPYC, 2026-12-07).
+        # kept them 2.9 points apart or more (AMD EPYC, 2026-12-07).
         compare=dict(full=("preact_resnet18", 15, 128, 0, 0, "20,100"),
                      quick=("small_cnn_bn", 4, 25, 800, 1000, "10")) if _name == "cifar10" else {}))
