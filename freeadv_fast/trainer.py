@@ -449,6 +449,10 @@ class Trainer:
         check_int("passes", passes, 0)
         check_int("log_every", log_every, 0)
         check_int("checkpoint_every", checkpoint_every, 0)
+        for name, hook in (("on_log", on_log), ("should_stop", should_stop), ("on_batch", on_batch),
+                           ("on_pass_end", on_pass_end)):  # found now, not after the first batch trained
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name} must be a function (or None), got {type(hook).__name__}")
         batches_done = 0
         while self.epoch < passes:
             if hasattr(loader, "set_epoch"):
@@ -530,6 +534,8 @@ class Trainer:
             raise ValueError(f"the trainer state lacks {', '.join(missing)}")
         if state.get("method") != self.method:
             raise ValueError(f"the checkpoint was written by {state.get('method')!r} training, not {self.method!r}")
+        for key in ("step", "epoch", "batch_in_epoch"):  # a 1.5 or a "2" would count on wrongly, unnoticed
+            check_int(f"the trainer state's {key}", state[key], 0)
         distributed.unwrap(self.model).load_state_dict(state["model"])
         self._load_optimizer_state(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:

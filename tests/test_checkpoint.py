@@ -160,7 +160,10 @@ def test_a_load_that_fails_in_the_per_process_state_changes_nothing(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items()) and other.step == 0
     with pytest.raises(ValueError, match="the trainer state lacks optimizer"):
         other.load_state_dict({k: v for k, v in trainer.state_dict().items() if k != "optimizer"})
-    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    for key, value in (("step", 1.5), ("epoch", "2"), ("batch_in_epoch", -1)):  # were taken as they were
+        with pytest.raises(ValueError, match=f"the trainer state's {key} must be an integer >= 0"):
+            other.load_state_dict({**trainer.state_dict(), key: value})
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items()) and other.step == 0
 
 
 @pytest.mark.parametrize("written", ["freeadv_fast.checkpoint/1", "freeadv_fast.checkpoint/3"])

@@ -381,6 +381,10 @@ def test_what_a_step_would_misread_is_refused_before_any_state_changes():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="passes must be an integer >= 0"):
         trainer.fit([(x, y)], 1.5)
+    for hook in ("on_log", "should_stop", "on_batch", "on_pass_end"):  # they failed after a batch had trained
+        with pytest.raises(TypeError, match=f"{hook} must be a function"):
+            trainer.fit([(x, y)], 1, log_every=1, **{hook: True})
+        assert trainer.step == 0
     from freeadv_fast.data.errors import DataError
     with pytest.raises(DataError, match="the loader gave no batch in pass 1"):
         trainer.fit([], 1)
