@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from freeadv_fast.checkpoint import not_a_results_file, write_result
-from freeadv_fast.cli import comma_list
+from freeadv_fast.cli import ArgumentParser, comma_list
 from freeadv_fast.common import PRECISIONS
 from freeadv_fast.config import ConfigError
 from freeadv_fast.data.errors import DataError
@@ -94,6 +94,7 @@ def parser(doc: str, *, device=True, quick=None, precision=None, several=False, 
     their help is given (``several``: a comma-separated list). The script
     fills in the defaults that depend on the device."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p._negative_number_matcher = ArgumentParser.NEGATIVE_NUMBER  # '--epsilon -8/255' is a value (refused as one)
     if device:
         p.add_argument("--device", type=_device, metavar="cpu|cuda[:N]",
                        default="cuda" if torch.cuda.is_available() else "cpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -13,6 +14,14 @@ from .config import ConfigError, RunConfig, flag_name, pixel_value
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line, with status 2."""
+
+    # argparse takes '-1/255' or '-1e-3' for an option and says "expected one
+    # argument"; read as values, the flag's own type names what is wrong.
+    NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(/\d+\.?\d*)?$")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self.NEGATIVE_NUMBER
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -143,6 +143,9 @@ def test_every_expected_mistake_is_one_line_and_status_2(tmp_path, capsys):
         "--replays: must be >= 1": ["digits", "--replays", "0"],
         "epsilon must be between 0 and 1": ["digits", "--epsilon=-1/255"],
         "step size must be between 0 and 1": ["digits", "--step-size", "300/255"],
+        # argparse took '-1/255' and '-1e-3' for options ("expected one argument")
+        "step size must be between 0 and 1 (the pixel range), got -0.00392157": ["digits", "--step-size", "-1/255"],
+        "epsilon must be between 0 and 1 (the pixel range), got -0.001": ["digits", "--epsilon", "-1e-3"],
         "not a number or fraction": ["digits", "--epsilon", "eight"],
         "not divisible by the 2 worker processes": ["--cpu", "--nproc", "2", "digits", "--batch-size", "5"],
         "--gpus 2 asked for, but this machine has": ["--gpus", "2", "digits"],
