@@ -128,7 +128,7 @@ def parse_args(argv):
     p.add_argument("--pgd-steps", type=positive(int), default=7, help="k of PGD-k training")
     p.add_argument("--epsilon", help="L-inf budget (default 8/255; fashion-mnist 0.1)")
     p.add_argument("--batch-size", type=positive(int))
-    p.add_argument("--lr", type=positive(), default=0.2, help="equal-steps: peak LR of every method (Fast-AT's 0.2)")
+    p.add_argument("--lr", type=positive(), help="equal-steps: peak LR of every method (default Fast-AT's 0.2)")
     p.add_argument("--free-lr", type=positive(), help="equal-steps: peak LR of free-m only (default: --lr); free-m "
                                                  "takes m steps in a row on each batch and can diverge where the "
                                                  "others do not")
@@ -144,6 +144,13 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile every method's model")
     p.add_argument("--seed", type=int, default=0)
     args = parse(p, argv)
+    if args.recipe != "equal-steps":  # the published recipes set each method's budget and LR
+        given = [flag for flag in ("--epochs", "--lr", "--free-lr") if getattr(args, flag[2:].replace("-", "_")) is not None]
+        if given:
+            p.error(f"{', '.join(given)}: for --recipe equal-steps only; --recipe {args.recipe} trains each method at "
+                    "its published budget and LR (scale the budgets with --budget-scale)")
+    elif args.lr is None:
+        args.lr = 0.2
     arch, epochs, batch, subset, samples, steps = COMPARABLE[args.dataset].compare["quick" if args.quick else "full"]
     defaults = dict(arch=arch, epsilon=COMPARABLE[args.dataset].epsilon, epochs=epochs, batch_size=batch,
                     train_subset=subset, eval_samples=samples, budget_scale=epochs / 15 if args.quick else 1.0,
@@ -259,13 +266,13 @@ def row_specs(args) -> list[dict]:
     return rows
 
 
-def config_for(args, method, *, epochs=None, lr=None, step_size=None, pixel_mode="clamp_input", replays=None,
+def config_for(args, method, *, epochs, lr, step_size=None, pixel_mode="clamp_input", replays=None,
                **_):
     """One row's settings: everything but the method and what its row sets is shared."""
     return check(RunConfig(dataset=args.dataset, data=args.data, arch=args.arch, method=method,
                            replays=replays or args.replays, pgd_steps=args.pgd_steps, epsilon=args.epsilon,
-                           step_size=step_size, pixel_mode=pixel_mode, epochs=args.epochs if epochs is None else epochs,
-                           batch_size=args.batch_size, lr=args.lr if lr is None else lr, schedule=args.schedule, momentum=0.9,
+                           step_size=step_size, pixel_mode=pixel_mode, epochs=epochs,
+                           batch_size=args.batch_size, lr=lr, schedule=args.schedule, momentum=0.9,
                            weight_decay=5e-4, precision=args.precision, channels_last=True,
                            loader=args.loader, train_subset=args.train_subset, seed=args.seed,
                            cuda_graph=args.cuda_graph, compile=args.compile,
@@ -452,9 +459,9 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     torch.manual_seed(args.seed)
-    cfg = config_for(args, "natural")
     specs = row_specs(args)
     configs = [config_for(args, **spec) for spec in specs]  # every row's settings checked before any trains
+    cfg = configs[0]  # the data and the evaluation, which every row shares
     t0 = time.perf_counter()
     data = build_data(cfg, device=args.device)
     data_name = args.data_name or COMPARABLE[args.dataset].title
@@ -463,12 +470,12 @@ def main(argv=None) -> int:
     rows = []
     meta = {"quick": args.quick, "dataset": args.dataset, "data": data_name,
             "train_images": data.train.num_samples, "arch": args.arch, "recipe": args.recipe,
-            "recipe_lr_scale": args.batch_size / RECIPE_BATCH,
-            "epochs_equivalent": args.epochs, "budget_scale": args.budget_scale,
-            "batch_size": args.batch_size, "precision": args.precision, "lr": args.lr,
-            "free_lr": args.lr if args.free_lr is None else args.free_lr, "schedule": args.schedule, "cuda_graph": args.cuda_graph,
+            "recipe_lr_scale": args.batch_size / RECIPE_BATCH, "budget_scale": args.budget_scale,
+            "batch_size": args.batch_size, "precision": args.precision, "schedule": args.schedule, "cuda_graph": args.cuda_graph,
             "compile": args.compile, "epsilon": cfg.epsilon, "eval_step_size": cfg.eval_step_size,
             "eval_steps": args.eval_steps, "restart_steps": args.restart_steps, "restarts": args.restarts}
+    if args.recipe == "equal-steps":  # the recipes' budgets and LRs are each row's own
+        meta.update(epochs_equivalent=args.epochs, lr=args.lr, free_lr=args.lr if args.free_lr is None else args.free_lr)
     title = f"{data_name}, {args.arch}, eps {args.epsilon} ({device_name(args.device)})"
     trained: dict[str, dict] = {}  # a row's whole configuration -> the row that trained it
     for spec, row_cfg in zip(specs, configs):  # the JSON grows row by row: a run cut short keeps what it measured

@@ -71,6 +71,9 @@ def test_compare_refuses_bad_flags_before_training(tmp_path, files, capsys):
             (["--restarts", "0"], "argument --restarts: must be positive, got 0"),  # not silently the default
             (["--restart-steps", "-3"], "argument --restart-steps: must be positive"),
             (["--recipe", "equal-steps", "--free-lr", "-1"], "argument --free-lr: must be positive"),
+            # read by equal-steps alone: under the published recipes they were dropped without a word
+            (["--free-lr", "0.05"], "--free-lr: for --recipe equal-steps only; --recipe fast-at trains each method"),
+            (["--epochs", "64", "--lr", "0.1"], "--epochs, --lr: for --recipe equal-steps only"),
             # attacks that leave the images as they are: every robust accuracy would be the clean one
             (["--eval-step-size", "0"], "--eval-step-size 0: must be above 0"),
             (["--eval-step-size", "0/255"], "--eval-step-size 0/255: must be above 0"),

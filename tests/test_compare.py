@@ -22,7 +22,7 @@ def run_tiny(tmp_path, device="cpu", *extra):
     data = tmp_path / "cifar"
     write_cifar_folders(data, per_class=(6, 2))
     out = tmp_path / "out" / "cmp.json"
-    run = compare("--data", data, "--device", device, "--epochs", 2, "--train-subset", 40, "--batch-size", 20,
+    run = compare("--data", data, "--device", device, "--train-subset", 40, "--batch-size", 20,
                   "--arch", "small_cnn_bn", "--eval-samples", 20, "--eval-steps", "2,3", "--restart-steps", 2,
                   "--restarts", 2, "--json", out, *extra)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -30,7 +30,7 @@ def run_tiny(tmp_path, device="cpu", *extra):
 
 
 def test_every_method_is_trained_timed_and_attacked_alike(tmp_path):
-    result, out = run_tiny(tmp_path, "cpu", "--recipe", "equal-steps", "--free-lr", "0.05")
+    result, out = run_tiny(tmp_path, "cpu", "--recipe", "equal-steps", "--epochs", 2, "--free-lr", "0.05")
     meta, rows = result["meta"], {r["method"]: r for r in result["compare"]}
     assert [r["lr"] for r in rows.values()] == [0.2, 0.05, 0.2, 0.2] and meta["free_lr"] == 0.05
     assert list(rows) == ["natural", "free", "pgd", "fast"]
@@ -63,6 +63,7 @@ def test_the_fast_at_recipe_the_m_sweep_and_the_frontier_rows(tmp_path):
                            "--budget-scale", "0.1", "--eval-steps", "1", "--eval-samples", 10)
     rows = result["compare"]
     recipe = {r["method"]: r for r in rows if r["group"] == "fast-at"}
+    assert not {"lr", "free_lr", "epochs_equivalent"} & set(result["meta"])  # each row's own, not the run's
     # the recipes' peak LRs are for batch 128: at batch 20, 20/128 of them
     assert recipe["free"]["passes"] == 1 and recipe["free"]["replays"] == 8
     assert recipe["free"]["lr"] == pytest.approx(0.04 * 20 / 128)
