@@ -71,6 +71,8 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
         for x, y in take(pairs(batches), limit):
             if should_stop is not None and should_stop():
                 raise EvaluationStopped
+            if len(y) == 0:  # this rank's shard of a last batch smaller than the ranks
+                continue
             x, y = x.to(device), y.to(device)
             hits = attacks.correct(net, x, y, mean=mean, std=std, precision=precision, topk=(1, 5))
             row = [len(y), hits[1].sum(), hits[5].sum()]

@@ -521,6 +521,21 @@ def test_tensor_batches_resume_mid_pass_with_the_same_augmentation():
     assert not torch.equal(list(data)[0][1], full[0][1])  # each pass is shuffled anew
 
 
+def test_tensor_batches_give_every_rank_an_image_of_every_training_batch():
+    """65 images in batches of 64 over 2 ranks: the last batch's one image
+    left rank 1 an empty batch, which it could not train on while rank 0
+    waited for its gradients (a traceback, then a 10-minute hang)."""
+    x, y = torch.zeros(65, 1, 4, 4, dtype=torch.uint8), torch.arange(65)
+    shards = [TensorBatches(x, y, 64, rank=r, world_size=2) for r in (0, 1)]
+    assert [len(s) for s in shards] == [1, 1] and [len(b[1]) for s in shards for b in s] == [32, 32]
+    held_out = [TensorBatches(x, y, 64, shuffle=False, rank=r, world_size=2, every_rank_steps=False) for r in (0, 1)]
+    assert [[len(b[1]) for b in s] for s in held_out] == [[32, 1], [32, 0]]  # evaluation keeps every image
+    assert [len(b[1]) for b in TensorBatches(x, y, 64)] == [64, 1]  # one process: nothing left out
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="rank must be in"):
+            TensorBatches(x, y, 64, rank=rank, world_size=world)
+
+
 def test_synthetic_batches():
     data = SyntheticBatches(6, image_size=20, classes=7, batches_per_epoch=3)
     batches = list(data)

@@ -37,7 +37,8 @@ def in_memory(cfg, train, val, *, rank, world_size, device, augment=None, drop_l
     x, y, xt, yt = (t.to(device) for t in (x[keep], y[keep], xt[order], yt[order]))
     return (TensorBatches(x, y, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
                           drop_last=drop_last, augment=augment),
-            TensorBatches(xt, yt, cfg.batch_size, shuffle=False, rank=rank, world_size=world_size))
+            TensorBatches(xt, yt, cfg.batch_size, shuffle=False, rank=rank, world_size=world_size,
+                          every_rank_steps=False))
 
 
 _SCANS: dict = {}  # the last scan of an image-folder pair: a run's phases share it (run.py forgets it first)

@@ -17,7 +17,16 @@ from .errors import DataError
 
 class TensorBatches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1, augment=None):
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, augment=None,
+                 every_rank_steps: bool = True):
+        """``every_rank_steps``: each batch gives every rank an image (a rank
+        with none would skip the step while the others wait in its gradient
+        all-reduce forever), so a last batch smaller than the ranks is left
+        out; False (held-out batches, no collective per batch) keeps it and
+        gives some ranks an empty shard."""
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"rank must be in [0, world_size) and world_size >= 1, got rank {rank!r} of "
+                             f"world_size {world_size!r}")
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
         if batch_size < 1 or batch_size % world_size:
@@ -28,14 +37,17 @@ class TensorBatches:
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.rank, self.world_size, self.augment = rank, world_size, augment
+        self.every_rank_steps = every_rank_steps
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
     def __len__(self):
-        n = len(self.x)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full, rest = divmod(len(self.x), self.batch_size)
+        if self.drop_last or (self.every_rank_steps and rest < self.world_size):
+            return full
+        return full + (rest > 0)
 
     @property
     def num_samples(self) -> int:
@@ -70,7 +82,7 @@ class TensorBatches:
         not be the training's: bigger ones run faster on a CPU)."""
         return TensorBatches(self.x, self.y, batch_size, shuffle=self.shuffle, seed=self.seed,
                              drop_last=self.drop_last, rank=self.rank, world_size=self.world_size,
-                             augment=self.augment)
+                             augment=self.augment, every_rank_steps=self.every_rank_steps)
 
 
 class RandomCropFlip:
