@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
@@ -341,6 +342,8 @@ def check(cfg: RunConfig, names: dict | None = None) -> RunConfig:
         cfg.arch = DATASETS[cfg.dataset].default_arch
     for f in fields(RunConfig):
         _check_field(f, getattr(cfg, f.name))
+    if not cfg.final_eval_steps:  # the final evaluation would attack nothing and report clean accuracy alone
+        raise ConfigError(f"{names.get('final_eval_steps', 'final-eval-steps')} must name at least one step count")
     unique = list(dict.fromkeys(cfg.final_eval_steps))
     if unique != cfg.final_eval_steps:  # each attack would run twice, the second result replacing the first
         say_once(f"note: {names.get('final_eval_steps', 'final-eval-steps')} {','.join(map(str, cfg.final_eval_steps))}"
@@ -385,6 +388,10 @@ def check(cfg: RunConfig, names: dict | None = None) -> RunConfig:
             raise ConfigError(f"{name} must not be empty (leave it out for the default)")
         if value is not None and ("\0" in value or any(len(part.encode()) > 255 for part in value.split("/"))):
             raise ConfigError(f"{name} {value[:80]!r} cannot be a path (a NUL byte, or a name over 255 bytes)")
+        if value is not None:  # '~' from a YAML file made a folder named '~'; a relative data folder saved in
+            # config.yaml and checkpoints named another folder when eval or --resume ran elsewhere
+            value = os.path.expanduser(value)
+            setattr(cfg, name, os.path.abspath(value) if name == "data" else value)
     spec = DATASETS[cfg.dataset]
     if cfg.data is not None and not spec.reads_data:  # e.g. `train --data DIR` without the dataset's name
         readers = ", ".join(n for n, s in DATASETS.items() if s.reads_data)

@@ -83,6 +83,10 @@ class StopRequest:
         self.signum = signum
 
 
+# what a run writes only after its first checkpoint
+RESULT_FILES = ("final.json", "checkpoint-best.pt", "checkpoint-best.pt.prev", "checkpoint-last.pt.prev")
+
+
 def resolve_resume(cfg: RunConfig, resume, world: int = 1) -> Path | None:
     """The checkpoint to resume from: PATH as given, or for ``auto`` the run
     directory's newest readable one (falling back to the previous checkpoint
@@ -98,6 +102,12 @@ def resolve_resume(cfg: RunConfig, resume, world: int = 1) -> Path | None:
         if path is None:
             if problems:
                 raise CheckpointError(f"no readable checkpoint in {cfg.out} to resume from")
+            # a run that got this far wrote a checkpoint-last.pt; without it, starting afresh would overwrite them
+            results = [f for f in RESULT_FILES if (Path(cfg.out) / f).exists()]
+            if results:
+                raise ConfigError(f"{cfg.out} holds a run's results ({', '.join(results)}) but no checkpoint-last.pt "
+                                  "to continue it from: starting afresh there would overwrite them; choose another "
+                                  "--out")
             messages.info(f"no checkpoint in {cfg.out} yet: starting from scratch")
             return None
     else:
@@ -250,9 +260,11 @@ def train_worker(cfg: RunConfig, resume: str | None, cpu: bool):
 # perturbation buffer, the batch order and the LR schedule depend on them
 SAME_RUN_KEYS = ("dataset", "data", "arch", "method", "replays", "batch_size", "image_size", "source_size",
                  "phases", "train_subset", "epochs", "schedule", "milestones", "seed", "epsilon", "step_size",
-                 "pixel_mode")
+                 "pixel_mode", "pgd_steps", "synthetic_batches")
+# settings that only some runs read: a change elsewhere changes nothing
+USED_BY = {"pgd_steps": lambda cfg: cfg.method == "pgd", "synthetic_batches": lambda cfg: cfg.dataset == "synthetic"}
 # may change on resuming (a lower LR to finish, another precision), but the run's record must say so
-SAID_RUN_KEYS = ("lr", "momentum", "weight_decay", "nesterov", "precision", "eval_step_size",
+SAID_RUN_KEYS = ("lr", "momentum", "weight_decay", "nesterov", "precision", "eval_step_size", "eval_steps",
                  "final_eval_steps", "eval_restarts")
 
 
@@ -260,7 +272,7 @@ def check_same_run(saved: dict, cfg: RunConfig, path) -> None:
     def norm(key, value):
         return str(Path(value).resolve()) if key == "data" and value else value
     changed = [f"{k.replace('_', '-')} {saved[k]!r} (now {getattr(cfg, k)!r})" for k in SAME_RUN_KEYS
-               if k in saved and norm(k, saved[k]) != norm(k, getattr(cfg, k))]
+               if k in saved and norm(k, saved[k]) != norm(k, getattr(cfg, k)) and USED_BY.get(k, bool)(cfg)]
     if changed:
         raise ConfigError(f"{path} was written by a different run: {', '.join(changed)}; free training's "
                           "perturbation buffer, the attack, the batch order and the LR schedule depend on these. "
@@ -541,7 +553,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
         messages.info(f"{cfg.method} training of {cfg.arch} on {cfg.dataset}: {passes} passes ({batches} batches) x "
             f"{replays} replay(s) = {steps} optimizer steps, {d.world_size} process(es) on {d.device.type}; run "
             f"directory {out}")
-    completed = True
+    completed, resumed_at = True, trainer.step
     while completed and trainer.epoch < passes:
         phase = phase_of(ends, trainer.epoch)
         data = phase_data[phase]
@@ -574,6 +586,8 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
                 f"checkpoint written to {out / 'checkpoint-last.pt'}. Resume with the same command plus --resume auto "
                 f"(and --out {out})")
         return 128 + stop.signum if stop.signum else 1
+    if trainer.step == resumed_at:  # a finished run's checkpoint resumed into a new --out: this run's own copy
+        save_checkpoint(out / "checkpoint-last.pt", trainer, config=state)
     try:
         final = final_evaluation(cfg, model, data, d, should_stop=lambda: bool(stop.signum))
     except torch.OutOfMemoryError as exc:

@@ -58,6 +58,11 @@ def plan_processes(args) -> tuple[int, bool]:
     if args.nproc and not args.cpu:
         raise ConfigError("--nproc goes with --cpu (on GPUs use --gpus N)")
     if distributed.under_torchrun():
+        extra = [f"--{flag} {n}" for flag, n in (("gpus", args.gpus), ("nproc", args.nproc)) if n and n > 1]
+        if extra:  # each process torchrun started would otherwise be one rank of one, the flag unread
+            raise ConfigError(f"{' '.join(extra)}: RANK and WORLD_SIZE are set, so torchrun (or a leftover "
+                              "environment) started this process as one rank; torchrun's --nproc-per-node sets the "
+                              "processes (or unset RANK and WORLD_SIZE)")
         return 1, args.cpu or not torch.cuda.is_available()
     if args.cpu:
         return args.nproc or 1, True

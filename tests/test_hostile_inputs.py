@@ -805,3 +805,52 @@ def test_resuming_an_older_checkpoint_into_its_own_run_is_refused(checkpoint, tm
                                "--eval-every", "0", "--out", run, "--resume", run / "checkpoint-best.pt"], capfd,
                         "(step 10) is older than")
     assert (run / "checkpoint-last.pt").read_bytes() == before
+
+
+def test_resume_auto_into_a_finished_run_without_its_last_checkpoint_is_refused(checkpoint, tmp_path, capfd):
+    """A run whose checkpoint-last.pt was deleted to save space: starting
+    afresh there replaced its final.json and appended to its metrics."""
+    from freeadv_fast.train import main
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("final.json", "metrics.jsonl"):
+        shutil.copyfile(checkpoint.parent / name, run / name)
+    before = (run / "final.json").read_bytes()
+    assert_refused_here(main, ["--cpu", "--preset", "digits-demo", "--method", "natural", "--epochs", "1",
+                               "--eval-every", "0", "--out", run, "--resume", "auto"], capfd,
+                        "holds a run's results (final.json) but no checkpoint-last.pt")
+    assert (run / "final.json").read_bytes() == before
+
+
+def test_a_finished_checkpoint_resumed_into_a_new_out_is_evaluated_and_kept_there(checkpoint, tmp_path):
+    out = tmp_path / "again"  # no pass is left to train: it failed copying a checkpoint-last.pt never written
+    r = run_cli("--cpu", "--preset", "digits-demo", "--method", "natural", "--epochs", "1", "--eval-every", "0",
+                "--final-eval-samples", "16", "--resume", checkpoint, "--out", out, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "final.json").is_file() and (out / "checkpoint-last.pt").is_file()
+    assert (out / "checkpoint-best.pt").is_file()
+
+
+def test_under_torchrun_a_process_count_flag_is_refused(tmp_path, capfd, monkeypatch):
+    from freeadv_fast.train import main
+    monkeypatch.setenv("RANK", "0")  # a leftover environment: --nproc 2 trained one process, without a word
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert_refused_here(main, ["--cpu", "--nproc", "2", "digits", "--out", tmp_path / "r"], capfd,
+                        "--nproc 2: RANK and WORLD_SIZE are set")
+
+
+def test_paths_are_expanded_and_a_data_folder_saved_whole(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config(dataset="cifar10", flags={"data": "cifar", "out": "~/runs/x"})
+    # '~' made a folder named '~' here; a relative data folder named another one when resumed from elsewhere
+    assert cfg.out == str(Path.home() / "runs" / "x") and cfg.data == str(tmp_path / "cifar")
+    with pytest.raises(ConfigError, match="final-eval-steps must name at least one step count"):
+        build_config(dataset="digits", flags={"final_eval_steps": []})
+
+
+def test_resuming_a_pgd_run_with_other_attack_steps_is_refused(tmp_path):
+    pgd = build_config(dataset="digits", flags={"method": "pgd", "pgd_steps": 3}).to_dict()
+    with pytest.raises(ConfigError, match="pgd-steps 3"):
+        check_same_run(pgd, build_config(dataset="digits", flags={"method": "pgd", "pgd_steps": 7}), "ck.pt")
+    free = build_config(dataset="digits", flags={"pgd_steps": 3}).to_dict()  # free training never reads it
+    check_same_run(free, build_config(dataset="digits", flags={"pgd_steps": 7}), "ck.pt")
