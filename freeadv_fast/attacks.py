@@ -119,6 +119,7 @@ def check_budget(epsilon, step_size, steps: int, channels: int, pixel_range):
                          "accuracy would be clean accuracy (or the random start's)")
 
 
+@torch.enable_grad()  # an attack inside a caller's torch.no_grad() still needs its input gradients
 def pgd(model, x, y, *, epsilon, step_size, steps, restarts=1, random_start=True, loss="ce", mean, std,
         pixel_range=(0.0, 1.0), precision="fp32", generator=None, backend="auto") -> torch.Tensor:
     """Projected gradient descent (Madry et al.); returns the adversarial
@@ -133,11 +134,13 @@ def pgd(model, x, y, *, epsilon, step_size, steps, restarts=1, random_start=True
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown attack loss {loss!r}: choose one of {', '.join(LOSSES)}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("pgd needs input gradients: it was called inside torch.inference_mode()")
     check_int("steps", steps, 0)
     check_int("restarts", restarts, 1)
     _check_images(x, y, pixel_range)
     check_budget(epsilon, step_size, steps, x.shape[1], pixel_range)
-    x, y = x.detach(), y.detach()
+    x, y = x.detach(), y.detach().long()  # uint8 labels are accepted; gather (the CW margin) takes int64 alone
     kw = dict(mean=mean, std=std, pixel_range=pixel_range, backend=backend)
     best_delta = torch.zeros(x.shape, device=x.device)
     best_loss = torch.full((len(x),), -math.inf, device=x.device)

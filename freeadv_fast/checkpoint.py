@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import random
+import stat
 import tempfile
 from pathlib import Path
 
@@ -63,6 +64,12 @@ def previous_of(path) -> Path:
     return path.with_name(path.name + ".prev")
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(data: bytes, path, *, keep_previous: bool = True) -> Path:
     """Writes ``data`` to ``path`` so that readers see a complete old or new
     file; the replaced file survives as ``<path>.prev``. A symbolic link's
@@ -76,7 +83,8 @@ def atomic_write(data: bytes, path, *, keep_previous: bool = True) -> Path:
         raise ValueError(f"{str(path)!r} is a device or a pipe, not a file: name a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    try:  # mkstemp's 0600 would have replaced a shared file's mode: the old file's, else what open() gives
+        os.fchmod(fd, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -106,11 +114,18 @@ def not_a_results_file(path) -> str | None:
         return "exists and is too large to be a results file"
     try:
         text = path.read_bytes().decode()
-        if text.strip():
-            json.loads(text)
+        document = json.loads(text) if text.strip() else {"meta": None}
     except (UnicodeDecodeError, ValueError):
         return "exists and is not a JSON results file (one JSON document)"
+    # a notebook or a package.json is one JSON document too: only the shapes written here are replaced
+    if not (isinstance(document, dict) and RESULT_KEYS & set(document)):
+        return ("exists and is not a results file of this project (a JSON object with one of "
+                f"{', '.join(sorted(RESULT_KEYS))})")
     return None
+
+
+# a benchmark's meta, an evaluation's (eval --json, a run's final.json), the demo's comparison.json
+RESULT_KEYS = {"meta", "clean_top1", "attack"}
 
 
 def write_result(path, text: str) -> Path:
@@ -135,9 +150,29 @@ def atomic_save(obj, path, *, keep_previous: bool = True) -> Path:
     return atomic_write(outer.getvalue(), path, keep_previous=keep_previous)
 
 
+def check_replaceable(path) -> None:
+    """ValueError unless ``path`` and its ``.prev`` are absent or torch
+    archives: a save moves the old file to .prev and the next one replaces
+    that, so notes saved over twice were gone. Also says a directory or a
+    device is no file name, before any work is done for it."""
+    path = Path(path)
+    if path.is_dir() or not path.name or str(path).endswith(os.sep):
+        raise ValueError(f"{str(path)!r} is a directory, not a file name: name a file (e.g. {path / 'checkpoint.pt'})")
+    for p in (path.resolve() if path.is_symlink() else path, previous_of(path)):
+        if p.exists() and not p.is_file():
+            raise ValueError(f"{str(p)!r} is a device or a pipe, not a file: name a file")
+        if p.is_file() and p.stat().st_size:
+            with open(p, "rb") as f:
+                if f.read(4) != ZIP_MAGIC:
+                    raise ValueError(f"{str(p)!r} exists and is not a checkpoint (not a torch archive): a checkpoint "
+                                     "saved there would replace it; name another file")
+
+
 def save_checkpoint(path, trainer, *, config=None) -> Path | None:
     """Collective: every rank calls it; rank 0 writes one file holding every
     rank's delta and RNG states. Returns the path on rank 0, else None."""
+    check_replaceable(path)
+    config = builtin_scalars(config)
     if config is not None and not _plain(config, top=True):
         raise ValueError("config must be a dict of plain values (str, numbers, bools, None, lists, dicts): a "
                          f"checkpoint holding anything else could not be read back safely; got {config!r:.80}")
@@ -145,7 +180,7 @@ def save_checkpoint(path, trainer, *, config=None) -> Path | None:
     ranks = distributed.all_gather_object(rank_state)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
-    state = {**trainer.state_dict(), "ranks": ranks, "config": config or {}}
+    state = {**builtin_scalars(trainer.state_dict()), "ranks": ranks, "config": config or {}}
     return atomic_save(state, path)
 
 
@@ -157,7 +192,19 @@ def _plain(value, top=False) -> bool:
         return False
     if isinstance(value, (list, tuple)):
         return all(_plain(v) for v in value)
-    return value is None or isinstance(value, (str, int, float, bool))
+    return value is None or type(value) in (str, int, float, bool)  # not numpy's float64, a float subclass
+
+
+def builtin_scalars(value):
+    """``value`` with numpy scalars (an LR from np.linspace, say) as Python
+    numbers: a weights_only load refuses them, so the checkpoint holding
+    one could never be read back."""
+    if isinstance(value, dict):
+        return {k: builtin_scalars(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [builtin_scalars(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _first_line(exc: Exception) -> str:

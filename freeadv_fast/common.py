@@ -72,9 +72,16 @@ def check_batch(x, y, pixel_range, *, pixel_check=True):
     clamped to constant images."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"a batch is (x, y) tensors, got ({type(x).__name__}, {type(y).__name__})")
+    if y.dim() == 0:  # a Dataset where a DataLoader belongs: its items are single images
+        raise ValueError(f"a batch holds N images and N labels; got x of shape {tuple(x.shape)} and one label: single "
+                         "images, e.g. a Dataset given where batches belong (wrap it in a DataLoader)")
     if y.dim() != 1 or len(y) != len(x) or y.dtype not in (torch.int64, torch.uint8):
         raise ValueError(f"y must be one class index per image (int64, shape ({len(x)},)), got {y.dtype} of shape "
                          f"{tuple(y.shape)}")
+    if x.dtype == torch.uint8 and check_pixel_range(pixel_range) != (0.0, 1.0):  # read as x / 255, in [0, 1]
+        raise ValueError(f"uint8 images are read as x / 255, pixels in [0, 1], but pixel_range is "
+                         f"{tuple(pixel_range)}: give pixel_range=(0, 1) (epsilon and mean/std in its units), or "
+                         "float images in that range")
     if pixel_check and x.is_floating_point() and x.numel():
         lo, hi = check_pixel_range(pixel_range)
         low, high = x.aminmax()

@@ -137,10 +137,11 @@ def _evaluate(job, d) -> int:
                       f"step {job['step_size']:.4g}, steps {job['steps']}, restarts {job['restarts']}, "
                       f"{d.world_size} process(es)")
     result = evaluate(model, data.val, mean=data.mean, std=data.std, epsilon=job["epsilon"],
-                      step_size=job["step_size"], steps=tuple(job["steps"]), losses=tuple(losses) or ("ce",),
-                      restarts=job["restarts"], limit=limit, precision=cfg.precision, seed=job["seed"])
-    if not losses:  # autoattack only: keep clean accuracy, drop the PGD defaults
-        result = {k: v for k, v in result.items() if not k.startswith(("pgd-", "cw-"))}
+                      step_size=job["step_size"], steps=tuple(job["steps"]) if losses else (),
+                      losses=tuple(losses) or ("ce",), restarts=job["restarts"], limit=limit, precision=cfg.precision,
+                      seed=job["seed"])
+    if not losses:  # autoattack only: clean accuracy here, no PGD run, nor its settings recorded
+        result = {k: v for k, v in result.items() if k not in ("step_size", "restarts")}
     if "autoattack" in job["attacks"]:
         result.update(autoattack(model, data, cfg, job, limit, d))
     if d.is_main:

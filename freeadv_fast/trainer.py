@@ -90,6 +90,19 @@ def check_pixel_value(name, value, pixel_range=None, **rule):
         ops.check_values(value, name, **rule)
 
 
+def check_step_moves(method, epsilon, step_size):
+    """A step size of 0 under an epsilon above 0 never moves the perturbation:
+    the training would be natural training at an adversarial method's cost
+    (the CLI refuses it too)."""
+    def values(v):
+        return list(v) if isinstance(v, (tuple, list)) else [v]
+    if isinstance(epsilon, torch.Tensor) or isinstance(step_size, torch.Tensor):
+        return  # read where it is checked, not again
+    if any(e > 0 for e in values(epsilon)) and all(s == 0 for s in values(step_size)):
+        raise ValueError(f"step_size 0 with epsilon {epsilon if isinstance(epsilon, (tuple, list)) else format(epsilon, '.4g')}: the perturbation would never move, and {method} "
+                         "training would be natural training at a higher cost")
+
+
 class Trainer:
     """Shared machinery: device placement, precision (autocast, GradScaler),
     channels_last, torch.compile, CUDA graphs, optimizer/scheduler steps, the
@@ -109,6 +122,9 @@ class Trainer:
                  channels_last=False, compile=False, cuda_graph=False, scheduler=None, backend="auto", seed=0,
                  max_bad_steps=10, stem_input_grad="autograd"):
         self.amp_dtype = check_precision(precision)
+        for name, value in (("channels_last", channels_last), ("cuda_graph", cuda_graph)):
+            if not isinstance(value, bool):  # "no" is true
+                raise TypeError(f"{name} must be True or False, got {value!r:.40}")
         self.lo, self.hi = check_pixel_range(pixel_range)
         self._check_parts(model, optimizer, scheduler)
         check_pixel_value("mean", mean, signed=True)
@@ -166,6 +182,9 @@ class Trainer:
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if not any(id(p) in stepped for p in params):
             raise ValueError("optimizer holds none of the model's parameters (was it built for another model?)")
+        if not any(id(p) in stepped and p.requires_grad for p in params):  # every step would change nothing
+            raise ValueError("none of the model's parameters the optimizer holds requires grad (all frozen): "
+                             "training would change no weight")
         for group in optimizer.param_groups:  # torch's own checks let NaN through (NaN < 0 is false)
             for key, value in group.items():
                 for v in (value if isinstance(value, (tuple, list)) and key != "params" else (value,)):
@@ -175,6 +194,11 @@ class Trainer:
                         raise ValueError(f"the optimizer's {key} is {value}: it must be finite")
         if scheduler is not None and not callable(getattr(scheduler, "step", None)):
             raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):  # its step() needs a metric
+            raise TypeError("ReduceLROnPlateau steps on a metric, not per optimizer step: use a schedule whose "
+                            "step() takes no argument (freeadv_fast.scheduler.build_schedule, or torch's LambdaLR)")
+        if getattr(scheduler, "optimizer", optimizer) is not optimizer:  # the LR it set was another optimizer's
+            raise ValueError("scheduler was built for another optimizer: this one's LR would never be scheduled")
 
     def _graphs_apply(self) -> bool:
         """Whether steps can be captured here; says once why not."""
@@ -228,6 +252,9 @@ class Trainer:
         return ops.channel_param(value, name, channels, self.device, **rule)
 
     def _prepare(self, x, y):
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():  # autograd's own error names neither
+            raise RuntimeError(f"{type(self).__name__}.train_batch needs gradients: it was called inside "
+                               "torch.no_grad() or torch.inference_mode()")
         self._check_batch(x, y)
         labels = y
         x = x.to(self.device, non_blocking=True)
@@ -439,7 +466,10 @@ class Trainer:
         follows every batch, ``on_pass_end(passes_done)`` every pass (before
         its checkpoint); ``config`` is stored in the checkpoints. The logged
         samples/s leave out the time of ``on_pass_end`` and of checkpoints."""
-        from .checkpoint import save_checkpoint
+        from .checkpoint import check_replaceable, save_checkpoint
+
+        if checkpoint_path is not None:  # before the first batch, not after a pass of training
+            check_replaceable(checkpoint_path)
 
         def checkpoint():
             self.check_finite()  # never overwrite a good checkpoint with a diverged model

@@ -182,3 +182,19 @@ def test_labels_model_outputs_and_batches_an_attack_would_misread_are_named():
         with pytest.raises(error, match=message):
             call()
     assert attacks.clean_accuracy(model, x, y, mean=MEAN, std=STD) in (0, 0.25, 0.5, 0.75, 1)
+
+
+def test_pgd_inside_no_grad_attacks_and_uint8_labels_take_the_cw_margin():
+    """Inside a caller's torch.no_grad() it ended in autograd's 'does not
+    require grad'; uint8 labels (accepted everywhere else) failed in gather."""
+    from helpers import MEAN as RGB_MEAN, STD as RGB_STD, small_cnn, toy_data
+    model = small_cnn().eval()
+    x, y = toy_data(n=6)
+    kw = dict(epsilon=8 / 255, step_size=2 / 255, steps=2, mean=RGB_MEAN, std=RGB_STD, random_start=False)
+    free = attacks.pgd(model, x, y, **kw)
+    with torch.no_grad():
+        assert torch.equal(attacks.pgd(model, x, y, **kw), free)
+    assert torch.equal(attacks.pgd(model, x, y.to(torch.uint8), loss="cw", **kw),
+                       attacks.pgd(model, x, y, loss="cw", **kw))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="pgd needs input gradients"):
+        attacks.pgd(model, x, y, **kw)

@@ -174,3 +174,37 @@ def test_a_checkpoint_of_another_format_version_is_named_as_such(tmp_path, writt
     with pytest.raises(CheckpointError, match=f"written in format '{written}' by another version of freeadv_fast; "
                                               f"this one reads '{FORMAT}' only"):
         read_checkpoint(path)
+
+
+def test_numpy_scalars_are_saved_as_numbers_and_foreign_files_are_not_replaced(tmp_path):
+    import numpy as np
+    from freeadv_fast.checkpoint import not_a_results_file, write_result
+    model = small_cnn()
+    opt = sgd(model)
+    trainer = FreeAdversarialTrainer(model, opt, replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    trainer.train_batch(*toy_data(n=8))
+    for group in opt.param_groups:  # a hand-written schedule from np.linspace: saved, then never loadable
+        group["lr"] = np.linspace(0.05, 0, 10)[1]
+    save_checkpoint(tmp_path / "c.pt", trainer, config={"lr": np.float64(0.1), "sizes": [np.int64(3)]})
+    again = small_cnn()
+    load_checkpoint(tmp_path / "c.pt", FreeAdversarialTrainer(again, sgd(again), replays=2, epsilon=EPS,
+                                                              step_size=STEP, mean=MEAN, std=STD))
+    assert read_checkpoint(tmp_path / "c.pt")["config"] == {"lr": 0.1, "sizes": [3]}
+    # saved over twice, notes became the .prev and then were replaced
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    with pytest.raises(ValueError, match="exists and is not a checkpoint"):
+        save_checkpoint(notes, trainer)
+    (tmp_path / "d.pt.prev").write_text("someone's")
+    with pytest.raises(ValueError, match=r"d\.pt\.prev' exists and is not a checkpoint"):
+        trainer.fit([toy_data(n=8)], 3, checkpoint_path=tmp_path / "d.pt")  # before any batch trains
+    assert notes.read_text() == "precious" and trainer.step == 2
+    # one JSON document is not enough to be replaced by results: a notebook is one too
+    (tmp_path / "a.ipynb").write_text('{"cells": [], "nbformat": 4}')
+    assert "not a results file of this project" in not_a_results_file(tmp_path / "a.ipynb")
+    results = tmp_path / "r.json"
+    results.write_text('{"meta": {}, "records": []}')
+    results.chmod(0o664)
+    assert not_a_results_file(results) is None
+    write_result(results, "{}")  # replaced in place, keeping its mode (mkstemp's 0600 replaced it)
+    assert stat.S_IMODE(results.stat().st_mode) == 0o664

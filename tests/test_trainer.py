@@ -388,6 +388,11 @@ def test_what_a_step_would_misread_is_refused_before_any_state_changes():
     from freeadv_fast.data.errors import DataError
     with pytest.raises(DataError, match="the loader gave no batch in pass 1"):
         trainer.fit([], 1)
+    with pytest.raises(ValueError, match=r"got x of shape \(3, 8, 8\) and one label: single images"):
+        trainer.fit(torch.utils.data.TensorDataset(x, y), 1)  # a Dataset, not batches
+    with torch.no_grad(), pytest.raises(RuntimeError, match="train_batch needs gradients"):
+        trainer.train_batch(x, y)
+    assert trainer.step == 0
     # a mean below 0 is valid in a pixel range below 0
     signed = NaturalTrainer(model, sgd(model), mean=(-0.2, 0.0, 0.1), std=STD, pixel_range=(-1.0, 1.0))
     signed.train_batch(x.float() / 255 * 2 - 1, y)
@@ -531,3 +536,38 @@ def test_schedule_arguments_are_named():
                           ((90, 2.5), "replays must be an integer >= 1, got 2.5")]:
         with pytest.raises(ValueError, match=message):
             passes_for(*args)
+
+
+def test_settings_that_would_train_silently_on_nothing_are_refused():
+    """Each was accepted and trained: a perturbation that never moves, a
+    schedule of another optimizer, frozen weights, uint8 images in a range
+    they are not read in, a string flag that is true."""
+    model = small_cnn()
+    common = dict(epsilon=EPS, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="step_size 0 with epsilon 0.03137: the perturbation would never move"):
+        FreeAdversarialTrainer(model, sgd(model), replays=2, step_size=0.0, **common)
+    with pytest.raises(ValueError, match="step_size 0 with epsilon"):
+        PGDTrainer(model, sgd(model), steps=2, step_size=0.0, **common)
+    other = torch.optim.lr_scheduler.StepLR(sgd(small_cnn()), 1)
+    with pytest.raises(ValueError, match="scheduler was built for another optimizer"):
+        NaturalTrainer(model, sgd(model), mean=MEAN, std=STD, scheduler=other)
+    opt = sgd(model)
+    with pytest.raises(TypeError, match="ReduceLROnPlateau steps on a metric"):
+        NaturalTrainer(model, opt, mean=MEAN, std=STD, scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(opt))
+    frozen = small_cnn()
+    params = list(frozen.parameters())
+    for p in params[1:]:
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires grad"):
+        NaturalTrainer(frozen, torch.optim.SGD(params[1:], lr=0.1), mean=MEAN, std=STD)
+    with pytest.raises(TypeError, match="channels_last must be True or False, got 'no'"):
+        NaturalTrainer(model, sgd(model), mean=MEAN, std=STD, channels_last="no")
+    with pytest.raises(TypeError, match="random_start must be True or False"):
+        PGDTrainer(model, sgd(model), steps=1, step_size=EPS, random_start="no", **common)
+    wide = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=8.0, step_size=8.0, mean=(125.0,) * 3,
+                                  std=(63.0,) * 3, pixel_range=(0, 255))
+    x, y = toy_data(n=4)
+    with pytest.raises(ValueError, match=r"uint8 images are read as x / 255, pixels in \[0, 1\], but pixel_range"):
+        wide.train_batch(x, y)  # it trained on x / 255 with a budget of 8 of 255
+    wide.train_batch(x.float(), y)  # floats in that range are its pixels
+    assert wide.step == 2

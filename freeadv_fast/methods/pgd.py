@@ -5,7 +5,7 @@ import torch
 
 from .. import ops
 from ..common import check_int
-from ..trainer import Trainer, check_pixel_value
+from ..trainer import Trainer, check_pixel_value, check_step_moves
 from .registry import MethodSpec, register_method
 
 
@@ -23,6 +23,9 @@ class PGDTrainer(Trainer):
         check_pixel_value("epsilon", epsilon, pixel_range)
         if step_size is not None:
             check_pixel_value("step_size", step_size, pixel_range)
+            check_step_moves(self.method, epsilon, step_size)
+        if not isinstance(random_start, bool):  # "no" is true
+            raise TypeError(f"random_start must be True or False, got {random_start!r:.40}")
         super().__init__(model, optimizer, **kw)
         self.steps, self.epsilon, self.step_size, self.random_start = steps, epsilon, step_size, random_start
         self._delta = None
