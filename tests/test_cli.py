@@ -206,6 +206,7 @@ def test_eval_runs_autoattack_and_says_when_it_cannot(tmp_path, capsys, monkeypa
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "aa.json").read_text())
     assert report["samples"] == 8 and report["autoattack"] <= report["clean_top1"]
+    assert not {"step_size", "restarts", "pgd-10"} & set(report)  # no PGD ran, nor are its settings recorded
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # as if it were not installed
     from freeadv_fast import eval as eval_cli
     assert eval_cli.main([str(out / "checkpoint-last.pt"), "--cpu", "--attack", "autoattack"]) == 2
