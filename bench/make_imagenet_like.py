@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import positive
+from common import guarded, positive
 from freeadv_fast.data import tiny_imagenet
 from freeadv_fast.data.errors import DataError
 from freeadv_fast.data.folder import scan_image_folder
@@ -48,6 +48,17 @@ def splits_of(root: Path):
         if val_classes != classes:
             raise DataError(f"{root}: val/ and train/ have different classes") from None
     return {"train": [(p, classes[c]) for p, c in train], "val": [(p, classes[c]) for p, c in val]}
+
+
+def unique_name(folder: Path, src: Path, taken: set) -> Path:
+    """``folder/<stem>.JPEG``, or with the source's extension in the name when
+    another source took that one (0.png beside 0.JPEG: one replaced the other)."""
+    for name in (f"{src.stem}.JPEG", f"{src.stem}_{src.suffix[1:]}.JPEG",
+                 *(f"{src.stem}_{src.suffix[1:]}_{n}.JPEG" for n in range(1, 1000))):
+        if (folder / name) not in taken:
+            taken.add(folder / name)
+            return folder / name
+    raise DataError(f"{src}: too many sources named {src.stem} in {folder}")
 
 
 def convert(src, dst: Path, size, quality: int, grain: float, seed: int) -> int | str:
@@ -73,9 +84,12 @@ def size_arg(text):
         raise argparse.ArgumentTypeError(f"not WIDTHxHEIGHT: {text!r}") from None
     if w < 1 or h < 1:
         raise argparse.ArgumentTypeError(f"sizes must be positive: {text!r}")
+    if max(w, h) > 65535:  # the JPEG format's limit: the encoder failed after the folders were made
+        raise argparse.ArgumentTypeError(f"a JPEG is at most 65535 pixels a side: {text!r}")
     return w, h
 
 
+@guarded
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", type=Path)
@@ -120,13 +134,21 @@ def main(argv=None) -> int:
         for split, samples in splits.items():
             if args.limit and args.limit < len(samples):  # evenly spaced: every class, not the first few
                 samples = [samples[i * len(samples) // args.limit] for i in range(args.limit)]
-            jobs = []
+            jobs, taken = [], set()
             for i, (src, cls) in enumerate(samples):
                 folder = args.out / split / cls
                 folder.mkdir(parents=True, exist_ok=True)
-                jobs.append((src, folder / f"{Path(src).stem}.JPEG", args.size, args.quality, args.grain, i))
-            with ThreadPoolExecutor() as pool:
+                dst = unique_name(folder, Path(src), taken)
+                jobs.append((src, dst, args.size, args.quality, args.grain, i))
+            pool = ThreadPoolExecutor()
+            try:
                 results = list(pool.map(lambda job: convert(*job), jobs))
+            except KeyboardInterrupt:  # the queued conversions are dropped, not waited for
+                pool.shutdown(wait=False, cancel_futures=True)
+                print(f"{Path(sys.argv[0]).name}: interrupted: {args.out} holds part of the images; remove it "
+                      "before running again", file=sys.stderr, flush=True)
+                return 130
+            pool.shutdown()
             sizes = [r for r in results if isinstance(r, int)]
             failed = [(job[0], r) for job, r in zip(jobs, results) if isinstance(r, str)]
             total, count = total + sum(sizes), count + len(sizes)

@@ -43,3 +43,16 @@ def test_a_tarball_and_a_limit_spread_over_the_classes(tmp_path):
         assert r.returncode == 0, r.stderr
         classes, samples, _ = scan_image_folder(tmp_path / f"out{limit}" / "train")
         assert classes == ["n01", "n02", "n03"] and len(samples) == limit
+
+
+def test_sources_sharing_a_name_stem_each_get_a_file_and_impossible_sizes_are_refused(tmp_path):
+    for split in ("train", "val"):
+        write_folder(tmp_path / "src" / split, classes=("n01",), per_class=2)
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "src" / "train" / "n01" / "img0.png")
+    r = make(tmp_path / "src", tmp_path / "out", "--size", "32x32")
+    assert r.returncode == 0, r.stderr
+    # img0.png and img0.JPEG were both written to img0.JPEG: one image lost, the count said 5
+    written = sorted(p.name for p in (tmp_path / "out" / "train" / "n01").iterdir())
+    assert len(written) == 3 and "wrote 5 JPEGs" in r.stdout, written
+    r = make(tmp_path / "src", tmp_path / "big", "--size", "70000x1")  # the encoder failed after the folders
+    assert r.returncode == 2 and "a JPEG is at most 65535 pixels a side" in r.stderr and not (tmp_path / "big").exists()
