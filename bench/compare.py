@@ -142,8 +142,14 @@ def parse_args(argv):
     p.add_argument("--loader", default="auto", help="image folders: dali, nvjpeg, torch or auto")
     p.add_argument("--cuda-graph", action="store_true", help="capture every method's training step as a CUDA graph")
     p.add_argument("--compile", action="store_true", help="torch.compile every method's model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=positive(int, zero=True), default=0)
     args = parse(p, argv)
+    if args.seed > 2 ** 32 - 1:  # what a run's seed may be (config.check): torch.manual_seed overflowed
+        p.error(f"--seed must be at most {2 ** 32 - 1}, got {args.seed}")
+    for flag, given, needed in (("--sweep-epochs", args.sweep_epochs is not None, "--sweep-replays"),
+                                ("--frontier-methods", args.frontier_methods != list(FRONTIER), "--frontier")):
+        if given and not getattr(args, needed[2:].replace("-", "_")):  # it would change nothing
+            p.error(f"{flag} is read by the rows of {needed}, which is not given: add it (or leave {flag} out)")
     if args.recipe != "equal-steps":  # the published recipes set each method's budget and LR
         given = [flag for flag in ("--epochs", "--lr", "--free-lr") if getattr(args, flag[2:].replace("-", "_")) is not None]
         if given:

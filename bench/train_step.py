@@ -168,6 +168,8 @@ def main(argv=None):
              "compile": (" compile", dict(compile=args.compile_mode)),
              "compile+graph": (" compile+graph", dict(compile=args.compile_mode, cuda_graph=True))}
     chosen = args.variants or (["eager", "graph"] if gpu else ["eager"])
+    if not gpu and (graphed := [v for v in chosen if "graph" in v]):  # they ran eagerly, recorded as graphed
+        raise InputError(f"--variants {','.join(graphed)}: CUDA graphs need a CUDA device, not {device}")
     variants = [known[v] for v in chosen]
     stems = args.stem_input_grad
     compiling = any("compile" in v for v in chosen)

@@ -26,7 +26,7 @@ import report  # noqa: E402
 import stem_grad  # noqa: E402
 import train_step  # noqa: E402
 
-KEEP = '{"precious": true}\n'
+KEEP = '{"meta": {"precious": true}}\n'  # an earlier results file: replaceable
 
 
 def status(script, argv, capsys):
@@ -78,7 +78,11 @@ def test_compare_refuses_bad_flags_before_training(tmp_path, files, capsys):
             (["--eval-step-size", "0"], "--eval-step-size 0: must be above 0"),
             (["--eval-step-size", "0/255"], "--eval-step-size 0/255: must be above 0"),
             (["--eval-step-size", "1e-400"], "--eval-step-size: '1e-400' is too small"),
-            (["--epsilon", "0.0"], "--epsilon 0.0: must be above 0")]:
+            (["--epsilon", "0.0"], "--epsilon 0.0: must be above 0"),
+            (["--seed", "99999999999999999999"], "--seed must be at most 4294967295"),  # torch.manual_seed overflowed
+            # set without the rows that read them, they changed nothing
+            (["--sweep-epochs", "5"], "--sweep-epochs is read by the rows of --sweep-replays, which is not given"),
+            (["--frontier-methods", "free"], "--frontier-methods is read by the rows of --frontier")]:
         refused(compare, common + argv, capsys, message)
     refused(compare, ["--data", tmp_path, "--quick", "--json", files["dir"]], capsys, "is a directory")
     refused(compare, ["--data", tmp_path, "--quick", "--json", files["plain_file"] / "c.json"], capsys,
@@ -344,6 +348,8 @@ def test_list_flags_name_the_flag_and_refuse_a_value_named_twice(tmp_path, files
     refused(loader, data + ["--decode-processes", "4,4"], capsys, "--decode-processes: 4 named twice")
     refused(train_step, ["--device", "cpu", "--quick", "--variants", "eager,eager"], capsys,
             "--variants: eager named twice")
+    refused(train_step, ["--device", "cpu", "--quick", "--variants", "eager,graph"], capsys,  # eager rows marked graph
+            "--variants graph: CUDA graphs need a CUDA device, not cpu")
     assert files["keep"].read_text() == KEEP
 
 
