@@ -103,6 +103,10 @@ def eval_worker(job: dict, cpu: bool):
     except USER_ERRORS as exc:
         messages.error(f"{PROG}: error: {exc}")
         status = 2
+    except KeyboardInterrupt:  # each worker of --nproc N gets the terminal's Ctrl-C: one line from rank 0
+        if distributed.launch_env()[0] == 0:
+            messages.error(f"{PROG}: interrupted")
+        status = 130
     finally:
         try:
             distributed.teardown()

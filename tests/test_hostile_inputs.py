@@ -2,9 +2,11 @@
 traceback: generated configurations (Hypothesis), a corpus of hand-made
 hostile cases through the commands, and the recovery paths they exercise."""
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -854,3 +856,27 @@ def test_resuming_a_pgd_run_with_other_attack_steps_is_refused(tmp_path):
         check_same_run(pgd, build_config(dataset="digits", flags={"method": "pgd", "pgd_steps": 7}), "ck.pt")
     free = build_config(dataset="digits", flags={"pgd_steps": 3}).to_dict()  # free training never reads it
     check_same_run(free, build_config(dataset="digits", flags={"pgd_steps": 7}), "ck.pt")
+
+
+def test_ctrl_c_during_a_data_check_is_a_quiet_exit(tmp_path):
+    """A terminal's Ctrl-C reaches the checker and its decoding processes:
+    each printed a traceback, and the queued files were still decoded."""
+    import signal
+    from test_data import write_folder
+    write_folder(tmp_path / "data" / "train", classes=("a",), per_class=40)
+    slow = ("import sys, time\nimport freeadv_fast.data.__main__ as m\nfrom freeadv_fast.data import folder\n"
+            "def full_check(p):\n    time.sleep(0.5)\n    return folder.full_check(p)\n"
+            "m.full_check = full_check\nsys.exit(m.main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow, "check", str(tmp_path / "data"), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "decoding all of them" in line:
+                break
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal does
+        err = proc.stderr.read()
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert code == 130 and "Traceback" not in err and "interrupted" in err, (code, err[-2000:])
