@@ -219,6 +219,8 @@ def read_checkpoint(path) -> dict:
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory; give a checkpoint file in it "
                               f"(e.g. {path / 'checkpoint-last.pt'})")
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is a device or a pipe, not a file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:

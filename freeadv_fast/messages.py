@@ -25,7 +25,7 @@ class _Stderr(logging.Handler):
 
 
 def _rank0_or_warning(record) -> bool:
-    return os.environ.get("RANK", "0") == "0" or record.levelno >= logging.WARNING
+    return os.environ.get("RANK", "0").strip().lstrip("0") == "" or record.levelno >= logging.WARNING  # '00' is 0
 
 
 def set_level(level: str | None = None):

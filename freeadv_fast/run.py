@@ -150,7 +150,10 @@ def fault_injection(rank: int):
     spec = os.environ.get("FREEADV_FAULT_INJECT")
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return None
-    target_rank, step = (int(v) for v in spec.split(":"))
+    try:
+        target_rank, step = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise ConfigError(f"FREEADV_FAULT_INJECT={spec[:40]!r} is not RANK:STEP (a test-only hook: unset it)") from None
     if rank != target_rank:
         return None
 

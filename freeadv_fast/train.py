@@ -72,7 +72,7 @@ def plan_processes(args) -> tuple[int, bool]:
             hidden = os.environ.get("CUDA_VISIBLE_DEVICES")  # the machine may have more than this process sees
             where = f" visible to this process (CUDA_VISIBLE_DEVICES={hidden[:80]!r})" if hidden is not None else ""
             raise ConfigError(f"--gpus {args.gpus} asked for, but this machine has {available} GPU(s){where}"
-                              + ("; use --cpu to train on the CPU" if not available else ""))
+                              + ("; use --cpu to run on the CPU" if not available else ""))
         return args.gpus, False
     return 1, available == 0
 

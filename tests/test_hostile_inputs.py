@@ -880,3 +880,21 @@ def test_ctrl_c_during_a_data_check_is_a_quiet_exit(tmp_path):
     finally:
         proc.kill()
     assert code == 130 and "Traceback" not in err and "interrupted" in err, (code, err[-2000:])
+
+
+def test_odd_spellings_of_the_environment_and_a_pipe_as_checkpoint_are_named(tmp_path, monkeypatch):
+    import logging
+    from freeadv_fast import messages
+    from freeadv_fast.checkpoint import CheckpointError, read_checkpoint
+    from freeadv_fast.run import fault_injection
+    info = logging.LogRecord("freeadv_fast", logging.INFO, "", 0, "said", None, None)
+    monkeypatch.setenv("RANK", "00")  # rank 0 all the same: it printed nothing of its run
+    assert messages._rank0_or_warning(info)
+    monkeypatch.setenv("RANK", "1")
+    assert not messages._rank0_or_warning(info)
+    monkeypatch.setenv("FREEADV_FAULT_INJECT", "x")
+    with pytest.raises(ConfigError, match="FREEADV_FAULT_INJECT='x' is not RANK:STEP"):
+        fault_injection(0)
+    os.mkfifo(tmp_path / "fifo.pt")
+    with pytest.raises(CheckpointError, match="is a device or a pipe, not a file"):  # it "did not exist"
+        read_checkpoint(tmp_path / "fifo.pt")
