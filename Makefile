@@ -36,7 +36,7 @@ $(VENV)/.built: $(VENV)/.deps $(EXT_SOURCES)
 env: $(VENV)/.built
 
 ## demo: the embedded default -- natural vs free training on scikit-learn's
-## digits, then PGD on both (a few minutes on 2 CPU cores)
+## digits, then PGD on both (under a minute on 2 CPU cores)
 demo: env
 	$(PY) -m freeadv_fast.train $(DEMO_ARGS)
 

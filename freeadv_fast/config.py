@@ -170,7 +170,7 @@ PRESETS: dict[str, dict] = {
         final_eval_steps=[10, 50], eval_step_size="1/255", **method)
        for name, method in (("free4", dict(method="free", replays=4)), ("fgsm", dict(method="fast")))
        for eps in (2, 4)},
-    # the embedded default: scikit-learn's digits, a few minutes on 2 CPU cores
+    # the embedded default: scikit-learn's digits, under a minute on 2 CPU cores
     "digits-demo": dict(dataset="digits", arch="small_cnn", method="free", replays=4, epsilon=0.15, step_size=0.15,
                         batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True, schedule="onecycle",
                         epochs=80, eval_every=5, eval_samples=449, eval_steps=10, final_eval_steps=[20],

@@ -47,6 +47,9 @@ def parser():
     p.add_argument("--json", type=Path)
     p.add_argument("--log-level", choices=messages.LEVELS, help="what is said on stderr (default: info)")
     add_config_flags(p, skip=set(RunConfig.keys()) - set(FLAGS), rename=FLAGS, show_defaults=False)
+    for action in p._actions:  # training's default is not this command's (settings() below)
+        if action.dest == "eval_step_size":
+            action.help = "attack step (default: the dataset's paper evaluation's, else epsilon / 4)"
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpus", type=int_at_least(1))
     where.add_argument("--cpu", action="store_true")

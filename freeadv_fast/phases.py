@@ -12,7 +12,7 @@ the LR scaled by batch_size / the run's batch size, from images whose shorter
 side is first resized to ``source_size`` (default: full size).
 
 Free-m's persistent perturbation restarts from zero when a phase starts
-(``FreeAdversarialTrainer.restart_perturbation``) rather than being
+(``FreeAdversarialTrainer.start_phase``) rather than being
 resized: delta belongs to batch slots, not to images, so an interpolated one
 carries no image's adversarial direction, only a blurred mean of past ones;
 with free-m's step of epsilon, a single replay puts the new delta back at the

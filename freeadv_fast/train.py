@@ -6,7 +6,7 @@ DATASET is one of freeadv_fast.data.DATASETS (imagenet, cifar10, cifar100,
 tiny-imagenet, fashion-mnist, synthetic, digits). Without one, the
 embedded default runs: natural and free training of a small CNN on
 scikit-learn's handwritten digits (shipped inside that package), then PGD on
-both, and the comparison (a few minutes on 2 CPU cores).
+both, and the comparison (under a minute on 2 CPU cores).
 
 Settings are merged: defaults <- preset (--preset, or the dataset's paper
 preset) <- --config FILE.yaml <- flags. The effective configuration is printed
