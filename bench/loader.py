@@ -67,6 +67,8 @@ def main(argv=None):
     if twice := named_twice("--loader", args.loader or []):
         p.error(twice)
     loaders = args.loader or (["dali"] * dali_available() + ["nvjpeg"] * nvjpeg_available(args.device) + ["torch"])
+    if args.decode_processes != [0] and "nvjpeg" not in loaders:  # the nvjpeg loader's alone: it changed nothing
+        p.error(f"--decode-processes applies to the nvjpeg loader, which is not run here ({', '.join(loaders)})")
     steps = best_step_rates(args.train_step, ("natural", "free-4"))
     split = find_split(args.data, args.split)
     classes, samples, bad = scan_image_folder(split)

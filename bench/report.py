@@ -21,6 +21,7 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "bench"))  # the scripts' shared helpers, wherever this runs from
 
 from common import InputError, not_results, read_json  # noqa: E402
+from freeadv_fast.checkpoint import write_result  # noqa: E402
 SECTIONS = ("compare-report", "bench-report")
 
 
@@ -316,10 +317,14 @@ def main(argv=None) -> int:
         except InputError as exc:
             print(f"report.py --merge: {exc}", file=sys.stderr)
             return 2
+    if args.readme.exists() and not args.readme.is_file():  # a pipe: read_text waited forever
+        p.error(f"--readme {args.readme}: not a regular file")
     try:
-        text = args.readme.read_text()
+        text = args.readme.read_text(encoding="utf-8")
     except OSError as exc:
         p.error(f"--readme {args.readme}: {exc.strerror}")
+    except UnicodeDecodeError as exc:
+        p.error(f"--readme {args.readme}: not UTF-8 text (byte {exc.start})")
     try:
         docs = results()
         bodies = (compare_section(docs), render(docs))
@@ -329,7 +334,7 @@ def main(argv=None) -> int:
     new = text
     for name, body in zip(SECTIONS, bodies):
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-        if start not in new or end not in new:
+        if start not in new or end not in new.split(start, 1)[1]:  # an end before its start too
             print(f"{args.readme}: no {start} ... {end} section", file=sys.stderr)
             return 2
         before, rest = new.split(start, 1)
@@ -341,7 +346,7 @@ def main(argv=None) -> int:
             return 1
         return 0
     try:
-        args.readme.write_text(new)
+        write_result(args.readme, new)  # whole or not at all
     except OSError as exc:
         p.exit(2, f"{p.prog}: error: --readme {args.readme}: cannot be written ({exc.strerror or exc})\n")
     print(f"updated {args.readme}")

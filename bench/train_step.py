@@ -95,6 +95,9 @@ def project(preset: str, files) -> dict:
     if cfg.dataset != "imagenet":
         raise InputError(f"--project {preset}: not an ImageNet preset (it trains {cfg.dataset}); the projection "
                          "counts ImageNet's images")
+    if not files:  # "no free-4 rate in the results given" said this less plainly
+        raise InputError(f"--project {preset} needs --results FILE ...: bench/train_step.py results measured at "
+                         "the preset's image sizes")
     for f in files:
         model = read_json(f, "a bench/train_step.py result")["meta"].get("model")
         if model != cfg.arch:
@@ -151,6 +154,8 @@ def main(argv=None):
                         + ", ".join(INPUT_GRADS) + "; freeadv_fast/stem.py); rows other than autograd's are "
                         "named 'stem-<how>'")
     args = parse(p, argv)
+    if args.results and not args.project:  # read by the projection alone: nothing would look at them
+        p.error("--results is read by --project PRESET; add it (or leave --results out)")
     if args.project:
         doc = project(args.project, args.results)
         print_projection(doc)

@@ -163,7 +163,9 @@ def test_train_step_refuses_what_it_cannot_measure_or_project(tmp_path, files, c
                           (["--json", files["dir"]], "is a directory"),
                           (["--project", "no-such-preset"], "no-such-preset"),
                           (["--project", "cifar10-free8"], "not an ImageNet preset"),
-                          (["--project", "imagenet-fast-free4-eps4", "--results", files["text"]], "not JSON")]:
+                          (["--project", "imagenet-fast-free4-eps4", "--results", files["text"]], "not JSON"),
+                          (["--project", "imagenet-fast-free4-eps4"], "needs --results FILE"),
+                          (["--results", files["text"]], "--results is read by --project PRESET")]:
         refused(train_step, ["--device", "cpu", "--quick"] + argv, capsys, message)
     cifar = tmp_path / "cifar-step.json"
     cifar.write_text(json.dumps({"meta": {"model": "preact_resnet18", "image_size": 224, "batch_size": 128},
@@ -346,6 +348,8 @@ def test_list_flags_name_the_flag_and_refuse_a_value_named_twice(tmp_path, files
     refused(loader, data[:-1] + ["32,48,32"], capsys, "--image-size: 32 named twice")
     refused(loader, data + ["--loader", "torch"], capsys, "--loader: torch named twice")
     refused(loader, data + ["--decode-processes", "4,4"], capsys, "--decode-processes: 4 named twice")
+    refused(loader, data + ["--decode-processes", "4"], capsys,  # the torch loader alone: it changed nothing
+            "--decode-processes applies to the nvjpeg loader, which is not run here (torch)")
     refused(train_step, ["--device", "cpu", "--quick", "--variants", "eager,eager"], capsys,
             "--variants: eager named twice")
     refused(train_step, ["--device", "cpu", "--quick", "--variants", "eager,graph"], capsys,  # eager rows marked graph
@@ -474,3 +478,17 @@ def test_make_imagenet_like_refuses_a_missing_source_an_out_inside_it_and_writes
     rc, err = status(make_imagenet_like, [tmp_path / "src", tmp_path / "out"] + small, capsys)
     assert rc == 2 and "no source image could be decoded: nothing written" in err and "0.0 KB" not in err
     assert not (tmp_path / "out").exists()  # a rerun is not refused as "not empty"
+
+
+def test_report_names_a_readme_it_cannot_update(tmp_path, capsys):
+    reversed_ = tmp_path / "rev.md"  # its end marker before its start: a traceback
+    reversed_.write_text("<!-- compare-report:end -->\n<!-- compare-report:start -->\n"
+                         "<!-- bench-report:start -->\n<!-- bench-report:end -->\n")
+    rc, err = status(report, ["--readme", reversed_, "--check"], capsys)
+    assert rc == 2 and "no <!-- compare-report:start --> ... <!-- compare-report:end --> section" in err
+    binary = tmp_path / "bin.md"
+    binary.write_bytes(b"\xff\xfe<!-- compare-report:start -->")
+    refused(report, ["--readme", binary, "--check"], capsys, "not UTF-8 text (byte 0)")
+    fifo = tmp_path / "readme.fifo"  # read_text waited for a writer forever
+    os.mkfifo(fifo)
+    refused(report, ["--readme", fifo, "--check"], capsys, "not a regular file")
