@@ -243,6 +243,8 @@ def test_fashion_mnist_idx_files(tmp_path, compress):
     from freeadv_fast.data.datasets import held_out_order
     val = torch.cat([yb for _, yb in data.val])
     assert val.tolist() == labels[False][held_out_order(10).numpy()].tolist()  # every test image, once
+    from freeadv_fast.data.__main__ import main as data_main  # the checker reads what training reads
+    assert data_main(["check", str(tmp_path)]) == 0
 
 
 def test_fashion_mnist_mistakes_are_named(tmp_path, monkeypatch):

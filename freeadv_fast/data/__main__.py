@@ -76,6 +76,13 @@ def check(root: Path, workers: int) -> int:
         for name, layout in cifar.LAYOUTS.items():
             if _holds_cifar_pickles(root, layout):
                 cifar.find_root(root, name)  # raises
+    from . import fashion_mnist
+    if fashion_mnist._file(root, fashion_mnist.FILES[True][0]):  # IDX files, which training reads too
+        for train in (True, False):
+            x, y = fashion_mnist.load_fashion_mnist(root, train)
+            print(f"{printable(root)}: fashion-mnist {'train' if train else 'test'}: {len(x)} images, "
+                  f"{len(set(y.tolist()))} classes, ok")
+        return 0
     bad_total = 0
     for split, paths, what in _image_splits(root):
         print(f"{printable(split)}: {what}; decoding all of them ...", flush=True)
