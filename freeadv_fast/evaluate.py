@@ -52,6 +52,9 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
     check_int("limit", limit, 0)
     check_int("restarts", restarts, 1)
     check_int("seed", seed, 0)
+    for name, hook in (("progress", progress), ("should_stop", should_stop)):
+        if hook is not None and not callable(hook):  # it failed after the attacks of the first batch
+            raise TypeError(f"{name} must be a function or None, got {type(hook).__name__}")
     if seed >= 2 ** 64:  # what torch.Generator takes
         raise ValueError(f"seed must be below 2**64, got {seed}")
     net = distributed.unwrap(model)

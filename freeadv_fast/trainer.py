@@ -128,6 +128,10 @@ class Trainer:
         self.lo, self.hi = check_pixel_range(pixel_range)
         self._check_parts(model, optimizer, scheduler)
         check_pixel_value("mean", mean, signed=True)
+        means = mean if isinstance(mean, (tuple, list)) else [] if isinstance(mean, torch.Tensor) else [mean]
+        if any(not self.lo <= m <= self.hi for m in means):  # 0-255 units: every input would be about -2
+            raise ValueError(f"mean {mean} lies outside the pixel range [{self.lo:g}, {self.hi:g}]: mean and std "
+                             "are in pixel units (e.g. (0.4914, 0.4822, 0.4465) for CIFAR-10, not 0-255 values)")
         check_pixel_value("std", std, positive=True)
         check_int("max_bad_steps", max_bad_steps, 1)
         check_int("seed", seed, 0)
@@ -252,6 +256,9 @@ class Trainer:
         return ops.channel_param(value, name, channels, self.device, **rule)
 
     def _prepare(self, x, y):
+        if not self.model.training:  # BatchNorm's statistics and dropout would stay frozen, without a word
+            say_once("note: the model is in eval mode (model.eval() was called): BatchNorm statistics and dropout "
+                     "stay frozen while it trains; call model.train() before training if that is not meant")
         if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():  # autograd's own error names neither
             raise RuntimeError(f"{type(self).__name__}.train_batch needs gradients: it was called inside "
                                "torch.no_grad() or torch.inference_mode()")
@@ -511,8 +518,11 @@ class Trainer:
                     with self.metrics.paused():
                         checkpoint()
             if not trained and not start:
-                raise DataError(f"the loader gave no batch in pass {self.epoch + 1}: nothing to train on (an empty "
-                                "loader, or every image in it could not be decoded)")
+                once = self.epoch > 0 and iter(loader) is loader  # a generator gives its batches once
+                raise DataError(f"the loader gave no batch in pass {self.epoch + 1}: nothing to train on "
+                                + ("(it is an iterator, spent after one pass: give a list or a DataLoader, which "
+                                   "start again each pass)" if once else
+                                   "(an empty loader, or every image in it could not be decoded)"))
             self.epoch += 1
             self.batch_in_epoch = 0
             with self.metrics.paused():

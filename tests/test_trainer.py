@@ -571,3 +571,21 @@ def test_settings_that_would_train_silently_on_nothing_are_refused():
         wide.train_batch(x, y)  # it trained on x / 255 with a budget of 8 of 255
     wide.train_batch(x.float(), y)  # floats in that range are its pixels
     assert wide.step == 2
+    with pytest.raises(ValueError, match=r"mean \(125.3, 123.0, 113.9\) lies outside the pixel range \[0, 1\]"):
+        NaturalTrainer(model, sgd(model), mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7))  # 0-255 units
+    from freeadv_fast.data.errors import DataError
+    natural = NaturalTrainer(model, sgd(model), mean=MEAN, std=STD)
+    with pytest.raises(DataError, match="it is an iterator, spent after one pass"):
+        natural.fit((b for b in [(x, y)]), 2)  # a generator: 'an empty loader' misled
+    from freeadv_fast.evaluate import evaluate
+    with pytest.raises(TypeError, match="progress must be a function or None, got int"):  # after the attacks
+        evaluate(model, [(x, y)], mean=MEAN, std=STD, epsilon=EPS, step_size=STEP, steps=(1,), progress=3)
+
+
+def test_training_a_model_left_in_eval_mode_is_said_once(capfd, monkeypatch):
+    from freeadv_fast import messages
+    monkeypatch.setattr(messages, "_said", set())  # not said already by another test in this process
+    model = small_cnn().eval()  # after an attack or an evaluation: BatchNorm would stay frozen
+    trainer = NaturalTrainer(model, sgd(model), mean=MEAN, std=STD)
+    trainer.train_batch(*toy_data(n=4))
+    assert "the model is in eval mode" in capfd.readouterr().err
