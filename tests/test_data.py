@@ -355,14 +355,11 @@ def check_in_process(monkeypatch, capsys, *argv):
     pools = []
 
     class Pool:
-        def __init__(self, workers):
+        def __init__(self, workers, **_):
             pools.append(workers)
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
+        def shutdown(self, **_):
+            pass
 
         def map(self, fn, items, chunksize=1):
             return map(fn, items)
