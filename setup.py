@@ -106,7 +106,7 @@ def extensions():
     if nvcc is None:
         print("freeadv_fast: no nvcc found (CUDA_HOME), building the CPU-only extension")
         ext = CppExtension("freeadv_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                           extra_compile_args={"cxx": cxx})
+                           depends=["csrc/perturb.h"], extra_compile_args={"cxx": cxx})
     else:
         version, gencode, archs = cuda_archs(nvcc)
         print(f"freeadv_fast: building the CUDA extension with nvcc {version} for "
@@ -116,7 +116,7 @@ def extensions():
         # kernel tuning knobs (-DFREEADV_X_PACK_BYTES=..., see kernels/perturb.cu); for measuring, not shipping
         tuning = [f for f in os.environ.get("FREEADV_KERNEL_FLAGS", "").split() if f.startswith("-DFREEADV_")]
         ext = CUDAExtension("freeadv_fast._C", sources + ["kernels/perturb.cu"],
-                            include_dirs=[os.path.join(ROOT, "csrc")],
+                            include_dirs=[os.path.join(ROOT, "csrc")], depends=["csrc/perturb.h"],
                             extra_compile_args={"cxx": cxx + defines,
                                                 "nvcc": ["-O3", "--threads", threads] + defines + tuning
                                                 + gencode})

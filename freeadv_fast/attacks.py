@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .common import autocast, check_batch, check_int
+from .common import autocast, check_batch, check_int, check_pixel_range
 from .data.errors import DataError
 from .ops import reference
 
@@ -85,8 +85,21 @@ def per_sample_loss(logits, y, loss):
     raise ValueError(f"unknown attack loss {loss!r}: choose one of {', '.join(LOSSES)}")
 
 
+def check_mean(mean, pixel_range):
+    """A mean outside the pixel range: 0-255 values given for pixels in [0, 1],
+    which would train or attack on inputs of about -2 without a word (a
+    tensor is read once, check_values)."""
+    lo, hi = pixel_range
+    values = ops.check_values(mean, "mean", signed=True) or ()
+    if any(not lo <= m <= hi for m in values):
+        shown = mean if not isinstance(mean, torch.Tensor) else tuple(round(m, 4) for m in values)
+        raise ValueError(f"mean {shown} lies outside the pixel range [{lo:g}, {hi:g}]: mean and std are in pixel "
+                         "units (e.g. (0.4914, 0.4822, 0.4465) for CIFAR-10, not 0-255 values)")
+
+
 def logits_of(model, x, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32", delta=None, backend="auto"):
     """The model's logits for pixel-space ``x`` (+ ``delta``), without gradients."""
+    check_mean(mean, check_pixel_range(pixel_range))
     if delta is None:
         delta = torch.zeros(x.shape, device=x.device)
     with torch.no_grad(), autocast(x.device, precision):
@@ -140,6 +153,7 @@ def pgd(model, x, y, *, epsilon, step_size, steps, restarts=1, random_start=True
     check_int("restarts", restarts, 1)
     _check_images(x, y, pixel_range)
     check_budget(epsilon, step_size, steps, x.shape[1], pixel_range)
+    check_mean(mean, check_pixel_range(pixel_range))
     x, y = x.detach(), y.detach().long()  # uint8 labels are accepted; gather (the CW margin) takes int64 alone
     kw = dict(mean=mean, std=std, pixel_range=pixel_range, backend=backend)
     best_delta = torch.zeros(x.shape, device=x.device)

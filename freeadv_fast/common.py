@@ -50,6 +50,8 @@ def register(table: dict, name: str, item, what: str):
 
 
 def check_pixel_range(pixel_range) -> tuple[float, float]:
+    if torch.compiler.is_compiling() and isinstance(pixel_range, tuple) and len(pixel_range) == 2:
+        return pixel_range  # numbers a dynamic=True trace makes symbolic (math.isfinite breaks the graph)
     if not (isinstance(pixel_range, (tuple, list)) and len(pixel_range) == 2
             and all(isinstance(v, numbers.Real) and math.isfinite(v) for v in pixel_range)):
         raise ValueError(f"pixel_range must be two finite numbers (lo, hi), got {pixel_range!r:.80}")

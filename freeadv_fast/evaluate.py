@@ -7,6 +7,7 @@ import torch
 from . import attacks, distributed
 from .common import check_int
 from .data.datasets import take
+from .data.errors import DataError
 
 
 def pairs(batches):
@@ -38,6 +39,10 @@ class EvaluationStopped(Exception):
     """``should_stop()`` turned true between two batches of an evaluation."""
 
 
+class NothingEvaluated(DataError):
+    """Every rank's held-out batches together held no image (every rank raises it)."""
+
+
 def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), losses=("ce",), restarts=1, limit=0,
              precision="fp32", seed=0, progress=None, should_stop=None) -> dict:
     """{"samples", "clean_top1", "clean_top5", "<attack>": acc, "<metric>_ci": (lo, hi), ...}; accuracies
@@ -57,6 +62,8 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
             raise TypeError(f"{name} must be a function or None, got {type(hook).__name__}")
     if seed >= 2 ** 64:  # what torch.Generator takes
         raise ValueError(f"seed must be below 2**64, got {seed}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     net = distributed.unwrap(model)
     if next(net.parameters(), None) is None:
         raise ValueError("model has no parameters: nothing to evaluate")
@@ -91,7 +98,8 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
     totals = distributed.all_reduce_sum(counts).tolist()
     n = int(totals[0])
     if n == 0:
-        raise ValueError("the held-out batches held no image: nothing was evaluated")
+        raise NothingEvaluated("the held-out batches held no image (an empty split, or none of its images could be "
+                               "decoded): nothing was evaluated")
     result = {"samples": n, "epsilon": epsilon, "step_size": step_size, "restarts": restarts}
     for key, hits in zip(["clean_top1", "clean_top5"] + [name for name, _, _ in names], totals[1:]):
         result[key] = hits / n

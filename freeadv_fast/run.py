@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError, check_world, find_resumable, load_check
 from .config import ConfigError, RunConfig, to_yaml
 from .data.datasets import build_data, forget_scans
 from .data.errors import DataError
-from .evaluate import EvaluationStopped, attack_name, evaluate
+from .evaluate import EvaluationStopped, NothingEvaluated, attack_name, evaluate
 from .models import create_model
 from .phases import parse as parse_phases, pass_ends, phase_of
 from .scheduler import build_schedule, passes_for
@@ -511,7 +511,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
         if d.is_main:
             messages.info(f"pass {epoch}/{passes}: loss {last_log.get('loss', math.nan):.4f}, "
                 f"train acc {last_log.get('acc', math.nan):.4f}, {last_log.get('images_per_s', 0):.0f} images/s, "
-                f"lr {trainer.optimizer.param_groups[0]['lr']:.4g}")
+                f"lr {trainer.last_step_lr():.4g}")
         if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == passes):
             try:  # a stop request is answered within one batch's attacks here too, not after the evaluation
                 result = evaluate(model, data.val, mean=data.mean, std=data.std, epsilon=cfg.epsilon,
@@ -521,6 +521,13 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
             except EvaluationStopped:  # the pass's checkpoint follows; the next batch's stop check ends training
                 if d.is_main:
                     messages.info(f"  the evaluation after pass {epoch} was stopped by a stop request")
+                return
+            except DataError as exc:  # unusable held-out data: raised once the pass's checkpoint is written (every
+                # rank raises NothingEvaluated; another rank's loader error would leave the others waiting)
+                if d.distributed and not isinstance(exc, NothingEvaluated):
+                    raise
+                held_out_error.append(DataError(f"{exc} (in the evaluation after pass {epoch}; that pass's "
+                                                f"checkpoint is written: fix the held-out data, then --resume auto)"))
                 return
             robust = result[attack_name("ce", cfg.eval_steps)]
             write_metrics({"type": "eval", "step": trainer.step, "epoch": epoch, **result, **phase_info()})
@@ -535,8 +542,11 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
 
     stop = StopRequest()
     batches_since_check = [0]
+    held_out_error: list[DataError] = []
 
     def should_stop():
+        if held_out_error:
+            raise held_out_error[0]
         if not d.distributed:
             return bool(stop.signum)
         batches_since_check[0] += 1
@@ -589,6 +599,8 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
                 f"checkpoint written to {out / 'checkpoint-last.pt'}. Resume with the same command plus --resume auto "
                 f"(and --out {out})")
         return 128 + stop.signum if stop.signum else 1
+    if held_out_error:  # after the last pass's checkpoint
+        raise held_out_error[0]
     if trainer.step == resumed_at:  # a finished run's checkpoint resumed into a new --out: this run's own copy
         save_checkpoint(out / "checkpoint-last.pt", trainer, config=state)
     try:

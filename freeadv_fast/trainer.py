@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed, ops
-from .attacks import check_labels, check_model_output, check_pixels_finite, check_width
+from .attacks import check_labels, check_mean, check_model_output, check_pixels_finite, check_width
 from .common import COMPILE_MODES, autocast, check_batch, check_int, check_pixel_range, check_precision
 from .data.errors import DataError
 from .evaluate import pairs
@@ -103,6 +103,18 @@ def check_step_moves(method, epsilon, step_size):
                          "training would be natural training at a higher cost")
 
 
+def check_channel_counts(**values):
+    """Per-channel values of different counts (3 means, 2 epsilons): refused
+    when the trainer is made, not at the first batch (free training's
+    perturbation buffer would have grown by then)."""
+    counts = {name: len(v) if isinstance(v, (tuple, list)) else v.numel() if isinstance(v, torch.Tensor) else 1
+              for name, v in values.items() if v is not None}
+    many = {name: n for name, n in counts.items() if n != 1}
+    if len(set(many.values())) > 1:
+        raise ValueError("per-channel values must have one value or one per channel, the same count for all: got "
+                         + ", ".join(f"{n} for {name}" for name, n in many.items()))
+
+
 class Trainer:
     """Shared machinery: device placement, precision (autocast, GradScaler),
     channels_last, torch.compile, CUDA graphs, optimizer/scheduler steps, the
@@ -127,11 +139,8 @@ class Trainer:
                 raise TypeError(f"{name} must be True or False, got {value!r:.40}")
         self.lo, self.hi = check_pixel_range(pixel_range)
         self._check_parts(model, optimizer, scheduler)
-        check_pixel_value("mean", mean, signed=True)
-        means = mean if isinstance(mean, (tuple, list)) else [] if isinstance(mean, torch.Tensor) else [mean]
-        if any(not self.lo <= m <= self.hi for m in means):  # 0-255 units: every input would be about -2
-            raise ValueError(f"mean {mean} lies outside the pixel range [{self.lo:g}, {self.hi:g}]: mean and std "
-                             "are in pixel units (e.g. (0.4914, 0.4822, 0.4465) for CIFAR-10, not 0-255 values)")
+        check_mean(mean, (self.lo, self.hi))
+        check_channel_counts(mean=mean, std=std)
         check_pixel_value("std", std, positive=True)
         check_int("max_bad_steps", max_bad_steps, 1)
         check_int("seed", seed, 0)
@@ -171,6 +180,7 @@ class Trainer:
         self._graph_key = None
         self._graph_lrs: list | None = None  # the LR tensors the graphs read
         self._static: Static | None = None
+        self._step_lr = None  # the LR the latest step used, once a schedule has moved the group's on
 
     @staticmethod
     def _check_parts(model, optimizer, scheduler):
@@ -279,20 +289,32 @@ class Trainer:
 
     def _probe_classes(self, x) -> int:
         """The model's logits per image, from its output for two images of the
-        first batch: every module in eval mode and no gradients, so nothing of
-        the model changes (a training forward would move BatchNorm's
-        statistics) before a wrong output is refused."""
+        first batch: every module in eval mode and no gradients, then in
+        training mode with BatchNorm's statistics put back, so nothing of the
+        model changes before a wrong output is refused."""
         net = distributed.unwrap(self.model)
         modes = [(m, m.training) for m in net.modules()]
         few = x[:2]
+        inp = ops.make_input(few, self._zeros(few.shape), **self._norm(few))
         try:
             net.eval()
             with torch.no_grad(), self._autocast():
-                logits = net(ops.make_input(few, self._zeros(few.shape), **self._norm(few)))
+                classes = check_model_output(net(inp), len(few))
         finally:
             for m, training in modes:
                 m.training = training
-        return check_model_output(logits, len(few))
+        if net.training:  # some models return another type while training (GoogLeNet's aux logits): ask that too,
+            # with BatchNorm's statistics put back and the random state (dropout) as it was
+            buffers = [(b, b.clone()) for b in net.buffers()]
+            devices = [self.device] if self.device.type == "cuda" else []
+            try:
+                with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
+                    check_model_output(net(inp), len(few))
+            finally:
+                with torch.no_grad():
+                    for b, kept in buffers:
+                        b.copy_(kept)
+        return classes
 
     def _check_batch(self, x, y):
         """A batch the step would misread is refused before any state changes
@@ -350,6 +372,10 @@ class Trainer:
         """The host side of an optimizer step: its count and the LR schedule."""
         self.step += 1
         if self.scheduler is not None:
+            # the schedule's own copy of the LR this step used (a clone of the graphs' LR tensor: no sync)
+            last = getattr(self.scheduler, "get_last_lr", None)
+            lr = last()[0] if last is not None else self.optimizer.param_groups[0]["lr"]
+            self._step_lr = lr.clone() if isinstance(lr, torch.Tensor) and last is None else lr
             self.scheduler.step()
             if self._graph_lrs is not None:
                 self._keep_graph_lrs()
@@ -531,9 +557,14 @@ class Trainer:
                 checkpoint()
         return True
 
+    def last_step_lr(self) -> float:
+        """The LR of the latest optimizer step (the group's LR is the next
+        step's once the schedule has moved it on)."""
+        return float(self._step_lr if self._step_lr is not None else self.optimizer.param_groups[0]["lr"])
+
     def log_record(self) -> dict:
-        record = {"step": self.step, "epoch": self.epoch, "batch": self.batch_in_epoch,
-                  "lr": float(self.optimizer.param_groups[0]["lr"]), **self.metrics.compute()}
+        record = {"step": self.step, "epoch": self.epoch, "batch": self.batch_in_epoch, "lr": self.last_step_lr(),
+                  **self.metrics.compute()}
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
         return record

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from freeadv_fast import attacks
 from freeadv_fast.data.digits import MEAN, STD, digits_split
+from freeadv_fast.data.errors import DataError
 
 EPS, STEP = 0.1, 0.02
 
@@ -110,7 +111,7 @@ def test_attack_and_evaluation_arguments_are_named(digits_model):
                            (dict(limit=-1), "limit must be an integer >= 0")]:
         with pytest.raises(ValueError, match=message):
             evaluate(digits_model, [(x, y)], **{**kw, **extra})
-    with pytest.raises(ValueError, match="held no image"):
+    with pytest.raises(DataError, match="held no image"):
         evaluate(digits_model, [], **kw)
     # numbers that make an attack a no-op or a unit mistake (8 meaning 8/255) would report garbage
     for extra, message in [(dict(step_size=0), "step_size 0 with epsilon > 0"),
@@ -139,7 +140,6 @@ def test_labels_model_outputs_and_batches_an_attack_would_misread_are_named():
     """Labels beyond the model's logits ended in an IndexError (a device-side
     assert on a GPU) in pgd, and counted as wrong in correct/clean_accuracy;
     they, and the other batches below, are named first."""
-    from freeadv_fast.data.errors import DataError
     from freeadv_fast.evaluate import evaluate
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(10)).eval()

@@ -151,7 +151,7 @@ def test_loader_bench_names_unreadable_data_and_step_files(tmp_path, files, caps
     bad.mkdir(parents=True)
     (bad / "x.jpg").write_text("not an image")
     refused(loader, ["--data", tmp_path / "bad", "--device", "cpu", "--loader", "torch"], capsys,
-            "no readable image")
+            "every image of this class is bad")
 
 
 def test_train_step_refuses_what_it_cannot_measure_or_project(tmp_path, files, capsys):

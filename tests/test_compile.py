@@ -90,3 +90,20 @@ def test_a_backend_first_resolved_inside_a_compiled_function_does_not_break_the_
     torch.testing.assert_close(out, ops.reference.make_input(x, delta, mean=MEAN, std=STD), atol=1e-6, rtol=0)
     assert backends._resolved[backend, x.device][0] == (ops.available_backends("cpu")[0] if backend == "auto"
                                                           else backend)
+
+
+def test_the_ops_compile_whole_with_dynamic_shapes():
+    """dynamic=True makes the pixel range's floats symbolic: math.isfinite in
+    its check broke every op's graph ('torch.* op returned non-Tensor')."""
+    def f(delta, grad, x):
+        inp = ops.update_and_make_input_(delta, grad, x, step_size=2 / 255, epsilon=8 / 255, mean=MEAN, std=STD)
+        return inp, ops.make_input(x, delta, mean=0.5, std=0.25, pixel_range=(0.0, 1.0))
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (4, 6):  # a second batch size: the same symbolic graph
+        x = torch.randint(0, 256, (n, 3, 5, 5), dtype=torch.uint8)
+        grad, delta = torch.randn(n, 3, 5, 5), torch.zeros(n, 3, 5, 5)
+        expected_delta = delta.clone()
+        got, expected = compiled(delta, grad, x), f(expected_delta, grad, x)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        assert torch.equal(delta, expected_delta)

@@ -1,4 +1,5 @@
 """Data pipelines on tiny datasets written in the real on-disk formats."""
+import io
 import os
 import pickle
 import subprocess
@@ -218,12 +219,28 @@ def test_a_stop_signal_to_the_process_group_stops_the_run_cleanly(tmp_path, load
 
 
 def test_data_check_lists_every_unreadable_file(broken_folder):
-    result = subprocess.run([sys.executable, "-m", "freeadv_fast.data", "check", str(broken_folder.parent)],
-                            capture_output=True, text=True, timeout=120)
+    def check(root):
+        return subprocess.run([sys.executable, "-m", "freeadv_fast.data", "check", str(root)], capture_output=True,
+                              text=True, timeout=120)
+    write_folder(broken_folder.parent / "val", classes=("a", "b"), per_class=2)
+    result = check(broken_folder.parent)
     assert result.returncode == 1, result.stderr
     bad_lines = [line for line in result.stdout.splitlines() if "BAD" in line]
     assert len(bad_lines) == 3 and "3 bad file(s)" in result.stdout
     assert any("truncated.JPEG" in line and "truncated JPEG" in line for line in bad_lines)
+    # PIL decodes these two, the other loaders refuse them: the check said they were fine
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png, "PNG")
+    damaged = bytearray(png.getvalue())
+    at = damaged.find(b"IDAT")
+    damaged[at + 4 + int.from_bytes(damaged[at - 4:at], "big")] ^= 0xFF  # the chunk's CRC
+    (broken_folder.parent / "val" / "a" / "crc.png").write_bytes(bytes(damaged))
+    frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (0, 255)]
+    frames[0].save(broken_folder.parent / "val" / "b" / "moving.webp", save_all=True, append_images=frames[1:])
+    result = check(broken_folder.parent)
+    assert "BAD" in result.stdout and "crc.png: damaged PNG" in result.stdout, result.stdout
+    assert "moving.webp: torchvision cannot decode it" in result.stdout, result.stdout
+    assert "5 bad file(s)" not in result.stdout and "2 bad file(s)" in result.stdout
     missing = subprocess.run([sys.executable, "-m", "freeadv_fast.data", "check", str(broken_folder / "nope")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no such directory" in missing.stderr and "Traceback" not in missing.stderr

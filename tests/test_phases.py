@@ -85,8 +85,8 @@ def test_a_phased_run_trains_each_phase_at_its_size_batch_and_lr(tmp_path, capsy
     assert "phase 1/3: 16 px, batch 8, passes 1-1" in err and "phase 3/3: 32 px, batch 4, passes 3-3" in err
     logs = [r for r in records(out) if r["type"] == "train"]
     assert {(r["phase"], r["image_size"], r["batch_size"]) for r in logs} == {(1, 16, 8), (2, 24, 8), (3, 32, 4)}
-    # a record's lr is the next step's; phase 3 (half the batch: half the LR) starts at step 2 passes x 3 x 2
-    assert all(r["lr"] == pytest.approx(0.025 if r["step"] >= 12 else 0.05) for r in logs)
+    # a record's lr is its last step's; phase 3 (half the batch: half the LR) starts after 2 passes x 3 x 2 steps
+    assert all(r["lr"] == pytest.approx(0.025 if r["step"] > 12 else 0.05) for r in logs)
     assert {r["step"] for r in logs} >= {10, 12, 14}
     assert all("image_size" in r and "batch_size" in r for r in records(out))
     delta = read_checkpoint(out / "checkpoint-last.pt")["ranks"][0]["delta"]

@@ -284,9 +284,34 @@ def test_the_scheduler_counts_replay_steps_and_the_epoch_convention():
     lrs = []
     trainer.fit(loader, passes=9, log_every=1, on_log=lambda r: lrs.append((r["epoch"], r["lr"])))
     assert trainer.step == 9 * 2 * 4
-    assert [lr for epoch, lr in lrs if epoch < 8] == pytest.approx([0.1] * 15 + [0.01])  # 8th pass done at 16
-    assert lrs[-1][1] == pytest.approx(0.01)
+    # a record's lr is its last step's: the LR falls after 8 passes (16 batches), at the 17th record
+    assert [lr for _, lr in lrs] == pytest.approx([0.1] * 16 + [0.01] * 2)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
+
+
+def test_a_log_record_gives_the_lr_its_last_step_used_with_any_scheduler():
+    """The record's lr was the group's LR after the schedule had moved on (a
+    phase's last record showed the next phase's LR, a one-cycle run's last
+    summary 'lr 0'); a scheduler without get_last_lr is read before it steps."""
+    class Halving:  # a plain object with step(), as the trainer accepts
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self):
+            for group in self.optimizer.param_groups:
+                group["lr"] /= 2
+
+    x, y = toy_data(n=12)
+    for make in (Halving, lambda opt: LambdaLR(opt, lambda step: 0.5 ** step)):
+        model = small_cnn()
+        opt = sgd(model, lr=0.1)
+        trainer = FreeAdversarialTrainer(model, opt, replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                                         scheduler=make(opt))
+        lrs = []
+        trainer.fit(TensorBatches(x, y, batch_size=4), passes=1, log_every=1, on_log=lambda r: lrs.append(r["lr"]))
+        assert lrs == pytest.approx([0.1 / 2, 0.1 / 8, 0.1 / 32])  # the second replay of each batch: 2nd, 4th, 6th
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 64) and trainer.last_step_lr() == lrs[-1]
 
 @pytest.mark.parametrize("name", ["cosine", "onecycle", "multistep", "constant"])
 def test_schedules_have_their_shape(name):
@@ -589,3 +614,54 @@ def test_training_a_model_left_in_eval_mode_is_said_once(capfd, monkeypatch):
     trainer = NaturalTrainer(model, sgd(model), mean=MEAN, std=STD)
     trainer.train_batch(*toy_data(n=4))
     assert "the model is in eval mode" in capfd.readouterr().err
+
+
+def test_values_and_models_that_pass_a_first_look_but_train_on_garbage_are_refused_before_any_change():
+    """Each of these trained, evaluated or grew state before it failed: a
+    0-255 mean as a tensor (the range check skipped tensors; evaluate and
+    the attacks had none), a std that is 0 in float32, epsilons of another
+    count than the means (refused at the first batch, after the perturbation
+    buffer grew), a model that returns a tuple only while training
+    (GoogLeNet's aux logits: a traceback after BatchNorm had moved)."""
+    import torch.nn as nn
+
+    from freeadv_fast import attacks
+    from freeadv_fast.evaluate import evaluate
+    model = small_cnn()
+    x, y = toy_data(n=4)
+    wide_mean, wide_std = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
+    attack = dict(epsilon=EPS, step_size=STEP)
+    for call in [lambda: NaturalTrainer(model, sgd(model), mean=torch.tensor(wide_mean), std=STD),
+                 lambda: evaluate(model, [(x, y)], mean=wide_mean, std=wide_std, steps=(1,), **attack),
+                 lambda: attacks.pgd(model.eval(), x, y, mean=torch.tensor(wide_mean), std=STD, steps=1, **attack),
+                 lambda: attacks.correct(model, x, y, mean=wide_mean, std=wide_std)]:
+        with pytest.raises(ValueError, match=r"mean \(125.3, 123.0, 113.9\) lies outside the pixel range \[0, 1\]"):
+            call()
+    model.train()
+    with pytest.raises(ValueError, match="std must be finite and positive in float32, as the kernels compute, got 1e-300"):
+        ops.make_input(x, torch.zeros(x.shape), mean=MEAN, std=1e-300)
+    with pytest.raises(ValueError, match="mean must be finite in float32, as the kernels compute, got -1e"):
+        ops.make_input(x, torch.zeros(x.shape), mean=-1e300, std=STD)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        evaluate(lambda inp: model(inp), [(x, y)], mean=MEAN, std=STD, steps=(1,), **attack)
+    with pytest.raises(ValueError, match="the same count for all: got 2 for epsilon, 3 for mean, 3 for std"):
+        FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=(EPS, EPS), step_size=STEP, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="got 2 for step_size, 3 for mean"):
+        PGDTrainer(model, sgd(model), steps=1, epsilon=EPS, step_size=(STEP, STEP), mean=MEAN, std=STD)
+
+    class AuxWhileTraining(nn.Module):  # torchvision's GoogLeNet / Inception v3 with aux_logits=True
+        def __init__(self):
+            super().__init__()
+            self.net = small_cnn()
+
+        def forward(self, inp):
+            logits = self.net(inp)
+            return (logits, logits) if self.training else logits
+
+    aux = AuxWhileTraining()
+    before = copy.deepcopy(aux.state_dict())
+    for trainer in (FreeAdversarialTrainer(aux, sgd(aux), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD),
+                    NaturalTrainer(aux, sgd(aux), mean=MEAN, std=STD)):
+        with pytest.raises(ValueError, match="for 2 images it returned a tuple"):
+            trainer.train_batch(x, y)
+    assert aux.training and all(torch.equal(before[k], v) for k, v in aux.state_dict().items())

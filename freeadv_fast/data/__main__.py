@@ -60,22 +60,23 @@ def _image_splits(root: Path):
 
 def check(root: Path, workers: int) -> int:
     from . import cifar
-    for name in cifar.LAYOUTS:
+    pickled = []  # every CIFAR variant whose pickles are here (CIFAR-10's beside CIFAR-100's: both are read)
+    for name, layout in cifar.LAYOUTS.items():
         try:
-            layout, _ = cifar.find_root(root, name)
+            found, _ = cifar.find_root(root, name)
         except DataError:
+            if _holds_cifar_pickles(root, layout):  # some of its pickles: training says what is missing, so do we
+                raise
             continue
-        if layout != "pickle":  # an image-folder export: checked below like any image folder
-            break
+        if found == "pickle":
+            pickled.append(name)
+    for name in pickled:
         for train in (True, False):
             x, y, _ = cifar.load_cifar(root, name, train)
             print(f"{printable(root)}: {name} {'train' if train else 'test'}: {len(x)} images, "
                   f"{len(set(y.tolist()))} classes, ok")  # present, not the largest label + 1
+    if pickled:
         return 0
-    else:  # CIFAR's pickles, but not all of them: training says what is missing, and so does the check
-        for name, layout in cifar.LAYOUTS.items():
-            if _holds_cifar_pickles(root, layout):
-                cifar.find_root(root, name)  # raises
     from . import fashion_mnist
     if fashion_mnist._file(root, fashion_mnist.FILES[True][0]):  # IDX files, which training reads too
         for train in (True, False):
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
         return check(args.root, args.workers)
     except DataError as exc:
         print(f"error: {printable(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder it may not list: the layout is unusable as it stands
+        print(f"error: {printable(exc.filename or args.root)}: cannot be read ({exc.strerror or exc})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("python -m freeadv_fast.data: interrupted", file=sys.stderr)

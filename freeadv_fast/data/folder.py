@@ -192,16 +192,27 @@ def pil_8_bits(im):
 
 
 def full_check(path: str) -> str | None:
-    """Why ``path`` cannot be decoded (None if PIL decodes it completely)."""
-    why = quick_check(path)
+    """Why ``path`` cannot be decoded (None if it can): what the loaders check
+    of its bytes (read_checked: a damaged PNG too), then a whole decode by
+    PIL (the torch loader's) and by torchvision's decoder (a CIFAR image
+    folder's and the nvjpeg loader's; it refuses an animated WebP, say)."""
+    data, why = read_checked(path)
     if why:
         return why
     from PIL import Image
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
     except Exception as exc:  # any decoder complaint makes the file unusable
         return f"cannot decode ({type(exc).__name__}: {exc})"
+    import warnings
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs (for torchcodec) on every call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _bytes_decoder(3)(data)
+    except (RuntimeError, OSError, ValueError) as exc:
+        return f"torchvision cannot decode it ({str(exc).strip().splitlines()[0]}): the nvjpeg loader and CIFAR " \
+               "image folders would not read it"
     return None
 
 
@@ -234,6 +245,40 @@ def not_a_directory(path) -> DataError:
     return DataError(f"{path}: {'a file, not a directory' if Path(path).exists() else 'no such directory'}")
 
 
+def cannot_list(exc: OSError) -> DataError:
+    return DataError(f"{printable(exc.filename)}: cannot be listed ({exc.strerror or exc})")
+
+
+def image_files(folder: Path):
+    """The paths with an image extension under ``folder``, its sub-folders too
+    (symbolic links to folders inside it are not followed, as rglob); a folder
+    that cannot be listed is named (rglob passed over it in silence)."""
+    def fail(exc):
+        raise cannot_list(exc)
+    for root, _, files in os.walk(folder, onerror=fail):
+        yield from (os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def check_no_class_lost(verdicts, folder_of):
+    """DataError when every image of a class is bad: leaving them out would
+    train (or evaluate) without the class, after one note. ``verdicts``:
+    [((path, label), why or None)]; ``folder_of(label)`` names the class."""
+    good, first_bad, count = set(), {}, {}
+    for (path, label), why in verdicts:
+        if why:
+            first_bad.setdefault(label, (path, why))
+            count[label] = count.get(label, 0) + 1
+        else:
+            good.add(label)
+    lost = [label for label in first_bad if label not in good]
+    if lost:
+        path, why = first_bad[lost[0]]
+        more = f" (and {len(lost) - 1} more such class(es))" if len(lost) > 1 else ""
+        raise DataError(f"{folder_of(lost[0])}: every image of this class is bad ({count[lost[0]]} file(s), e.g. "
+                        f"{Path(path).name}: {why}){more}; the run would leave the class out: fix or remove them "
+                        "(python -m freeadv_fast.data check lists them all)")
+
+
 def scan_image_folder(split_dir, *, check: bool = True, threads: int = 16):
     """(class names, [(path, label)], [(path, why)]) for ``split_dir/<class>/<image>``.
 
@@ -244,15 +289,18 @@ def scan_image_folder(split_dir, *, check: bool = True, threads: int = 16):
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise not_a_directory(split_dir)
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    try:
+        entries = list(os.scandir(split_dir))
+    except OSError as exc:
+        raise cannot_list(exc) from None
+    classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        loose = [e.name for e in os.scandir(split_dir) if e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        loose = [e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)]
         why = f"images directly inside it ({loose[0]}, ...)" if loose else "nothing usable inside"
         raise DataError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<image>), found {why}")
     samples = []
     for label, name in enumerate(classes):
-        files = sorted(str(p) for p in (split_dir / name).rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(path for path in image_files(split_dir / name) if os.path.isfile(path))
         if not files:
             raise DataError(f"{split_dir / name}: class folder with no images")
         samples += [(f, label) for f in files]
@@ -262,6 +310,7 @@ def scan_image_folder(split_dir, *, check: bool = True, threads: int = 16):
             verdicts = list(pool.map(quick_check, (p for p, _ in samples), chunksize=256))
         bad = [(p, why) for (p, _), why in zip(samples, verdicts) if why]
         if bad:
+            check_no_class_lost(list(zip(samples, verdicts)), lambda label: split_dir / classes[label])
             samples = [s for s, why in zip(samples, verdicts) if not why]
             say_once(f"{split_dir}: left out {len(bad)} bad file(s), e.g. {bad[0][0]}: {bad[0][1]} "
                      f"(python -m freeadv_fast.data check lists them all)")
@@ -554,7 +603,8 @@ class ImageFolderLoader:
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True)
         if skipped:
-            say_once(f"{self.split_dir}: skipped {skipped} image(s) that failed to decode in pass {self.epoch}")
+            say_once(f"{self.split_dir}: skipped {skipped} image(s) that failed to decode"
+                     + (f" in pass {self.epoch + 1}" if self.train else ""))
 
 
 def dali_pipeline(files, labels, *, transform, batch_size, image_size, val_resize, device_id, num_threads, seed,

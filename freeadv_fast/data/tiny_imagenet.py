@@ -19,7 +19,7 @@ from pathlib import Path
 from .errors import DataError
 from ..messages import say_once
 from .datasets import image_folders
-from .folder import check_same_classes, not_a_directory, quick_check, scan_image_folder
+from .folder import check_no_class_lost, check_same_classes, not_a_directory, quick_check, scan_image_folder
 from .registry import DatasetSpec, register_dataset
 
 MEAN, STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
@@ -96,6 +96,7 @@ def scan_val(val_dir: Path, classes: list[str]):
     samples, other = read_annotations(val_dir, classes)
     verdicts = [quick_check(path) for path, _ in samples]
     bad = [(path, why) for (path, _), why in zip(samples, verdicts) if why]
+    check_no_class_lost(list(zip(samples, verdicts)), lambda label: f"{annotations} (class {classes[label]})")
     samples = [s for s, why in zip(samples, verdicts) if not why]
     if other:
         say_once(f"{annotations}: left out {other} image(s) of classes not in {val_dir.parent / 'train'}")

@@ -7,7 +7,7 @@ import torch
 from .. import ops
 from ..common import check_int
 from ..graphs import Static
-from ..trainer import Trainer, check_pixel_value, check_step_moves
+from ..trainer import Trainer, check_channel_counts, check_pixel_value, check_step_moves
 from .registry import MethodSpec, register_method
 
 
@@ -34,6 +34,7 @@ class FreeAdversarialTrainer(Trainer):
         for name, value in (("epsilon", epsilon), ("step_size", step_size)):
             check_pixel_value(name, value, pixel_range)
         check_step_moves("free", epsilon, step_size)
+        check_channel_counts(epsilon=epsilon, step_size=step_size, mean=mean, std=std)
         super().__init__(model, optimizer, mean=mean, std=std, pixel_range=pixel_range, precision=precision,
                          channels_last=channels_last, compile=compile, cuda_graph=cuda_graph, scheduler=scheduler,
                          backend=backend, seed=seed, max_bad_steps=max_bad_steps, stem_input_grad=stem_input_grad)

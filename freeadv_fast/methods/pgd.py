@@ -5,7 +5,7 @@ import torch
 
 from .. import ops
 from ..common import check_int
-from ..trainer import Trainer, check_pixel_value, check_step_moves
+from ..trainer import Trainer, check_channel_counts, check_pixel_value, check_step_moves
 from .registry import MethodSpec, register_method
 
 
@@ -24,6 +24,7 @@ class PGDTrainer(Trainer):
         if step_size is not None:
             check_pixel_value("step_size", step_size, pixel_range)
             check_step_moves(self.method, epsilon, step_size)
+        check_channel_counts(epsilon=epsilon, step_size=step_size, mean=kw.get("mean"), std=kw.get("std"))
         if not isinstance(random_start, bool):  # "no" is true
             raise TypeError(f"random_start must be True or False, got {random_start!r:.40}")
         super().__init__(model, optimizer, **kw)

@@ -111,6 +111,9 @@ def vouch(t: torch.Tensor) -> torch.Tensor:
     return _remember(t, 1)
 
 
+_F32 = torch.finfo(torch.float32)
+
+
 def check_values(value, name: str, *, positive=False, signed=False):
     """The values of a number, a sequence of numbers or a tensor, checked
     (finite; non-negative, positive with ``positive``, of any sign with
@@ -140,10 +143,13 @@ def check_values(value, name: str, *, positive=False, signed=False):
             values = tuple(float(v) for v in items)
         except OverflowError:  # an int beyond float's range
             values = (math.inf,)
-    bad = [v for v in values if not math.isfinite(v) or (v <= 0 if positive else v < 0 and not signed)]
+    # the kernels compute in float32: 1e300 would be inf there, a std of 1e-300 zero
+    bad = [v for v in values if not abs(v) <= _F32.max or (v < _F32.tiny if positive else v < 0 and not signed)]
     if bad:
         rule = " and positive" if positive else "" if signed else " and non-negative"
-        raise ValueError(f"{name} must be finite{rule}, got {bad[0]}")
+        where = " in float32, as the kernels compute" if math.isfinite(bad[0]) and bad[0] > 0 or bad[0] < 0 \
+            and signed else ""
+        raise ValueError(f"{name} must be finite{rule}{where}, got {bad[0]}")
     if isinstance(value, torch.Tensor):
         _remember(value, _level(values), values)
     return values
