@@ -252,7 +252,7 @@ def row_specs(args) -> list[dict]:
         epochs = (math.ceil(budget["passes"] * args.budget_scale) * args.replays if "passes" in budget
                   else max(1.0, round(budget["epochs"] * args.budget_scale, 3)))
         return dict(group=group, method=method, epochs=epochs, lr=recipe_lr(spec), step_size=spec.get("step_size"),
-                    pixel_mode=spec.get("pixel_mode", "clamp_input"), replays=args.replays)
+                    pixel_mode=spec.get("pixel_mode"), replays=args.replays)
 
     def recipe_lr(spec):
         return spec["lr"] * args.batch_size / RECIPE_BATCH  # meta's recipe_lr_scale
@@ -273,7 +273,7 @@ def row_specs(args) -> list[dict]:
     return rows
 
 
-def config_for(args, method, *, epochs, lr, step_size=None, pixel_mode="clamp_input", replays=None,
+def config_for(args, method, *, epochs, lr, step_size=None, pixel_mode=None, replays=None,
                **_):
     """One row's settings: everything but the method and what its row sets is shared."""
     return check(RunConfig(dataset=args.dataset, data=args.data, arch=args.arch, method=method,

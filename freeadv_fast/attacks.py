@@ -9,6 +9,7 @@ eval mode.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -143,7 +144,9 @@ def pgd(model, x, y, *, epsilon, step_size, steps, restarts=1, random_start=True
     example if any restart found one, else the one with the highest loss.
     Samples already misclassified are not attacked again (which changes no
     result); the r-th restart's random start is the same whatever the total
-    number of restarts.
+    number of restarts. The model runs in the mode it is in: in training
+    mode (as PGD training attacks) BatchNorm uses the batch's statistics and
+    moves its running ones; evaluate() and correct() use eval mode.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown attack loss {loss!r}: choose one of {', '.join(LOSSES)}")
@@ -202,14 +205,33 @@ def fgsm(model, x, y, *, epsilon, mean, std, pixel_range=(0.0, 1.0), precision="
                pixel_range=pixel_range, precision=precision, backend=backend)
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` with every module in eval mode, each put back as it was:
+    in training mode BatchNorm would judge images by the batch's statistics
+    and move its running ones."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def correct(model, x, y, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32", topk=(1,), backend="auto"):
     """Per-sample booleans: is y among the model's top-k predictions, for each k
-    (k larger than the number of classes counts every class)."""
+    (k larger than the number of classes counts every class); the model is
+    asked in eval mode (eval_mode)."""
     if not (isinstance(topk, (tuple, list)) and topk and all(type(k) is int and k >= 1 for k in topk)):
         raise ValueError(f"topk must be a non-empty sequence of integers >= 1, got {topk!r:.80}")
     _check_images(x, y, pixel_range)
-    logits = _checked_logits(logits_of(model, x, mean=mean, std=std, pixel_range=pixel_range, precision=precision,
-                                       backend=backend), y)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    with eval_mode(model):
+        logits = logits_of(model, x, mean=mean, std=std, pixel_range=pixel_range, precision=precision,
+                           backend=backend)
+    logits = _checked_logits(logits, y)
     top = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
     hits = top == y[:, None]
     return {k: hits[:, :k].any(1) for k in topk}

@@ -180,8 +180,42 @@ def save_checkpoint(path, trainer, *, config=None) -> Path | None:
     ranks = distributed.all_gather_object(rank_state)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
-    state = {**builtin_scalars(trainer.state_dict()), "ranks": ranks, "config": config or {}}
+    state = {**saveable_state(trainer), "ranks": ranks, "config": config or {}}
     return atomic_save(state, path)
+
+
+def saveable_state(trainer) -> dict:
+    """``trainer.state_dict()``, refused now if a checkpoint of it could not be
+    written or read back (not when the run needs the file to resume)."""
+    scheduler = trainer.scheduler
+    if scheduler is not None and not all(callable(getattr(scheduler, f, None))
+                                         for f in ("state_dict", "load_state_dict")):
+        raise TypeError(f"the scheduler ({type(scheduler).__name__}) has no state_dict()/load_state_dict(): a "
+                        "checkpoint could not keep its place in the schedule (use a torch.optim.lr_scheduler one)")
+    state = builtin_scalars(trainer.state_dict())
+    odd = _unloadable(state)
+    if odd is not None:
+        raise ValueError(f"the trainer's state holds {odd}: a checkpoint holding it could not be read back (only "
+                         "tensors, numbers, strings and containers are loaded); a schedule's LR factor that is an "
+                         "object keeps its attributes in the state: use a function, or plain numbers in it")
+    return state
+
+
+def _unloadable(value, where="") -> str | None:
+    """Where in ``value`` something lies that a weights_only load refuses (and what it is), or None."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                return f"a key of type {type(k).__name__} in {where or 'it'}"
+            found = _unloadable(v, f"{where}.{k}" if where else str(k))
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        return next((f for i, v in enumerate(value) if (f := _unloadable(v, f"{where}[{i}]"))), None)
+    if value is None or type(value) in (str, int, float, bool, bytes, torch.Size) or isinstance(value, torch.Tensor):
+        return None
+    return f"a {type(value).__module__}.{type(value).__qualname__} at {where}"
 
 
 def _plain(value, top=False) -> bool:
@@ -247,6 +281,9 @@ def read_checkpoint(path) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupted (SHA-256 mismatch)")
     try:
         state = torch.load(io.BytesIO(outer["payload"]), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's message advises weights_only=False, which would run its code
+        raise CheckpointError(f"cannot read checkpoint {path}: its state holds objects other than tensors and "
+                              "containers, which are not loaded (that could run code from the file)") from exc
     except Exception as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
     if not (isinstance(state, dict) and isinstance(state.get("model"), dict)

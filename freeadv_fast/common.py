@@ -80,6 +80,8 @@ def check_batch(x, y, pixel_range, *, pixel_check=True):
     if y.dim() != 1 or len(y) != len(x) or y.dtype not in (torch.int64, torch.uint8):
         raise ValueError(f"y must be one class index per image (int64, shape ({len(x)},)), got {y.dtype} of shape "
                          f"{tuple(y.shape)}")
+    if not (x.dtype == torch.uint8 or x.is_floating_point()):  # refused before a step's state changes
+        raise TypeError(f"x must be uint8 or floating-point images, got {x.dtype}")
     if x.dtype == torch.uint8 and check_pixel_range(pixel_range) != (0.0, 1.0):  # read as x / 255, in [0, 1]
         raise ValueError(f"uint8 images are read as x / 255, pixels in [0, 1], but pixel_range is "
                          f"{tuple(pixel_range)}: give pixel_range=(0, 1) (epsilon and mean/std in its units), or "

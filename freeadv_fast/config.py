@@ -78,8 +78,9 @@ class RunConfig:
     epsilon: float = setting(4 / 255, "L-inf budget in pixel units, e.g. 4/255", pixel=True)
     step_size: float | None = setting(None, "attack step in pixel units (default: the method's rule)", pixel=True)
     pgd_steps: int = setting(7, "attack steps of PGD training", min=1)
-    pixel_mode: str = setting("clamp_input", "clamp_input (the paper's code as it ran), clamp_input_strict or "
-                              "project", choices=lambda: PIXEL_MODES)
+    pixel_mode: str | None = setting(None, "how free training's perturbation meets the pixel range: clamp_input "
+                                     "(its default: the paper's code as it ran), clamp_input_strict or project "
+                                     "(PGD-k and FGSM-RS always project)", choices=lambda: PIXEL_MODES)
     epochs: float = setting(90.0, "natural-training epochs (free-m makes ceil(E/m) passes)")
     batch_size: int = setting(256, "global batch size, over every process", min=1)
     lr: float = setting(0.1, "peak learning rate")
@@ -353,6 +354,17 @@ def check(cfg: RunConfig, names: dict | None = None) -> RunConfig:
     cfg.replays = method.replays(cfg)
     if cfg.step_size is None:
         cfg.step_size = pixel_value(method.default_step_size(cfg))
+    if cfg.pixel_mode is not None and not method.pixel_modes:
+        say_once(f"note: {names.get('pixel_mode', 'pixel-mode')} {cfg.pixel_mode} is ignored: {cfg.method} training "
+                 "has no perturbation")
+    elif cfg.pixel_mode is not None and cfg.pixel_mode not in method.pixel_modes:
+        raise ConfigError(f"{names.get('pixel_mode', 'pixel-mode')} {cfg.pixel_mode}: {cfg.method} training keeps "
+                          f"its perturbation by {' or '.join(method.pixel_modes)} only (the pixel mode is free "
+                          "training's choice)")
+    if not method.pixel_modes:  # what the run uses, as config.yaml and the checkpoints record it
+        cfg.pixel_mode = None
+    elif cfg.pixel_mode is None:
+        cfg.pixel_mode = method.pixel_modes[0]
     if cfg.eval_step_size is None:
         cfg.eval_step_size = cfg.epsilon / 4
     for f in fields(RunConfig):

@@ -139,10 +139,11 @@ def _evaluate(job, d) -> int:
     model.to(d.device).eval()
     limit = -(-job["limit"] // d.world_size) if job["limit"] else 0
     losses = [{"pgd": "ce", "cw": "cw"}[a] for a in job["attacks"] if a != "autoattack"]
-    if d.is_main:
+    if d.is_main:  # the settings of the attacks that run: AutoAttack alone runs no PGD
+        runs = [f"step {job['step_size']:.4g}, steps {job['steps']}, restarts {job['restarts']}"] if losses else []
+        runs += ["AutoAttack (standard)"] if "autoattack" in job["attacks"] else []
         messages.info(f"evaluating {job['checkpoint']} ({cfg.arch}) on {cfg.dataset}: eps {job['epsilon']:.4g}, "
-                      f"step {job['step_size']:.4g}, steps {job['steps']}, restarts {job['restarts']}, "
-                      f"{d.world_size} process(es)")
+                      f"{', '.join(runs)}, {d.world_size} process(es)")
     result = evaluate(model, data.val, mean=data.mean, std=data.std, epsilon=job["epsilon"],
                       step_size=job["step_size"], steps=tuple(job["steps"]) if losses else (),
                       losses=tuple(losses) or ("ce",), restarts=job["restarts"], limit=limit, precision=cfg.precision,

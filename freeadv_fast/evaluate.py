@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 
 from . import attacks, distributed
-from .common import check_int
+from .common import check_batch, check_int
 from .data.datasets import take
 from .data.errors import DataError
 
 
-def pairs(batches):
+def pairs(batches, pixel_range=None):
     """The (x, y) batches of ``batches``, anything else named (a batch of
-    images alone would be unpacked into its first two images)."""
+    images alone would be unpacked into its first two images); with
+    ``pixel_range``, each batch checked by check_batch, its pixels unread."""
     try:
         it = iter(batches)
     except TypeError:
@@ -21,6 +22,8 @@ def pairs(batches):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise ValueError(f"each batch must be an (x, y) pair, got {type(batch).__name__}"
                              + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+        if pixel_range is not None:
+            check_batch(*batch, pixel_range, pixel_check=False)
         yield batch
 
 
@@ -78,7 +81,8 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
     counts = torch.zeros(3 + len(names), dtype=torch.float64, device=device)  # n, top1, top5, attacks...
     gen = torch.Generator(device).manual_seed(seed)
     try:
-        for x, y in take(pairs(batches), limit):
+        # checked before take() counts them: a Dataset's (image, label) items are named, not a len() of 0-d error
+        for x, y in take(pairs(batches, pixel_range=(0.0, 1.0)), limit):
             if should_stop is not None and should_stop():
                 raise EvaluationStopped
             if len(y) == 0:  # this rank's shard of a last batch smaller than the ranks

@@ -265,7 +265,9 @@ SAME_RUN_KEYS = ("dataset", "data", "arch", "method", "replays", "batch_size", "
                  "phases", "train_subset", "epochs", "schedule", "milestones", "seed", "epsilon", "step_size",
                  "pixel_mode", "pgd_steps", "synthetic_batches")
 # settings that only some runs read: a change elsewhere changes nothing
-USED_BY = {"pgd_steps": lambda cfg: cfg.method == "pgd", "synthetic_batches": lambda cfg: cfg.dataset == "synthetic"}
+USED_BY = {"pgd_steps": lambda cfg: cfg.method == "pgd", "synthetic_batches": lambda cfg: cfg.dataset == "synthetic",
+           # a choice of free training's alone (PGD-k's and FGSM-RS's checkpoints once recorded clamp_input)
+           "pixel_mode": lambda cfg: len(METHODS[cfg.method].pixel_modes) > 1}
 # may change on resuming (a lower LR to finish, another precision), but the run's record must say so
 SAID_RUN_KEYS = ("lr", "momentum", "weight_decay", "nesterov", "precision", "eval_step_size", "eval_steps",
                  "final_eval_steps", "eval_restarts")
@@ -285,6 +287,17 @@ def check_same_run(saved: dict, cfg: RunConfig, path) -> None:
     if said:
         messages.info(f"resuming {path} with settings that differ from its run's: {', '.join(said)} (from here "
                       "on; config.yaml records the new ones)")
+
+
+def apply_changed_settings(trainer, saved: dict, cfg: RunConfig) -> None:
+    """The optimizer settings a resumed run changed (check_same_run said which):
+    loading the checkpoint had put the saved ones back. A new LR scales the
+    rest of the schedule (phases' batch scaling included)."""
+    group_values = {k: getattr(cfg, k) for k in ("momentum", "weight_decay", "nesterov")
+                    if k in saved and saved[k] != getattr(cfg, k)}
+    lr_scale = cfg.lr / saved["lr"] if isinstance(saved.get("lr"), (int, float)) and saved["lr"] > 0 else 1.0
+    if group_values or lr_scale != 1.0:
+        trainer.retune(lr_scale=lr_scale, **group_values)
 
 
 def check_class_names(path, trained, here, what) -> None:
@@ -319,6 +332,20 @@ def read_metrics(path: Path) -> list[dict]:
             raise CheckpointError(f"{path}: line {number} is not a JSON record; fix or remove the file") from None
         records.append(record)
     return records
+
+
+def drop_records_after(path: Path, records: list[dict], step: int) -> list[dict]:
+    """The records up to the resumed checkpoint's ``step``: those after it came
+    from an attempt that crashed before its next checkpoint, whose steps the
+    resumed run trains again (kept, they would count them twice)."""
+    kept = [r for r in records if not (isinstance(r.get("step"), int) and r["step"] > step)]
+    if len(kept) < len(records):
+        messages.info(f"{path}: dropped {len(records) - len(kept)} record(s) after step {step}, written by the "
+                      "attempt that stopped before its next checkpoint (those steps are trained again)")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+    return kept
 
 
 def phase_ends(cfg: RunConfig, replays: int, passes: int) -> list[int]:
@@ -399,11 +426,12 @@ def build_trainer(cfg: RunConfig, data, device, dist=None, phase_data=None):
     return method.trainer(model, optimizer, **method.trainer_args(cfg), **common), model, passes, replays
 
 
-def tensorboard_writer(out: Path):
+def tensorboard_writer(out: Path, resumed_step: int | None = None):
     """Writes each metrics record's numbers to TensorBoard under <out>/tensorboard
-    (as "train/loss", "eval/clean_top1", ...), at the record's optimizer step."""
+    (as "train/loss", "eval/clean_top1", ...), at the record's optimizer step;
+    a resumed run hides what a crashed attempt wrote after its checkpoint."""
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(out / "tensorboard"))
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=None if resumed_step is None else resumed_step + 1)
 
     def write(record):
         for key, value in record.items():
@@ -441,7 +469,11 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     if path is not None:
         saved = load_checkpoint(path, trainer)
         check_class_names(path, saved.get("class_names"), state.get("class_names"), cfg.data or cfg.dataset)
-        state["best_robust"] = saved.get("best_robust", -1.0)
+        apply_changed_settings(trainer, saved, cfg)
+        # the score of the weights in this folder's checkpoint-best.pt; resumed into a new folder, which has
+        # none, the best is chosen among this run's evaluations (the old score would keep worse weights there)
+        has_best = distributed.from_rank0(lambda: (out / "checkpoint-best.pt").is_file())  # rank 0's folder
+        state["best_robust"] = saved.get("best_robust", -1.0) if has_best else -1.0
         phase = phase_of(ends, trainer.epoch)
         data = phase_data[phase]
         if d.is_main and trainer.epoch >= passes:  # stopped during (or before) the final evaluation
@@ -455,8 +487,11 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     history: list[dict] = []
     if d.is_main and metrics_file.exists():
         history = read_metrics(metrics_file)
+        if path is not None:
+            history = drop_records_after(metrics_file, history, trainer.step)
 
-    board = tensorboard_writer(out) if cfg.tensorboard and d.is_main else None
+    board = tensorboard_writer(out, trainer.step if path is not None else None) if cfg.tensorboard and d.is_main \
+        else None
 
     def write_metrics(record):
         record = {"time": time.time(), **record}
@@ -468,7 +503,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
             board(record)
 
     bar = None
-    last_log = {}
+    pass_sums = dict(samples=0, loss=0.0, acc=0.0, seconds=0.0)  # this pass's records, for its summary line
 
     fault = fault_injection(d.rank)
 
@@ -494,7 +529,11 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     def on_log(record):
         record = {"type": "train", **record, "images_per_s": record["samples_per_s"] / replays,
                   "progress": record["epoch"] + record["batch"] / max(1, len(data.train)), **phase_info()}
-        last_log.update(record)
+        n = record["samples"]
+        if n:
+            pass_sums.update(samples=pass_sums["samples"] + n, loss=pass_sums["loss"] + record["loss"] * n,
+                             acc=pass_sums["acc"] + record["acc"] * n,
+                             seconds=pass_sums["seconds"] + n / record["samples_per_s"])
         write_metrics(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", lr=f"{record['lr']:.3g}",
@@ -508,14 +547,16 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
         summary = trainer.log_record()
         if summary["samples"]:
             on_log(summary)
-        if d.is_main:
-            messages.info(f"pass {epoch}/{passes}: loss {last_log.get('loss', math.nan):.4f}, "
-                f"train acc {last_log.get('acc', math.nan):.4f}, {last_log.get('images_per_s', 0):.0f} images/s, "
-                f"lr {trainer.last_step_lr():.4g}")
+        n, seconds = pass_sums["samples"], pass_sums["seconds"]
+        if d.is_main:  # the whole pass (since the resumed batch, after a resume), not its last log interval
+            messages.info(f"pass {epoch}/{passes}: loss {pass_sums['loss'] / n if n else math.nan:.4f}, "
+                f"train acc {pass_sums['acc'] / n if n else math.nan:.4f}, "
+                f"{n / seconds / replays if seconds > 0 else 0:.0f} images/s, lr {trainer.last_step_lr():.4g}")
+        pass_sums.update(samples=0, loss=0.0, acc=0.0, seconds=0.0)
         if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == passes):
             try:  # a stop request is answered within one batch's attacks here too, not after the evaluation
                 result = evaluate(model, data.val, mean=data.mean, std=data.std, epsilon=cfg.epsilon,
-                                  step_size=cfg.eval_step_size, steps=(cfg.eval_steps,),
+                                  step_size=cfg.eval_step_size, steps=(cfg.eval_steps,), restarts=cfg.eval_restarts,
                                   limit=-(-cfg.eval_samples // d.world_size), precision=cfg.precision, seed=cfg.seed,
                                   should_stop=lambda: bool(stop.signum))
             except EvaluationStopped:  # the pass's checkpoint follows; the next batch's stop check ends training
@@ -529,11 +570,12 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
                 held_out_error.append(DataError(f"{exc} (in the evaluation after pass {epoch}; that pass's "
                                                 f"checkpoint is written: fix the held-out data, then --resume auto)"))
                 return
-            robust = result[attack_name("ce", cfg.eval_steps)]
+            attack = attack_name("ce", cfg.eval_steps, cfg.eval_restarts)
+            robust = result[attack]
             write_metrics({"type": "eval", "step": trainer.step, "epoch": epoch, **result, **phase_info()})
             if d.is_main:
                 messages.info(f"  eval on {result['samples']} held-out images: clean {result['clean_top1']:.4f}, "
-                    f"PGD-{cfg.eval_steps} {robust:.4f} (eps {cfg.epsilon:.4g})")
+                    f"{attack.upper()} {robust:.4f} (eps {cfg.epsilon:.4g})")
                 from .report import plot_curves
                 plot_curves(history, out / "curves.png")
             if robust > state["best_robust"]:

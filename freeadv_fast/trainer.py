@@ -129,6 +129,7 @@ class Trainer:
     each fallback is said once."""
 
     method = "base"
+    needs_input_grad = False  # whether its steps move a perturbation by the loss's input gradient
 
     def __init__(self, model, optimizer, *, mean, std, pixel_range=(0.0, 1.0), precision="fp32",
                  channels_last=False, compile=False, cuda_graph=False, scheduler=None, backend="auto", seed=0,
@@ -303,13 +304,25 @@ class Trainer:
         finally:
             for m, training in modes:
                 m.training = training
-        if net.training:  # some models return another type while training (GoogLeNet's aux logits): ask that too,
-            # with BatchNorm's statistics put back and the random state (dropout) as it was
+        if net.training or self.needs_input_grad:
+            # some models return another type while training (GoogLeNet's aux logits), and a model whose output
+            # does not depend on its input (a detached input path) gives no input gradient: ask both now, with
+            # BatchNorm's statistics put back and the random state (dropout) as it was
             buffers = [(b, b.clone()) for b in net.buffers()]
             devices = [self.device] if self.device.type == "cuda" else []
             try:
-                with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
-                    check_model_output(net(inp), len(few))
+                probe = inp.detach().requires_grad_(self.needs_input_grad)
+                with torch.random.fork_rng(devices=devices), torch.set_grad_enabled(self.needs_input_grad), \
+                        self._autocast():
+                    out = net(probe)
+                    if net.training:
+                        check_model_output(out, len(few))
+                    if self.needs_input_grad and not (
+                            isinstance(out, torch.Tensor) and out.requires_grad
+                            and torch.autograd.grad(out.float().sum(), probe, allow_unused=True)[0] is not None):
+                        raise ValueError(f"the model's output does not depend on its input (is the input detached, "
+                                         f"or run under torch.no_grad()?): {self.method} training moves the "
+                                         "perturbation by the loss's input gradient, which would not exist")
             finally:
                 with torch.no_grad():
                     for b, kept in buffers:
@@ -325,6 +338,10 @@ class Trainer:
         if isinstance(x, torch.Tensor) and x.device.type == "meta":
             raise ValueError("x is a meta tensor: it holds no images")
         check_batch(x, y, (self.lo, self.hi), pixel_check=not self._range_checked)
+        if len(x) == 1 and any(isinstance(m, torch.nn.BatchNorm1d) and m.training for m in self.model.modules()):
+            # torch's error would come mid-forward, after earlier BatchNorm layers moved their statistics
+            raise ValueError("a batch of 1 image: the model's BatchNorm1d needs more than one value per channel "
+                             "while training (drop a last batch of one: DataLoader(drop_last=True))")
         if not self._range_checked:
             check_pixels_finite(x)
         channels = len(self.mean) if isinstance(self.mean, (tuple, list)) else 1
@@ -499,10 +516,11 @@ class Trainer:
         follows every batch, ``on_pass_end(passes_done)`` every pass (before
         its checkpoint); ``config`` is stored in the checkpoints. The logged
         samples/s leave out the time of ``on_pass_end`` and of checkpoints."""
-        from .checkpoint import check_replaceable, save_checkpoint
+        from .checkpoint import check_replaceable, save_checkpoint, saveable_state
 
         if checkpoint_path is not None:  # before the first batch, not after a pass of training
             check_replaceable(checkpoint_path)
+            saveable_state(self)
 
         def checkpoint():
             self.check_finite()  # never overwrite a good checkpoint with a diverged model
@@ -538,6 +556,8 @@ class Trainer:
                     if on_log is not None:
                         on_log(self.log_record())
                 if should_stop is not None and should_stop():
+                    if on_log is not None and log_every and batches_done % log_every:  # the batches since the last
+                        on_log(self.log_record())  # record, which no later run will train again
                     checkpoint()
                     return False
                 if checkpoint_every and batches_done % checkpoint_every == 0:
@@ -579,7 +599,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"method": self.method, "model": distributed.unwrap(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "optimizer_type": type(self.optimizer).__name__,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
@@ -597,6 +617,24 @@ class Trainer:
             old["lr"] = _write_into(old["lr"], group["lr"]) if isinstance(old["lr"], torch.Tensor) else float(group["lr"])
             group.update(old)
 
+    def retune(self, *, lr_scale: float = 1.0, **group_values):
+        """Optimizer settings changed after a checkpoint is loaded (a lower LR
+        to finish a run), which loading had put back to the saved ones:
+        ``group_values`` (momentum=0.5, ...) set in every group, and the LR
+        scaled by ``lr_scale`` now and for the rest of the schedule."""
+        for group in self.optimizer.param_groups:
+            group.update(group_values)
+            if lr_scale != 1.0:
+                lr = group["lr"]
+                group["lr"] = lr.mul_(lr_scale) if isinstance(lr, torch.Tensor) else lr * lr_scale
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["initial_lr"] * lr_scale
+        if lr_scale != 1.0 and self.scheduler is not None:
+            for name in ("base_lrs", "_last_lr"):  # what LRScheduler computes from, and its copy of the LR now
+                if isinstance(getattr(self.scheduler, name, None), list):
+                    setattr(self.scheduler, name, [v * lr_scale for v in getattr(self.scheduler, name)])
+        self._step_lr = None
+
     def load_state_dict(self, state: dict):
         if not isinstance(state, dict):
             raise ValueError(f"a trainer state is a dict (from state_dict()), got {type(state).__name__}")
@@ -605,11 +643,19 @@ class Trainer:
             raise ValueError(f"the trainer state lacks {', '.join(missing)}")
         if state.get("method") != self.method:
             raise ValueError(f"the checkpoint was written by {state.get('method')!r} training, not {self.method!r}")
+        saved_optimizer = state.get("optimizer_type")  # absent from checkpoints written before it was kept
+        if saved_optimizer is not None and saved_optimizer != type(self.optimizer).__name__:
+            raise ValueError(f"the checkpoint was written with a {saved_optimizer} optimizer, this trainer has "
+                             f"{type(self.optimizer).__name__}: its state holds other settings")
+        if (state.get("scheduler") is None) != (self.scheduler is None):  # the LR would freeze, or start over
+            raise ValueError("the checkpoint was written " + ("without an LR schedule, and this trainer has one: it "
+                             "would start again at its first step" if self.scheduler is not None else
+                             "with an LR schedule, and this trainer has none: the LR would stay where it was"))
         for key in ("step", "epoch", "batch_in_epoch"):  # a 1.5 or a "2" would count on wrongly, unnoticed
             check_int(f"the trainer state's {key}", state[key], 0)
         distributed.unwrap(self.model).load_state_dict(state["model"])
         self._load_optimizer_state(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
+        if self.scheduler is not None:
             # checkpoints written before the schedules were LambdaLRs lack its (stateless) lr_lambdas
             lambdas = [None] * len(getattr(self.scheduler, "lr_lambdas", []))
             self.scheduler.load_state_dict({"lr_lambdas": lambdas, **state["scheduler"]})

@@ -139,7 +139,9 @@ def test_attack_and_evaluation_arguments_are_named(digits_model):
 def test_labels_model_outputs_and_batches_an_attack_would_misread_are_named():
     """Labels beyond the model's logits ended in an IndexError (a device-side
     assert on a GPU) in pgd, and counted as wrong in correct/clean_accuracy;
-    they, and the other batches below, are named first."""
+    they, and the other batches below, are named first. evaluate() given a
+    Dataset's (image, label) items ended in len() of a 0-d tensor, and x as
+    a list in 'list' object has no attribute 'to'."""
     from freeadv_fast.evaluate import evaluate
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(10)).eval()
@@ -178,7 +180,9 @@ def test_labels_model_outputs_and_batches_an_attack_would_misread_are_named():
             (lambda: attacks.clean_accuracy(model, x[:0], y[:0], mean=MEAN, std=STD), ValueError, "holds no image"),
             (lambda: attacks.clean_accuracy(model, x.tolist(), y, mean=MEAN, std=STD), TypeError, "a batch is"),
             (lambda: evaluate(model, 5, **kw), TypeError, "batches must be an iterable of \\(x, y\\) batches"),
-            (lambda: evaluate(model, [x], **kw), ValueError, "each batch must be an \\(x, y\\) pair, got Tensor")]:
+            (lambda: evaluate(model, [x], **kw), ValueError, "each batch must be an \\(x, y\\) pair, got Tensor"),
+            (lambda: evaluate(model, list(zip(x, y)), **kw), ValueError, "single images, e.g. a Dataset given"),
+            (lambda: evaluate(model, [(x.tolist(), y)], **kw), TypeError, "a batch is \\(x, y\\) tensors")]:
         with pytest.raises(error, match=message):
             call()
     assert attacks.clean_accuracy(model, x, y, mean=MEAN, std=STD) in (0, 0.25, 0.5, 0.75, 1)
@@ -198,3 +202,25 @@ def test_pgd_inside_no_grad_attacks_and_uint8_labels_take_the_cw_margin():
                        attacks.pgd(model, x, y, loss="cw", **kw))
     with torch.inference_mode(), pytest.raises(RuntimeError, match="pgd needs input gradients"):
         attacks.pgd(model, x, y, **kw)
+
+
+def test_accuracies_ask_the_model_in_eval_mode_and_leave_its_modes_as_they_were():
+    """correct() and clean_accuracy() on a model left in training mode judged
+    each slice by its own BatchNorm statistics (the accuracy depended on the
+    batch size) and moved the running statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                          nn.Flatten(), nn.LazyLinear(10))
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        model(x)  # LazyLinear's shape, and running statistics that differ from any batch's
+        model[1].running_mean.add_(0.3)
+    y = model.eval()((x - 0.5) / 0.25).argmax(1)  # what it predicts in eval mode: 100% by construction
+    model.train()
+    model[4].eval()  # a frozen BatchNorm inside a training model keeps its own mode
+    modes = [m.training for m in model.modules()]
+    before = copy.deepcopy(model.state_dict())
+    for batch_size in (4, 16):
+        assert attacks.clean_accuracy(model, x, y, mean=0.5, std=0.25, batch_size=batch_size) == 1.0
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

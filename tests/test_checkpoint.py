@@ -208,3 +208,90 @@ def test_numpy_scalars_are_saved_as_numbers_and_foreign_files_are_not_replaced(t
     assert not_a_results_file(results) is None
     write_result(results, "{}")  # replaced in place, keeping its mode (mkstemp's 0600 replaced it)
     assert stat.S_IMODE(results.stat().st_mode) == 0o664
+
+
+def test_a_state_no_load_could_read_back_is_refused_before_training_and_saving(tmp_path):
+    """A schedule whose LR factor is an object holding a numpy table saved
+    checkpoints that could never be loaded (torch's advice to load unsafely
+    came with the error), and a scheduler without state_dict() failed at the
+    first checkpoint, after a pass had trained."""
+    import numpy as np
+    from torch.optim.lr_scheduler import LambdaLR
+
+    class Table:  # the LR factor per step, precomputed
+        def __init__(self, n):
+            self.table = np.linspace(1.0, 0.0, n)
+
+        def __call__(self, step):
+            return float(self.table[min(step, len(self.table) - 1)])
+
+    class Warmup:  # steps, but keeps no state
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self):
+            pass
+
+    x, y = toy_data(n=8)
+    for make, message in [(lambda opt: LambdaLR(opt, Table(10)), r"a numpy.ndarray at scheduler.lr_lambdas\[0\].table"),
+                          (Warmup, r"the scheduler \(Warmup\) has no state_dict\(\)")]:
+        model = small_cnn()
+        opt = sgd(model)
+        trainer = FreeAdversarialTrainer(model, opt, replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                                         scheduler=make(opt))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises((ValueError, TypeError), match=message):
+            trainer.fit(TensorBatches(x, y, batch_size=4), passes=1, checkpoint_path=tmp_path / "c.pt")
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and trainer.step == 0
+        with pytest.raises((ValueError, TypeError), match=message):
+            save_checkpoint(tmp_path / "c.pt", trainer)
+        assert not (tmp_path / "c.pt").exists()
+
+
+def test_a_checkpoint_of_another_optimizer_or_schedule_is_refused_and_changes_nothing(tmp_path):
+    """An Adam checkpoint loaded into an SGD trainer replaced its groups (a
+    KeyError 'momentum' at the next step); a scheduled run's checkpoint in a
+    trainer without a schedule froze the LR, and the reverse restarted it."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    def trainer(optimizer="sgd", scheduled=True):
+        model = small_cnn()
+        opt = sgd(model) if optimizer == "sgd" else torch.optim.Adam(model.parameters(), lr=1e-3)
+        return FreeAdversarialTrainer(model, opt, replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                                      scheduler=LambdaLR(opt, lambda s: 0.5 ** s) if scheduled else None)
+
+    x, y = toy_data(n=4)
+    for saved_kind, loaded_kind, message in [
+            (dict(optimizer="adam"), {}, "written with a Adam optimizer, this trainer has SGD"),
+            ({}, dict(scheduled=False), "with an LR schedule, and this trainer has none"),
+            (dict(scheduled=False), {}, "without an LR schedule, and this trainer has one")]:
+        saved = trainer(**saved_kind)
+        saved.train_batch(x, y)
+        save_checkpoint(tmp_path / "c.pt", saved)
+        loaded = trainer(**loaded_kind)
+        groups = [dict(g) for g in loaded.optimizer.param_groups]
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(tmp_path / "c.pt", loaded)
+        assert loaded.step == 0 and loaded.delta is None
+        assert [dict(g) for g in loaded.optimizer.param_groups] == groups
+        (tmp_path / "c.pt").unlink()
+
+
+def test_retune_changes_the_optimizer_settings_and_scales_the_rest_of_the_schedule():
+    """A resumed run's new LR, momentum, weight decay and Nesterov were said and
+    recorded but loading the checkpoint had put the saved ones back."""
+    from torch.optim.lr_scheduler import LambdaLR
+    model = small_cnn()
+    opt = sgd(model, lr=0.1)
+    trainer = FreeAdversarialTrainer(model, opt, replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD,
+                                     scheduler=LambdaLR(opt, lambda s: 0.5 ** s))
+    x, y = toy_data(n=4)
+    trainer.train_batch(x, y)  # 2 steps: the LR now 0.1 / 4
+    trainer.retune(lr_scale=0.5, momentum=0.5, nesterov=True, weight_decay=0.0)
+    group = opt.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.5, True, 0.0)
+    assert group["lr"] == pytest.approx(0.05 / 4)
+    lrs = []
+    trainer.fit(TensorBatches(x, y, batch_size=4), passes=1, log_every=1, on_log=lambda r: lrs.append(r["lr"]))
+    assert lrs == pytest.approx([0.05 / 8])  # the third and fourth steps at half the schedule
+    assert group["lr"] == pytest.approx(0.05 / 16)

@@ -83,7 +83,7 @@ def test_image_folder_with_two_processes(tmp_path):
 def test_sigterm_writes_a_checkpoint_and_resume_auto_finishes(tmp_path):
     out = tmp_path / "run"
     args = ["--cpu", "digits", "--epochs", "80", "--replays", "4", "--config",
-            config_file(tmp_path, eval_every=0, log_every=1), "--out", out]
+            config_file(tmp_path, eval_every=0, log_every=3), "--out", out]
     proc = subprocess.Popen([sys.executable, "-m", "freeadv_fast.train", *map(str, args)], stderr=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -96,6 +96,8 @@ def test_sigterm_writes_a_checkpoint_and_resume_auto_finishes(tmp_path):
     assert "stopped by SIGTERM" in err and "--resume auto" in err and "Traceback" not in err
     stopped = read_checkpoint(out / "checkpoint-last.pt")
     assert stopped["step"] > 0 and stopped["epoch"] < 20
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == stopped["step"]  # the batches since the last log interval are recorded too
     again = cli(*args)
     assert again.returncode == 2 and "holds another run" in again.stderr
     resumed = cli(*args, "--resume", "auto")
@@ -207,6 +209,8 @@ def test_eval_runs_autoattack_and_says_when_it_cannot(tmp_path, capsys, monkeypa
     report = json.loads((tmp_path / "aa.json").read_text())
     assert report["samples"] == 8 and report["autoattack"] <= report["clean_top1"]
     assert not {"step_size", "restarts", "pgd-10"} & set(report)  # no PGD ran, nor are its settings recorded
+    said = next(line for line in result.stderr.splitlines() if "evaluating" in line)
+    assert "AutoAttack" in said and "steps" not in said and "restarts" not in said  # it said the PGD it never ran
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # as if it were not installed
     from freeadv_fast import eval as eval_cli
     assert eval_cli.main([str(out / "checkpoint-last.pt"), "--cpu", "--attack", "autoattack"]) == 2
@@ -227,3 +231,54 @@ def test_the_command_under_torchrun_with_two_nodes(tmp_path):
     assert all(node.returncode == 0 for node in nodes), "\n\n".join(log[-3000:] for log in logs)
     assert "2 process(es)" in logs[0]
     assert_run_directory(out, passes=1)
+
+
+def test_a_crashed_run_resumed_with_new_settings_records_what_ran(tmp_path):
+    """After a crash, --resume auto kept the lost attempt's records (steps
+    went backwards, samples counted twice); a new LR or momentum was said and
+    recorded but the checkpoint's came back; the pass summary gave its last log
+    interval; the periodic evaluation ignored --eval-restarts; resumed into a
+    new folder, checkpoint-best.pt held the last weights with the old run's score."""
+    from freeadv_fast.checkpoint import atomic_save
+    out = tmp_path / "run"
+    args = ["--cpu", "synthetic", "--arch", "small_cnn", "--method", "free", "--replays", "2", "--epochs", "6",
+            "--synthetic-batches", "4", "--synthetic-classes", "5", "--batch-size", "8", "--image-size", "16",
+            "--schedule", "onecycle", "--lr", "0.05", "--log-every", "1", "--eval-every", "1", "--eval-samples", "8",
+            "--eval-steps", "1", "--eval-restarts", "2", "--final-eval-steps", "1", "--final-eval-samples", "8"]
+
+    def records(folder):
+        return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    crashed = subprocess.run([sys.executable, "-m", "freeadv_fast.train", *args, "--out", out], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "FREEADV_FAULT_INJECT": "0:12"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    before = records(out)
+    lost = {r["step"]: r["lr"] for r in before if r["type"] == "train" and r["step"] > 8}  # pass 1 ends at step 8
+    assert lost and read_checkpoint(out / "checkpoint-last.pt")["step"] == 8
+    pass1 = read_checkpoint(out / "checkpoint-last.pt")
+    pass1["config"]["best_robust"] = 0.99  # a score no evaluation of the next run reaches
+    atomic_save(pass1, tmp_path / "pass1.pt")
+
+    resumed = cli(*args, "--out", out, "--resume", "auto", "--lr", "0.025", "--momentum", "0.5")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"dropped {len(lost)} record(s) after step 8" in resumed.stderr
+    after = records(out)
+    steps = [r["step"] for r in after if r["type"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # each step recorded once, in order
+    again = {r["step"]: r["lr"] for r in after if r["type"] == "train" and r["step"] in lost}
+    assert again == pytest.approx({step: lr / 2 for step, lr in lost.items()})  # the new peak LR, same schedule
+    state = read_checkpoint(out / "checkpoint-last.pt")
+    assert {(g["momentum"], g["initial_lr"]) for g in state["optimizer"]["param_groups"]} == {(0.5, 0.025)}
+    evals = [r for r in after if r["type"] == "eval"]
+    assert len(evals) == 3 and all("pgd-1x2" in r for r in evals) and "PGD-1X2" in resumed.stderr
+    summary = re.search(r"pass 3/3: loss ([\d.]+), train acc ([\d.]+)", resumed.stderr)
+    pass3 = [r for r in after if r["type"] == "train" and r["step"] > 16]
+    n = sum(r["samples"] for r in pass3)
+    assert float(summary[1]) == pytest.approx(sum(r["loss"] * r["samples"] for r in pass3) / n, abs=1e-4)
+    assert float(summary[2]) == pytest.approx(sum(r["acc"] * r["samples"] for r in pass3) / n, abs=1e-4)
+
+    elsewhere = tmp_path / "elsewhere"
+    moved = cli(*args, "--out", elsewhere, "--resume", tmp_path / "pass1.pt")
+    assert moved.returncode == 0, moved.stderr
+    scores = [r["pgd-1x2"] for r in records(elsewhere) if r["type"] == "eval"]
+    assert read_checkpoint(elsewhere / "checkpoint-best.pt")["config"]["best_robust"] == max(scores) < 0.99

@@ -67,7 +67,8 @@ def test_the_fast_at_recipe_the_m_sweep_and_the_frontier_rows(tmp_path):
     # the recipes' peak LRs are for batch 128: at batch 20, 20/128 of them
     assert recipe["free"]["passes"] == 1 and recipe["free"]["replays"] == 8
     assert recipe["free"]["lr"] == pytest.approx(0.04 * 20 / 128)
-    assert recipe["free"]["pixel_mode"] == "project" and recipe["natural"]["pixel_mode"] == "clamp_input"
+    assert recipe["free"]["pixel_mode"] == recipe["fast"]["pixel_mode"] == "project"  # each row its own mode
+    assert recipe["natural"]["pixel_mode"] is None
     assert recipe["natural"]["epochs_equivalent"] == 1.5 and recipe["natural"]["passes"] == 2
     assert abs(recipe["fast"]["step_size"] - 10 / 255) < 1e-9 and recipe["fast"]["lr"] == pytest.approx(0.2 * 20 / 128)
     sweep = [r for r in rows if r["group"] == "sweep"]  # 80 x 0.1 epochs-equivalent for every m

@@ -108,3 +108,17 @@ def test_milestones_the_run_never_reaches_or_its_schedule_ignores_are_noted(capf
     cfg = build_config(dataset="digits", flags={**flags, "schedule": "multistep", "milestones": [1]})
     build_trainer(cfg, build_data(cfg), "cpu")
     assert "milestone" not in capfd.readouterr().err
+
+
+def test_the_pixel_mode_is_free_trainings_and_each_run_records_the_one_it_uses(capfd):
+    """PGD-k and FGSM-RS always project, yet their runs recorded (and resumes
+    compared) clamp_input, and --pixel-mode changed nothing there in silence."""
+    assert build_config(dataset="digits").pixel_mode == "clamp_input"  # the paper's code as it ran
+    assert build_config(dataset="digits", flags={"pixel_mode": "project"}).pixel_mode == "project"
+    for method in ("pgd", "fast"):
+        assert build_config(dataset="digits", flags={"method": method}).pixel_mode == "project"
+        with pytest.raises(ConfigError, match=f"pixel-mode clamp_input: {method} training keeps its perturbation "
+                                              "by project only"):
+            build_config(dataset="digits", flags={"method": method, "pixel_mode": "clamp_input"})
+    assert build_config(dataset="digits", flags={"method": "natural", "pixel_mode": "project"}).pixel_mode is None
+    assert "pixel-mode project is ignored: natural training has no perturbation" in capfd.readouterr().err

@@ -558,3 +558,5 @@ def test_synthetic_batches():
     assert x.shape == (6, 3, 20, 20) and x.dtype == torch.uint8 and x.is_contiguous(memory_format=torch.channels_last)
     assert int(y.max()) < 7
     assert torch.equal(list(data.skip(1))[0][0], batches[1][0])
+    # a pass's images over every process, as the other loaders count them (the progress bar passed 100%)
+    assert data.num_samples == 18 and SyntheticBatches(6, batches_per_epoch=3, world_size=2).num_samples == 36

@@ -259,6 +259,38 @@ def test_bad_arguments_are_named(device, backend):
         ops.update_delta_(delta, grad, x, pixel_range=(1.0, 0.0), **kw)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_calls_every_backend_misread_quietly_are_refused_before_a_write(device, backend):
+    """update_and_make_input_ with grad None (inp.grad of an input that
+    never required grad) left delta unmoved and returned the clean input;
+    uint8 x under pixel_range (0, 255) was read as x / 255 against 0-255
+    mean/std (-1.98 for a pixel of 128); x in delta's memory gave each
+    backend its own answer."""
+    x, delta, grad = batch((2, 3, 4, 4), device=device)
+    before = delta.clone()
+    kw = dict(step_size=STEP, epsilon=EPS, mean=MEAN, std=STD, backend=backend)
+    with pytest.raises(TypeError, match="update_and_make_input_ needs grad"):
+        ops.update_and_make_input_(delta, None, x, **kw)
+    wide, norm = dict(pixel_range=(0, 255), backend=backend), dict(mean=127.5, std=64.0)  # all in 0-255 units
+    move = dict(step_size=2.0, epsilon=8.0)
+    for call in (lambda: ops.make_input(x, delta, **norm, **wide),
+                 lambda: ops.update_delta_(delta, grad, x, **move, **wide),
+                 lambda: ops.update_and_make_input_(delta, grad, x, **move, **norm, **wide),
+                 lambda: ops.random_init_(delta, x, epsilon=8.0, **wide)):
+        with pytest.raises(ValueError, match=r"uint8 images are read as x / 255, pixels in \[0, 1\], but pixel_range "
+                                             r"is \(0.0, 255.0\)"):
+            call()
+    assert torch.equal(delta, before)
+    buffer = torch.cat([delta, delta]) + 0.5
+    for xs in (buffer[:2], buffer.view(-1)[1:delta.numel() + 1].view(delta.shape)):  # delta itself, or shifted
+        with pytest.raises(ValueError, match="x shares memory with delta"):
+            ops.update_and_make_input_(buffer[:2], grad, xs, **kw)
+        with pytest.raises(ValueError, match="x shares memory with delta"):
+            ops.random_init_(buffer[:2], xs, epsilon=EPS, backend=backend)
+    assert torch.equal(buffer, torch.cat([before, before]) + 0.5)
+    ops.update_delta_(buffer[:2], grad, buffer[2:], step_size=STEP, epsilon=EPS, backend=backend)  # apart: fine
+
+
 def test_tensor_values_are_checked_once_per_tensor_and_version(monkeypatch):
     """A tensor epsilon, step size or std is checked like a number (it was
     taken unread: NaN, negative or 0 gave NaN or a flipped ball), read once
@@ -312,6 +344,9 @@ def test_outputs_layouts_backends_and_devices_torch_would_misread_are_named():
         with pytest.raises(ValueError, match="out shares memory with delta"):
             ops.update_and_make_input_(delta, grad, x, step_size=STEP, epsilon=EPS, mean=MEAN, std=STD, out=out)
     assert torch.equal(delta, before)
+    buffer = torch.cat([delta, delta])  # out in the half delta does not hold was refused as sharing its memory
+    out = ops.make_input(x, buffer[:2], mean=MEAN, std=STD, out=buffer[2:])
+    torch.testing.assert_close(out, ops.reference.make_input(x, delta, mean=MEAN, std=STD), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="epsilon must be finite and non-negative, got inf"):
         ops.update_delta_(delta, grad, x, step_size=STEP, epsilon=10 ** 400)  # beyond float: OverflowError before
     with pytest.raises(ValueError, match="unknown backend \\['cpp'\\]"):

@@ -665,3 +665,60 @@ def test_values_and_models_that_pass_a_first_look_but_train_on_garbage_are_refus
         with pytest.raises(ValueError, match="for 2 images it returned a tuple"):
             trainer.train_batch(x, y)
     assert aux.training and all(torch.equal(before[k], v) for k, v in aux.state_dict().items())
+
+
+def test_batches_and_models_refused_before_the_first_step_changes_anything():
+    """Integer images other than uint8 and per-channel values of the wrong
+    count grew free training's perturbation buffer before the refusal; a
+    1-image batch through BatchNorm1d failed mid-forward, after earlier
+    BatchNorm layers moved; a model whose output ignores its input took
+    optimizer steps with a perturbation that never moved (free) or ended in
+    autograd's 'appears to not have been used in the graph' (PGD, FGSM-RS)."""
+    import torch.nn as nn
+
+    x, y = toy_data(n=4)
+    model = small_cnn()
+    free = FreeAdversarialTrainer(model, sgd(model), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD)
+    free.train_batch(x[:2], y[:2])
+    with pytest.raises(TypeError, match="x must be uint8 or floating-point images, got torch.int64"):
+        free.train_batch(x.long(), y)  # a larger batch: the buffer grew to 4 images before
+    assert free.delta.shape[0] == 2
+    one_channel = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    gray = FreeAdversarialTrainer(one_channel, sgd(one_channel), replays=2, epsilon=(EPS,) * 3, step_size=STEP,
+                                  mean=0.5, std=0.25)
+    with pytest.raises(ValueError, match="epsilon has 3 values"):
+        gray.train_batch(x[:, :1], y)
+    assert gray.delta is None
+
+    class Head(nn.Module):  # BatchNorm2d, then a flat BatchNorm1d
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.head = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 5))
+
+        def forward(self, inp):
+            return self.head(self.features(inp))
+
+    class Detached(nn.Module):  # a frozen backbone run without gradients, a trainable head
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = small_cnn(classes=8), nn.Linear(8, 5)
+
+        def forward(self, inp):
+            with torch.no_grad():
+                features = self.backbone(inp)
+            return self.head(features)
+
+    for net, batch, message in [(Head(), (x[:1], y[:1]), "a batch of 1 image: the model's BatchNorm1d"),
+                                (Detached(), (x, y), "the model's output does not depend on its input")]:
+        for make in (lambda m: FreeAdversarialTrainer(m, sgd(m), replays=2, epsilon=EPS, step_size=STEP, mean=MEAN,
+                                                      std=STD),
+                     lambda m: PGDTrainer(m, sgd(m), steps=1, epsilon=EPS, step_size=STEP, mean=MEAN, std=STD),
+                     lambda m: FastTrainer(m, sgd(m), epsilon=EPS, mean=MEAN, std=STD)):
+            before = copy.deepcopy(net.state_dict())
+            trainer = make(net)
+            with pytest.raises(ValueError, match=message):
+                trainer.train_batch(*batch)
+            assert trainer.step == 0 and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    detached = Detached()
+    NaturalTrainer(detached, sgd(detached), mean=MEAN, std=STD).train_batch(x, y)  # natural training needs no input grad

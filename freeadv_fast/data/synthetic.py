@@ -10,15 +10,17 @@ from .registry import DatasetSpec, register_dataset
 
 class SyntheticBatches:
     def __init__(self, batch_size: int, *, image_size: int = 224, channels: int = 3, classes: int = 1000,
-                 batches_per_epoch: int = 100, device="cpu", seed: int = 0, channels_last: bool = True):
+                 batches_per_epoch: int = 100, device="cpu", seed: int = 0, channels_last: bool = True,
+                 world_size: int = 1):
         if batch_size < 1 or image_size < 1 or classes < 1 or batches_per_epoch < 1:
             raise ValueError("synthetic data needs positive batch size, image size, classes and batches")
         self.batch_size, self.image_size, self.channels, self.classes = batch_size, image_size, channels, classes
         self.batches_per_epoch, self.device, self.seed = batches_per_epoch, torch.device(device), seed
-        self.channels_last = channels_last
+        self.channels_last, self.world_size = channels_last, world_size
         self.epoch = 0
 
-    num_samples = property(lambda self: self.batch_size * self.batches_per_epoch)
+    # the images of a pass over every process, as the other loaders count them (batch_size is this process's)
+    num_samples = property(lambda self: self.batch_size * self.world_size * self.batches_per_epoch)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -42,7 +44,8 @@ class SyntheticBatches:
 
 def build(cfg, rank, world_size, device):
     size = cfg.image_size or IMAGE_SIZE
-    common = dict(image_size=size, classes=cfg.synthetic_classes, device=device, seed=cfg.seed + rank)
+    common = dict(image_size=size, classes=cfg.synthetic_classes, device=device, seed=cfg.seed + rank,
+                  world_size=world_size)
     per_rank = cfg.batch_size // world_size
     return (SyntheticBatches(per_rank, batches_per_epoch=cfg.synthetic_batches, **common),
             SyntheticBatches(per_rank, batches_per_epoch=2, **common), cfg.synthetic_classes, size)

@@ -26,4 +26,5 @@ register_method(MethodSpec(
     "fast", FastTrainer, label="FGSM-RS",
     default_step_size=lambda cfg: 1.25 * cfg.epsilon,  # Wong et al.'s alpha = 1.25 eps
     trainer_args=lambda cfg: dict(epsilon=cfg.epsilon, step_size=cfg.step_size),
+    pixel_modes=("project",),  # as Fast-AT's code does
     help="FGSM with a random start (Wong et al. 2020)"))

@@ -25,6 +25,7 @@ class FreeAdversarialTrainer(Trainer):
     """
 
     method = "free"
+    needs_input_grad = True
 
     def __init__(self, model, optimizer, *, replays, epsilon, step_size, mean, std, pixel_range=(0.0, 1.0),
                  pixel_mode="clamp_input", precision="fp32", channels_last=False, compile=False, cuda_graph=False,
@@ -67,12 +68,12 @@ class FreeAdversarialTrainer(Trainer):
 
     def train_batch(self, x, y) -> dict:
         x, y = self._prepare(x, y)
+        C = x.shape[1]  # per-channel values of another count are refused before the buffer grows
+        step, eps = self._param("step_size", self.step_size, C), self._param("epsilon", self.epsilon, C)
         delta = self._delta_for(x)
         if self._graphed(x) and delta.shape[0] == self.delta.shape[0]:
             return self._train_batch_graphed(x, y)
-        C = x.shape[1]
         norm = self._norm(x)
-        step, eps = self._param("step_size", self.step_size, C), self._param("epsilon", self.epsilon, C)
         inp = ops.make_input(x, delta, mode=self.pixel_mode, **norm)
         loss_sum = torch.zeros((), device=self.device)  # summed in replay order, as the captured step does
         for replay in range(self.replays):
@@ -138,6 +139,7 @@ class FreeAdversarialTrainer(Trainer):
 register_method(MethodSpec(
     "free", FreeAdversarialTrainer, label="free-{m}", replayed=True,
     default_step_size=lambda cfg: cfg.epsilon,
+    pixel_modes=("clamp_input", "clamp_input_strict", "project"),  # the paper's code as it ran, first
     trainer_args=lambda cfg: dict(replays=cfg.replays, pixel_mode=cfg.pixel_mode, epsilon=cfg.epsilon,
                                   step_size=cfg.step_size),
     help="free adversarial training: each batch replayed --replays times (Shafahi et al. 2019)"))

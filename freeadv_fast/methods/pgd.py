@@ -16,6 +16,7 @@ class PGDTrainer(Trainer):
     step is taken on the adversarial batch."""
 
     method = "pgd"
+    needs_input_grad = True
 
     def __init__(self, model, optimizer, *, steps, epsilon, step_size, random_start=True, **kw):
         check_int("steps", steps, 1)
@@ -80,4 +81,5 @@ register_method(MethodSpec(
     "pgd", PGDTrainer, label="PGD-{k}",
     default_step_size=lambda cfg: 2.5 * cfg.epsilon / cfg.pgd_steps,  # Madry et al.'s 2.5 eps / k
     trainer_args=lambda cfg: dict(steps=cfg.pgd_steps, epsilon=cfg.epsilon, step_size=cfg.step_size),
+    pixel_modes=("project",),  # x + delta kept in the pixel range, as Madry's and Fast-AT's code do
     help="PGD adversarial training with --pgd-steps attack steps from a random start"))

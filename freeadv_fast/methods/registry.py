@@ -20,6 +20,8 @@ class MethodSpec:
     default_step_size: Callable  # cfg -> the attack step when none is given (cfg.epsilon is a float by then)
     trainer_args: Callable = field(default=lambda cfg: {})  # cfg -> the trainer's own keyword arguments
     replayed: bool = False  # takes --replays (free-m); the others take one optimizer step per batch
+    # the pixel modes (freeadv_fast/ops) its perturbation can keep, its default first; () for no perturbation
+    pixel_modes: tuple = ()
     help: str = ""
 
     def replays(self, cfg) -> int:

@@ -37,7 +37,7 @@ def check_mode(mode):
         raise ValueError(f"unknown pixel mode {mode!r}: choose one of {', '.join(PIXEL_MODES)}")
 
 
-def _check_pair(x, delta, grad=None):
+def _check_pair(x, delta, grad=None, pixel_range=(0.0, 1.0)):
     for name, t in (("x", x), ("delta", delta), ("grad", grad)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -61,6 +61,28 @@ def _check_pair(x, delta, grad=None):
             raise ValueError(f"grad shape {tuple(grad.shape)} does not match x shape {tuple(x.shape)}")
         if grad.dtype not in _GRAD_DTYPES:
             raise TypeError(f"grad must be float32, bfloat16 or float16, got {grad.dtype}")
+    if x.dtype == torch.uint8 and pixel_range != (0.0, 1.0):  # read as x / 255, in [0, 1]
+        raise ValueError(f"uint8 images are read as x / 255, pixels in [0, 1], but pixel_range is "
+                         f"{pixel_range}: give pixel_range=(0, 1) (step_size, epsilon and mean/std in its "
+                         "units), or float images in that range")
+    # x in delta's memory moves with the update: the torch backend reads it again for the input, the kernels
+    # read it once, so each would give its own answer
+    if _overlaps(x, delta):
+        raise ValueError("x shares memory with delta: the update would move the clean images too")
+
+
+def _overlaps(a, b) -> bool:
+    """Whether ``a`` and ``b`` may share memory: their spans (first to last
+    byte) in one storage overlap. Unknown while tracing: taken as no."""
+    if not (a.numel() and b.numel()) or torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return False
+    ptr = a.untyped_storage().data_ptr()
+    if not ptr or ptr != b.untyped_storage().data_ptr():  # 0: no memory (meta tensors)
+        return False
+    spans = [(t.storage_offset() * t.element_size(),
+              (t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size())
+             for t in (a, b)]
+    return spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
 
 
 def _check_out_dtype(dtype):
@@ -252,8 +274,7 @@ def _new_out(x, delta, out, out_dtype, memory_format):
                              f"got {tuple(out.shape)} on {out.device}")
         _check_out_dtype(out.dtype)
         # the kernels write out after delta, element by element: out in delta's memory would overwrite it
-        if (delta.numel() and not (torch.compiler.is_compiling() or is_in_torch_dispatch_mode())
-                and out.untyped_storage().data_ptr() == delta.untyped_storage().data_ptr()):
+        if _overlaps(out, delta):
             raise ValueError("out shares memory with delta: the input would overwrite the perturbation")
         return out
     if memory_format not in (None, torch.contiguous_format, torch.channels_last) or (
@@ -274,7 +295,7 @@ def make_input(x, delta, *, mean, std, pixel_range=(0.0, 1.0), mode="clamp_input
     """
     check_mode(mode)
     lo, hi = check_pixel_range(pixel_range)
-    _check_pair(x, delta)
+    _check_pair(x, delta, pixel_range=(lo, hi))
     result = _new_out(x, delta, out, out_dtype, memory_format)
     p = _params(x, mean=mean, std=std)
     _, op = backend_op(backend, x.device)
@@ -292,7 +313,7 @@ def update_delta_(delta, grad, x, *, step_size, epsilon, pixel_range=(0.0, 1.0),
     lo, hi = check_pixel_range(pixel_range)
     if grad is None:
         raise TypeError("update_delta_ needs grad, the input gradient")
-    _check_pair(x, delta, grad)
+    _check_pair(x, delta, grad, (lo, hi))
     p = _params(x, step_size=step_size, epsilon=epsilon)
     _, op = backend_op(backend, x.device)
     # mean and std are not read without an output
@@ -305,7 +326,9 @@ def update_and_make_input_(delta, grad, x, *, step_size, epsilon, mean, std, pix
     """update_delta_ and make_input in one pass over memory; returns the next model input."""
     check_mode(mode)
     lo, hi = check_pixel_range(pixel_range)
-    _check_pair(x, delta, grad)
+    if grad is None:  # inp.grad of an input that never required grad: the update would be skipped
+        raise TypeError("update_and_make_input_ needs grad, the input gradient")
+    _check_pair(x, delta, grad, (lo, hi))
     result = _new_out(x, delta, out, out_dtype, memory_format)
     p = _params(x, step_size=step_size, epsilon=epsilon, mean=mean, std=std)
     _, op = backend_op(backend, x.device)
@@ -323,7 +346,7 @@ def random_init_(delta, x, *, epsilon, pixel_range=(0.0, 1.0), mode="clamp_input
     """
     check_mode(mode)
     lo, hi = check_pixel_range(pixel_range)
-    _check_pair(x, delta)
+    _check_pair(x, delta, pixel_range=(lo, hi))
     eps = _params(x, epsilon=epsilon)["eps"]
     _, op = backend_op(backend, x.device)
     delta.uniform_(-1.0, 1.0, generator=generator).mul_(reference.per_channel(eps, delta))
