@@ -328,7 +328,9 @@ def load_checkpoint(path, trainer, *, rank: int | None = None, world_size: int |
         dist_on = torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if dist_on else 0
         world_size = torch.distributed.get_world_size() if dist_on else 1
-    if not 0 <= rank < (world_size or 0):
+    if world_size is None:  # a rank alone: its delta is one of how many?
+        raise ValueError(f"rank {rank} given without world_size: give both (or neither, for this process's)")
+    if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     ranks = check_world(path, state, world_size)
     # a load that fails half-way is undone: all or nothing, this process's delta and RNGs included

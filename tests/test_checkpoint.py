@@ -104,6 +104,8 @@ def test_hostile_truncated_and_foreign_checkpoints_are_refused(tmp_path, capsys)
         load_checkpoint(plain, trainer)
     with pytest.raises(CheckpointError, match="written by 1 process"):
         load_checkpoint(good, trainer, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="rank 0 given without world_size"):  # it said 'rank must be in [0, None)'
+        load_checkpoint(good, trainer, rank=0)
     other = small_cnn(classes=7)
     with pytest.raises(CheckpointError, match="does not fit this model"):
         load_checkpoint(good, FreeAdversarialTrainer(other, sgd(other), replays=2, epsilon=EPS, step_size=STEP,
