@@ -140,6 +140,13 @@ class Trainer:
                 raise TypeError(f"{name} must be True or False, got {value!r:.40}")
         self.lo, self.hi = check_pixel_range(pixel_range)
         self._check_parts(model, optimizer, scheduler)
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if dtypes - {torch.float32} and not (dtypes == {torch.bfloat16} and precision == "bf16"):  # a bf16 model
+            # trains under bf16 autocast; any other mix fails at the first forward, or at fp16's unscaling
+            shown = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+            raise TypeError(f"the model's parameters are {shown} with precision {precision!r}: the trainers keep "
+                            "float32 weights (call model.float(); precision 'bf16' or 'fp16' runs them in 16 bits "
+                            "under autocast), or a model all in bfloat16 with precision 'bf16'")
         check_mean(mean, (self.lo, self.hi))
         check_channel_counts(mean=mean, std=std)
         check_pixel_value("std", std, positive=True)

@@ -722,3 +722,10 @@ def test_batches_and_models_refused_before_the_first_step_changes_anything():
             assert trainer.step == 0 and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     detached = Detached()
     NaturalTrainer(detached, sgd(detached), mean=MEAN, std=STD).train_batch(x, y)  # natural training needs no input grad
+    # weights of another dtype ended in conv's 'Input type (float) and bias type (double)', or fp16's unscaling error
+    for dtype, precision in [(torch.float64, "fp32"), (torch.bfloat16, "fp32"), (torch.float16, "fp16")]:
+        net = small_cnn().to(dtype)
+        with pytest.raises(TypeError, match=f"parameters are {str(dtype)[6:]} with precision '{precision}'"):
+            NaturalTrainer(net, sgd(net), mean=MEAN, std=STD, precision=precision)
+    bf16 = small_cnn().to(torch.bfloat16)  # all in bfloat16 under bf16 autocast: it trains
+    NaturalTrainer(bf16, sgd(bf16), mean=MEAN, std=STD, precision="bf16").train_batch(x, y)
