@@ -345,6 +345,9 @@ class Trainer:
         if isinstance(x, torch.Tensor) and x.device.type == "meta":
             raise ValueError("x is a meta tensor: it holds no images")
         check_batch(x, y, (self.lo, self.hi), pixel_check=not self._range_checked)
+        if self.memory_format == torch.channels_last and x.dim() != 4:  # torch's 'required rank 4 tensor'
+            raise ValueError(f"channels_last applies to 4-D image batches (N, C, H, W), got x of shape "
+                             f"{tuple(x.shape)}: train with channels_last=False")
         if len(x) == 1 and any(isinstance(m, torch.nn.BatchNorm1d) and m.training for m in self.model.modules()):
             # torch's error would come mid-forward, after earlier BatchNorm layers moved their statistics
             raise ValueError("a batch of 1 image: the model's BatchNorm1d needs more than one value per channel "

@@ -289,6 +289,16 @@ def test_calls_every_backend_misread_quietly_are_refused_before_a_write(device, 
             ops.random_init_(buffer[:2], xs, epsilon=EPS, backend=backend)
     assert torch.equal(buffer, torch.cat([before, before]) + 0.5)
     ops.update_delta_(buffer[:2], grad, buffer[2:], step_size=STEP, epsilon=EPS, backend=backend)  # apart: fine
+    # an expanded (stride-0) delta or out ended in torch's copy_ error, naming neither
+    shared = torch.zeros((1, *x.shape[1:]), device=device).expand(x.shape)
+    for name, call in [("delta", lambda: ops.update_delta_(shared, grad, x, step_size=STEP, epsilon=EPS,
+                                                           backend=backend)),
+                       ("delta", lambda: ops.update_and_make_input_(shared, grad, x, **kw)),
+                       ("delta", lambda: ops.random_init_(shared, x, epsilon=EPS, backend=backend)),
+                       ("out", lambda: ops.make_input(x, delta, mean=MEAN, std=STD, out=shared, backend=backend))]:
+        with pytest.raises(ValueError, match=f"{name} is an expanded view"):
+            call()
+    ops.make_input(x, shared, mean=MEAN, std=STD, backend=backend)  # read only: an expanded delta is fine
 
 
 def test_tensor_values_are_checked_once_per_tensor_and_version(monkeypatch):

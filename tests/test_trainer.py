@@ -727,5 +727,9 @@ def test_batches_and_models_refused_before_the_first_step_changes_anything():
         net = small_cnn().to(dtype)
         with pytest.raises(TypeError, match=f"parameters are {str(dtype)[6:]} with precision '{precision}'"):
             NaturalTrainer(net, sgd(net), mean=MEAN, std=STD, precision=precision)
+    signal = nn.Sequential(nn.Conv1d(3, 4, 3), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 5))
+    with pytest.raises(ValueError, match=r"channels_last applies to 4-D image batches \(N, C, H, W\), got x of shape "
+                                         r"\(4, 3, 8\)"):  # torch's 'required rank 4 tensor to use channels_last'
+        NaturalTrainer(signal, sgd(signal), mean=MEAN, std=STD, channels_last=True).train_batch(x[..., 0], y)
     bf16 = small_cnn().to(torch.bfloat16)  # all in bfloat16 under bf16 autocast: it trains
     NaturalTrainer(bf16, sgd(bf16), mean=MEAN, std=STD, precision="bf16").train_batch(x, y)

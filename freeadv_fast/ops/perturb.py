@@ -71,6 +71,15 @@ def _check_pair(x, delta, grad=None, pixel_range=(0.0, 1.0)):
         raise ValueError("x shares memory with delta: the update would move the clean images too")
 
 
+def _check_writable(name, t):
+    """A tensor written in place whose elements share memory (an expanded
+    view: stride 0) would take every write at once; torch's copy_ named
+    neither the argument nor the fix."""
+    if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape)):
+        raise ValueError(f"{name} is an expanded view (stride 0 along a dimension of size > 1): its elements share "
+                         f"memory, so it cannot be written in place; pass a tensor of its own ({name}.clone())")
+
+
 def _overlaps(a, b) -> bool:
     """Whether ``a`` and ``b`` may share memory: their spans (first to last
     byte) in one storage overlap. Unknown while tracing: taken as no."""
@@ -252,7 +261,7 @@ def _run_kernel(op, x, delta, grad, out, *, step, eps, mean, std, lo, hi, mode, 
     if out is not None and not out.is_contiguous(memory_format=fmt):
         work_out = torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=fmt)
     op(x, work_delta, grad, work_out, step, eps, mean, std, lo, hi, _MODE_IDS[mode], update)
-    if work_delta is not delta:
+    if update and work_delta is not delta:  # read only otherwise (and an expanded delta cannot be written)
         delta.copy_(work_delta)
     if work_out is not out:
         out.copy_(work_out)
@@ -273,6 +282,7 @@ def _new_out(x, delta, out, out_dtype, memory_format):
             raise ValueError(f"out must have x's shape {tuple(x.shape)} and device {x.device}, "
                              f"got {tuple(out.shape)} on {out.device}")
         _check_out_dtype(out.dtype)
+        _check_writable("out", out)
         # the kernels write out after delta, element by element: out in delta's memory would overwrite it
         if _overlaps(out, delta):
             raise ValueError("out shares memory with delta: the input would overwrite the perturbation")
@@ -314,6 +324,7 @@ def update_delta_(delta, grad, x, *, step_size, epsilon, pixel_range=(0.0, 1.0),
     if grad is None:
         raise TypeError("update_delta_ needs grad, the input gradient")
     _check_pair(x, delta, grad, (lo, hi))
+    _check_writable("delta", delta)
     p = _params(x, step_size=step_size, epsilon=epsilon)
     _, op = backend_op(backend, x.device)
     # mean and std are not read without an output
@@ -329,6 +340,7 @@ def update_and_make_input_(delta, grad, x, *, step_size, epsilon, mean, std, pix
     if grad is None:  # inp.grad of an input that never required grad: the update would be skipped
         raise TypeError("update_and_make_input_ needs grad, the input gradient")
     _check_pair(x, delta, grad, (lo, hi))
+    _check_writable("delta", delta)
     result = _new_out(x, delta, out, out_dtype, memory_format)
     p = _params(x, step_size=step_size, epsilon=epsilon, mean=mean, std=std)
     _, op = backend_op(backend, x.device)
@@ -347,6 +359,7 @@ def random_init_(delta, x, *, epsilon, pixel_range=(0.0, 1.0), mode="clamp_input
     check_mode(mode)
     lo, hi = check_pixel_range(pixel_range)
     _check_pair(x, delta, pixel_range=(lo, hi))
+    _check_writable("delta", delta)
     eps = _params(x, epsilon=epsilon)["eps"]
     _, op = backend_op(backend, x.device)
     delta.uniform_(-1.0, 1.0, generator=generator).mul_(reference.per_channel(eps, delta))
