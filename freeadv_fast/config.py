@@ -282,7 +282,22 @@ def build_config(*, dataset=None, preset=None, file=None, flags=None) -> RunConf
     cfg = _apply(cfg, flags, "flags")
     if dataset:
         cfg.dataset = dataset
+    method = METHODS.get(cfg.method)
+    if file_values.get("pixel_mode") is not None and "pixel_mode" not in flags and method is not None \
+            and len(method.pixel_modes) < 2:  # a config.yaml from before the mode was free training's alone
+        say_once(f"note: pixel_mode {file_values['pixel_mode']} in {file} does not apply to {cfg.method} training "
+                 f"({'it always projects' if method.pixel_modes else 'it has no perturbation'}); left out")
+        cfg.pixel_mode = None
     return check(cfg)
+
+
+def without_moot_settings(saved: dict) -> dict:
+    """A checkpoint's config without a pixel mode its method has no choice of:
+    runs of every method recorded one before it was free training's alone."""
+    method = METHODS.get(saved.get("method"))
+    if method is not None and len(method.pixel_modes) < 2:
+        return {k: v for k, v in saved.items() if k != "pixel_mode"}
+    return saved
 
 
 # what a value of each declared type may be (bool is an int in Python, never a number here)

@@ -21,7 +21,7 @@ import torch
 from . import distributed, messages
 from .checkpoint import CheckpointError, not_a_results_file, read_checkpoint, write_result
 from .cli import ArgumentParser, add_config_flags, check_writable_file, config_flags, int_at_least, use_log_level
-from .config import ConfigError, RunConfig, check
+from .config import ConfigError, RunConfig, check, without_moot_settings
 from .data import DATASETS
 from .data.datasets import build_data, take
 from .evaluate import evaluate, non_finite_weight
@@ -75,7 +75,7 @@ def settings(args) -> dict:
             if not DATASETS[args.dataset].resizable:  # the training run's sizes do not apply here
                 saved = {k: v for k, v in saved.items() if k not in ("image_size", "source_size", "phases")}
             saved.pop("data", None)  # the training run's folder holds the other dataset: --data says where this is
-    cfg = RunConfig(**saved)
+    cfg = RunConfig(**without_moot_settings(saved))
     own = dict(eval_restarts=1, final_eval_samples=0, seed=0)  # this command's defaults, not the run's
     cfg = check(dataclasses.replace(cfg, **{**own, **given}), names={k: f"--{v}" for k, v in FLAGS.items()})
     paper = DATASETS[cfg.dataset].eval_attack

@@ -402,7 +402,9 @@ class Trainer:
             # the schedule's own copy of the LR this step used (a clone of the graphs' LR tensor: no sync)
             last = getattr(self.scheduler, "get_last_lr", None)
             lr = last()[0] if last is not None else self.optimizer.param_groups[0]["lr"]
-            self._step_lr = lr.clone() if isinstance(lr, torch.Tensor) and last is None else lr
+            # the group's own tensor (torch < 2.10 kept it in get_last_lr) takes the next LR in place
+            aliased = isinstance(lr, torch.Tensor) and lr is self.optimizer.param_groups[0]["lr"]
+            self._step_lr = lr.clone() if aliased else lr
             self.scheduler.step()
             if self._graph_lrs is not None:
                 self._keep_graph_lrs()
@@ -640,9 +642,13 @@ class Trainer:
                 if "initial_lr" in group:
                     group["initial_lr"] = group["initial_lr"] * lr_scale
         if lr_scale != 1.0 and self.scheduler is not None:
+            groups = {id(g["lr"]) for g in self.optimizer.param_groups}  # scaled above (torch < 2.10 lists them)
             for name in ("base_lrs", "_last_lr"):  # what LRScheduler computes from, and its copy of the LR now
                 if isinstance(getattr(self.scheduler, name, None), list):
-                    setattr(self.scheduler, name, [v * lr_scale for v in getattr(self.scheduler, name)])
+                    setattr(self.scheduler, name, [v if id(v) in groups else v * lr_scale
+                                                   for v in getattr(self.scheduler, name)])
+        if group_values:  # a captured fused SGD step holds them as numbers: capture again
+            self._graph_key = None
         self._step_lr = None
 
     def load_state_dict(self, state: dict):
@@ -665,6 +671,7 @@ class Trainer:
             check_int(f"the trainer state's {key}", state[key], 0)
         distributed.unwrap(self.model).load_state_dict(state["model"])
         self._load_optimizer_state(state["optimizer"])
+        self._graph_key = None  # a captured step holds the optimizer's settings as numbers: capture again
         if self.scheduler is not None:
             # checkpoints written before the schedules were LambdaLRs lack its (stateless) lr_lambdas
             lambdas = [None] * len(getattr(self.scheduler, "lr_lambdas", []))

@@ -122,3 +122,18 @@ def test_the_pixel_mode_is_free_trainings_and_each_run_records_the_one_it_uses(c
             build_config(dataset="digits", flags={"method": method, "pixel_mode": "clamp_input"})
     assert build_config(dataset="digits", flags={"method": "natural", "pixel_mode": "project"}).pixel_mode is None
     assert "pixel-mode project is ignored: natural training has no perturbation" in capfd.readouterr().err
+
+
+def test_a_pixel_mode_recorded_before_it_was_free_trainings_alone_is_still_read(tmp_path, capfd, monkeypatch):
+    """Every run once recorded pixel_mode (clamp_input, then the default): a
+    PGD run's config.yaml fed back with --config, and eval of its checkpoint,
+    were refused once the mode became free training's choice."""
+    import freeadv_fast.eval as evaluation
+    (tmp_path / "old.yaml").write_text("method: pgd\npixel_mode: clamp_input\n")
+    assert build_config(dataset="digits", file=tmp_path / "old.yaml").pixel_mode == "project"
+    assert "pixel_mode clamp_input in" in capfd.readouterr().err
+    for method, used in (("pgd", "project"), ("natural", None)):
+        monkeypatch.setattr(evaluation, "read_checkpoint", lambda path: {"config": dict(
+            dataset="digits", arch="small_cnn", method=method, pixel_mode="clamp_input", epochs=1.0)})
+        assert evaluation.settings(evaluation.parser().parse_args(["old.pt", "--cpu"]))["config"].pixel_mode == used
+    assert "pixel-mode" not in capfd.readouterr().err  # nothing to say of what the checkpoint recorded
