@@ -173,7 +173,7 @@ def save_checkpoint(path, trainer, *, config=None) -> Path | None:
     rank's delta and RNG states. Returns the path on rank 0, else None."""
     check_replaceable(path)
     config = builtin_scalars(config)
-    if config is not None and not _plain(config, top=True):
+    if config is not None and (not isinstance(config, dict) or _unloadable(config, tensors=False)):
         raise ValueError("config must be a dict of plain values (str, numbers, bools, None, lists, dicts): a "
                          f"checkpoint holding anything else could not be read back safely; got {config!r:.80}")
     rank_state = {**trainer.rank_state(), "rng": rng_states(trainer.device)}
@@ -201,32 +201,25 @@ def saveable_state(trainer) -> dict:
     return state
 
 
-def _unloadable(value, where="") -> str | None:
-    """Where in ``value`` something lies that a weights_only load refuses (and what it is), or None."""
+def _unloadable(value, where="", *, tensors=True) -> str | None:
+    """Where in ``value`` something lies that a weights_only load refuses (and
+    what it is), or None; with ``tensors=False`` plain values alone (a config:
+    str keys, no tensors; numpy's float64, a float subclass, is not plain)."""
     if isinstance(value, dict):
         for k, v in value.items():
-            if not isinstance(k, (str, int)):
+            if not isinstance(k, str if not tensors else (str, int)):
                 return f"a key of type {type(k).__name__} in {where or 'it'}"
-            found = _unloadable(v, f"{where}.{k}" if where else str(k))
+            found = _unloadable(v, f"{where}.{k}" if where else str(k), tensors=tensors)
             if found:
                 return found
         return None
     if isinstance(value, (list, tuple)):
-        return next((f for i, v in enumerate(value) if (f := _unloadable(v, f"{where}[{i}]"))), None)
-    if value is None or type(value) in (str, int, float, bool, bytes, torch.Size) or isinstance(value, torch.Tensor):
+        return next((f for i, v in enumerate(value) if (f := _unloadable(v, f"{where}[{i}]", tensors=tensors))),
+                    None)
+    plain = (str, int, float, bool) + ((bytes, torch.Size) if tensors else ())
+    if value is None or type(value) in plain or tensors and isinstance(value, torch.Tensor):
         return None
     return f"a {type(value).__module__}.{type(value).__qualname__} at {where}"
-
-
-def _plain(value, top=False) -> bool:
-    """Whether ``value`` is made of what a weights_only load reads back (a dict at the top)."""
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    if top:
-        return False
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    return value is None or type(value) in (str, int, float, bool)  # not numpy's float64, a float subclass
 
 
 def builtin_scalars(value):

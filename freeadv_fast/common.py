@@ -67,6 +67,15 @@ def check_int(name: str, value, low: int):
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def check_uint8_range(x, pixel_range: tuple[float, float]):
+    """uint8 images are read as x / 255, so their pixel range is (0, 1): with
+    another, epsilon, the step and mean/std in its units would be misread."""
+    if x.dtype == torch.uint8 and pixel_range != (0.0, 1.0):
+        raise ValueError(f"uint8 images are read as x / 255, pixels in [0, 1], but pixel_range is "
+                         f"{tuple(pixel_range)}: give pixel_range=(0, 1) (step_size, epsilon and mean/std in its "
+                         "units), or float images in that range")
+
+
 def check_batch(x, y, pixel_range, *, pixel_check=True):
     """Images and labels a step or an attack would misread, refused by name:
     tensors, one class index per image, and (``pixel_check``, one sync)
@@ -82,10 +91,7 @@ def check_batch(x, y, pixel_range, *, pixel_check=True):
                          f"{tuple(y.shape)}")
     if not (x.dtype == torch.uint8 or x.is_floating_point()):  # refused before a step's state changes
         raise TypeError(f"x must be uint8 or floating-point images, got {x.dtype}")
-    if x.dtype == torch.uint8 and check_pixel_range(pixel_range) != (0.0, 1.0):  # read as x / 255, in [0, 1]
-        raise ValueError(f"uint8 images are read as x / 255, pixels in [0, 1], but pixel_range is "
-                         f"{tuple(pixel_range)}: give pixel_range=(0, 1) (epsilon and mean/std in its units), or "
-                         "float images in that range")
+    check_uint8_range(x, check_pixel_range(pixel_range))
     if pixel_check and x.is_floating_point() and x.numel():
         lo, hi = check_pixel_range(pixel_range)
         low, high = x.aminmax()

@@ -282,7 +282,7 @@ def build_config(*, dataset=None, preset=None, file=None, flags=None) -> RunConf
     cfg = _apply(cfg, flags, "flags")
     if dataset:
         cfg.dataset = dataset
-    method = METHODS.get(cfg.method) if isinstance(cfg.method, str) else None  # check() names a bad one
+    method = _method_named(cfg.method)
     if file_values.get("pixel_mode") is not None and "pixel_mode" not in flags and method is not None \
             and len(method.pixel_modes) < 2:  # a config.yaml from before the mode was free training's alone
         say_once(f"note: pixel_mode {file_values['pixel_mode']} in {file} does not apply to {cfg.method} training "
@@ -291,10 +291,15 @@ def build_config(*, dataset=None, preset=None, file=None, flags=None) -> RunConf
     return check(cfg)
 
 
+def _method_named(name):
+    """The method called ``name``, or None for anything else (check() names it)."""
+    return METHODS.get(name) if isinstance(name, str) else None
+
+
 def without_moot_settings(saved: dict) -> dict:
     """A checkpoint's config without a pixel mode its method has no choice of:
     runs of every method recorded one before it was free training's alone."""
-    method = METHODS.get(saved.get("method")) if isinstance(saved.get("method"), str) else None
+    method = _method_named(saved.get("method"))
     if method is not None and len(method.pixel_modes) < 2:
         return {k: v for k, v in saved.items() if k != "pixel_mode"}
     return saved

@@ -74,13 +74,11 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
     if bad is not None:
         raise ValueError(f"the model holds non-finite weights (NaN or inf, in {bad}): its accuracies would mean "
                          "nothing")
-    was_training = net.training
-    net.eval()
     names = [(attack_name(loss, s, restarts), loss, s) for loss in losses for s in steps]
     device = next(net.parameters()).device
     counts = torch.zeros(3 + len(names), dtype=torch.float64, device=device)  # n, top1, top5, attacks...
     gen = torch.Generator(device).manual_seed(seed)
-    try:
+    with attacks.eval_mode(net):
         # checked before take() counts them: a Dataset's (image, label) items are named, not a len() of 0-d error
         for x, y in take(pairs(batches, pixel_range=(0.0, 1.0)), limit):
             if should_stop is not None and should_stop():
@@ -97,8 +95,6 @@ def evaluate(model, batches, *, mean, std, epsilon, step_size, steps=(10,), loss
             counts += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in row])
             if progress is not None:
                 progress(len(y))
-    finally:
-        net.train(was_training)
     totals = distributed.all_reduce_sum(counts).tolist()
     n = int(totals[0])
     if n == 0:

@@ -503,7 +503,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
             board(record)
 
     bar = None
-    pass_sums = dict(samples=0, loss=0.0, acc=0.0, seconds=0.0)  # this pass's records, for its summary line
+    pass_records: list[dict] = []  # this pass's train records, for its summary line
 
     fault = fault_injection(d.rank)
 
@@ -529,11 +529,7 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
     def on_log(record):
         record = {"type": "train", **record, "images_per_s": record["samples_per_s"] / replays,
                   "progress": record["epoch"] + record["batch"] / max(1, len(data.train)), **phase_info()}
-        n = record["samples"]
-        if n:
-            pass_sums.update(samples=pass_sums["samples"] + n, loss=pass_sums["loss"] + record["loss"] * n,
-                             acc=pass_sums["acc"] + record["acc"] * n,
-                             seconds=pass_sums["seconds"] + n / record["samples_per_s"])
+        pass_records.append(record)
         write_metrics(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", lr=f"{record['lr']:.3g}",
@@ -547,12 +543,14 @@ def _train(cfg: RunConfig, d: distributed.Dist, resume) -> int:
         summary = trainer.log_record()
         if summary["samples"]:
             on_log(summary)
-        n, seconds = pass_sums["samples"], pass_sums["seconds"]
         if d.is_main:  # the whole pass (since the resumed batch, after a resume), not its last log interval
-            messages.info(f"pass {epoch}/{passes}: loss {pass_sums['loss'] / n if n else math.nan:.4f}, "
-                f"train acc {pass_sums['acc'] / n if n else math.nan:.4f}, "
+            n = sum(r["samples"] for r in pass_records)
+            seconds = sum(r["samples"] / r["samples_per_s"] for r in pass_records if r["samples"])
+            loss, acc = (sum(r[k] * r["samples"] for r in pass_records if r["samples"]) / n if n else math.nan
+                         for k in ("loss", "acc"))
+            messages.info(f"pass {epoch}/{passes}: loss {loss:.4f}, train acc {acc:.4f}, "
                 f"{n / seconds / replays if seconds > 0 else 0:.0f} images/s, lr {trainer.last_step_lr():.4g}")
-        pass_sums.update(samples=0, loss=0.0, acc=0.0, seconds=0.0)
+        pass_records.clear()
         if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == passes):
             try:  # a stop request is answered within one batch's attacks here too, not after the evaluation
                 result = evaluate(model, data.val, mean=data.mean, std=data.std, epsilon=cfg.epsilon,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed, ops
-from .attacks import check_labels, check_mean, check_model_output, check_pixels_finite, check_width
+from .attacks import check_labels, check_mean, check_model_output, check_pixels_finite, check_width, eval_mode
 from .common import COMPILE_MODES, autocast, check_batch, check_int, check_pixel_range, check_precision
 from .data.errors import DataError
 from .evaluate import pairs
@@ -301,16 +301,10 @@ class Trainer:
         training mode with BatchNorm's statistics put back, so nothing of the
         model changes before a wrong output is refused."""
         net = distributed.unwrap(self.model)
-        modes = [(m, m.training) for m in net.modules()]
         few = x[:2]
         inp = ops.make_input(few, self._zeros(few.shape), **self._norm(few))
-        try:
-            net.eval()
-            with torch.no_grad(), self._autocast():
-                classes = check_model_output(net(inp), len(few))
-        finally:
-            for m, training in modes:
-                m.training = training
+        with eval_mode(net), torch.no_grad(), self._autocast():
+            classes = check_model_output(net(inp), len(few))
         if net.training or self.needs_input_grad:
             # some models return another type while training (GoogLeNet's aux logits), and a model whose output
             # does not depend on its input (a detached input path) gives no input gradient: ask both now, with

@@ -14,7 +14,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from ..common import check_pixel_range
+from ..common import check_pixel_range, check_uint8_range
 from . import reference
 from .backends import backend_op
 
@@ -61,10 +61,7 @@ def _check_pair(x, delta, grad=None, pixel_range=(0.0, 1.0)):
             raise ValueError(f"grad shape {tuple(grad.shape)} does not match x shape {tuple(x.shape)}")
         if grad.dtype not in _GRAD_DTYPES:
             raise TypeError(f"grad must be float32, bfloat16 or float16, got {grad.dtype}")
-    if x.dtype == torch.uint8 and pixel_range != (0.0, 1.0):  # read as x / 255, in [0, 1]
-        raise ValueError(f"uint8 images are read as x / 255, pixels in [0, 1], but pixel_range is "
-                         f"{pixel_range}: give pixel_range=(0, 1) (step_size, epsilon and mean/std in its "
-                         "units), or float images in that range")
+    check_uint8_range(x, pixel_range)
     # x in delta's memory moves with the update: the torch backend reads it again for the input, the kernels
     # read it once, so each would give its own answer
     if _overlaps(x, delta):
