@@ -24,9 +24,11 @@ batches, ranks are disjoint, and a resumed run sees the same batches.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -205,10 +207,8 @@ def full_check(path: str) -> str | None:
             im.load()
     except Exception as exc:  # any decoder complaint makes the file unusable
         return f"cannot decode ({type(exc).__name__}: {exc})"
-    import warnings
     try:
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs (for torchcodec) on every call
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with quiet_codecs():
             _bytes_decoder(3)(data)
     except (RuntimeError, OSError, ValueError) as exc:
         return f"torchvision cannot decode it ({str(exc).strip().splitlines()[0]}): the nvjpeg loader and CIFAR " \
@@ -324,7 +324,6 @@ def decode_image_folder(split_dir, *, size: int, channels: int = 3, classes=None
     ``classes``: the class names the labels must follow (the train split's);
     ``subset``: a function from the number of files to the indices of those to
     decode (the others are not read)."""
-    import warnings
     found, samples, _ = scan_image_folder(split_dir, check=False)  # each file is checked as it is decoded
     if classes is not None:
         check_same_classes(split_dir, found, classes)
@@ -350,12 +349,19 @@ def decode_image_folder(split_dir, *, size: int, channels: int = 3, classes=None
         return None
 
     # one thread: torchvision's decoder holds the GIL, so threads only slow these tiny images down
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs (for torchcodec) on every call
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with quiet_codecs():
         problems = [p for p in map(decode, range(len(samples))) if p]
     if problems:
         raise DataError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     return x, torch.tensor([label for _, label in samples], dtype=torch.int64), found
+
+
+@contextlib.contextmanager
+def quiet_codecs():
+    """torchvision 0.29 deprecates its codecs (for torchcodec) on every call: not said once per image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
 
 
 def _bytes_decoder(channels: int):

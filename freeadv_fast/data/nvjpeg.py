@@ -26,14 +26,13 @@ import contextlib
 import math
 import signal
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from ..common import stream_seed
 from ..messages import say_once
-from .folder import STOP_SIGNALS, ignore_stop_signals, read_checked, to_8_bits
+from .folder import STOP_SIGNALS, ignore_stop_signals, quiet_codecs, read_checked, to_8_bits
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -109,8 +108,7 @@ class NvjpegDecoder:
         images: list[torch.Tensor | None] = [None] * len(encoded)
         bad = {}
         jpeg = [i for i, e in enumerate(encoded) if bytes(e[:3].tolist()) == JPEG_MAGIC]
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs (for torchcodec) on every call
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with quiet_codecs():
             try:  # torchvision refuses an empty list: a batch of PNGs only
                 decoded = self._decode_jpeg([encoded[i] for i in jpeg], mode=self._rgb, device=self.device) \
                     if jpeg else []
